@@ -1,0 +1,152 @@
+"""The compressor contract: what goes on the wire for a list of tensors.
+
+A compressor turns each worker's tensors into payloads, runs the collectives
+that aggregate them, and returns, per tensor, the aggregate (the approximate
+mean across ranks) and — when an error-feedback rule asks for it — this
+worker's own decoded message. Error feedback itself lives in ``feedback.py``;
+the reducer wires the two together.
+
+Two families:
+
+* :class:`ElementwiseCompressor` encodes each tensor on its own. A *linear* one
+  (``collective = "all_reduce"``: identity, fp16, bf16, shared-seed Rand-k) has
+  payloads that can be summed; the others (Top-k, QSGD, sign) pack bytes that
+  are all-gathered and decoded per rank. All tensors of one call travel in one
+  collective.
+* Compressors that run their own rounds (PowerSGD) override :meth:`exchange`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from gradwire.compressors.communicator import Communicator, Pending
+
+
+@dataclass
+class Exchanged:
+    """What one exchange returns once its collectives are done."""
+
+    aggregates: list[torch.Tensor]
+    #: this worker's decoded messages (None where the feedback rule does not need them)
+    local: list[torch.Tensor] | None
+    #: applies state changes (warm-start Q, RNG); the reducer skips it on non-finite steps
+    commit: Callable[[], None] = field(default=lambda: None)
+
+
+class Compressor(ABC):
+    name: ClassVar[str]
+
+    def setup(self, rank: int, world_size: int) -> None:
+        """Called once by the reducer with this rank's place in the group."""
+        self.rank, self.world_size = rank, world_size
+
+    @abstractmethod
+    def payload_nbytes(self, shape: torch.Size, dtype: torch.dtype) -> int:
+        """Bytes this rank puts on the wire for one tensor of ``shape``."""
+
+    def should_compress(self, t: torch.Tensor, min_compression_rate: float) -> bool:
+        """Matrices (and higher) whose compressed size is small enough; the rest go plain."""
+        if t.dim() < 2:
+            return False
+        return t.numel() * t.element_size() >= min_compression_rate * self.payload_nbytes(
+            t.shape, t.dtype
+        )
+
+    @abstractmethod
+    def exchange(
+        self,
+        inputs: Sequence[torch.Tensor],
+        keys: Sequence[int],
+        step: int,
+        comm: Communicator,
+        need_local: bool,
+    ) -> Pending:
+        """Start aggregating ``inputs``; the Pending resolves to :class:`Exchanged`."""
+
+    def rollback(self) -> None:
+        """Undo what a discarded (non-finite) step changed, such as RNG draws."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], same_world: bool) -> None:
+        """Restore state; ``same_world`` is False when the world size changed."""
+
+
+class ElementwiseCompressor(Compressor):
+    """A compressor that encodes each tensor independently of the others."""
+
+    collective: ClassVar[Literal["all_reduce", "all_gather"]]
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor, key: int, step: int) -> torch.Tensor:
+        """1-D payload of the flat tensor ``x`` (uint8 for all-gather compressors)."""
+
+    @abstractmethod
+    def decode(self, payload: torch.Tensor, like: torch.Tensor, key: int, step: int) -> torch.Tensor:
+        """Dense flat tensor (dtype and device of ``like``) from one payload."""
+
+    def decode_mean(
+        self, payloads: torch.Tensor, like: torch.Tensor, key: int, step: int
+    ) -> torch.Tensor:
+        """Mean of the decoded payloads, one per rank (rows of ``payloads``)."""
+        total = torch.zeros_like(like)
+        for row in payloads:
+            total += self.decode(row, like, key, step)
+        return total.div_(payloads.shape[0])
+
+    def commit_step(self) -> None:
+        """Advance internal state (RNG) after a finite step."""
+
+    def exchange(self, inputs, keys, step, comm, need_local):
+        flats = [x.reshape(-1) for x in inputs]
+        payloads = [self.encode(x, k, step) for x, k in zip(flats, keys)]
+        local = (
+            [self.decode(p, x, k, step) for p, x, k in zip(payloads, flats, keys)]
+            if need_local
+            else None
+        )
+        sizes = [p.numel() for p in payloads]
+        if not payloads:
+            return Pending(None, lambda: Exchanged([], [] if need_local else None))
+        buffer = torch.cat(payloads)
+        if self.collective == "all_reduce":
+            pending = comm.all_reduce_mean(buffer)
+        else:
+            pending = comm.all_gather(buffer)
+
+        def finish() -> Exchanged:
+            result = pending.wait()
+            aggregates = []
+            if self.collective == "all_reduce":
+                for part, x, k in zip(result.split(sizes), flats, keys):
+                    aggregates.append(self.decode(part, x, k, step))
+            else:
+                for part, x, k in zip(result.split(sizes, dim=1), flats, keys):
+                    aggregates.append(self.decode_mean(part, x, k, step))
+            shaped = [a.view(t.shape) for a, t in zip(aggregates, inputs)]
+            local_shaped = None if local is None else [lo.view(t.shape) for lo, t in zip(local, inputs)]
+            return Exchanged(shaped, local_shaped, self.commit_step)
+
+        return Pending(None, finish)
+
+
+def as_dtype(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Reinterpret the bytes of ``buf`` (uint8, last dim) as ``dtype``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if buf.dim() > 1 or buf.storage_offset() % itemsize or not buf.is_contiguous():
+        buf = torch.empty(buf.shape, dtype=buf.dtype, device=buf.device).copy_(buf)
+    return buf.view(dtype)
+
+
+def budget(numel: int, ratio: float | None, k: int | None) -> int:
+    """Elements kept by a sparsifier: ⌈ratio·numel⌉ or k, at least 1, at most numel."""
+    kept = k if k is not None else math.ceil((ratio or 0.0) * numel)
+    return max(1, min(numel, kept))

@@ -1,0 +1,205 @@
+"""Configuration models of the built-in compressors (torch-free).
+
+The root package and the server import this module to validate a job's
+compression section without importing torch, so it must stay free of torch and
+of every other gradwire layer. Each model's JSON schema is what the REST API
+serves for that compressor.
+
+Which error-feedback rule may wrap which compressor is decided here, once:
+EF21, EF21-SGDM and EControl update a shared estimate with the mean of the
+workers' decoded messages (Richtárik et al. 2021, Alg. 1 line 3; Gao et al. 2024,
+step 5), so they need a contractive compressor whose aggregate *is* that mean.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FeedbackName = Literal["none", "ef", "ef21", "ef21-sgdm", "econtrol"]
+FEEDBACK_RULES: tuple[str, ...] = ("none", "ef", "ef21", "ef21-sgdm", "econtrol")
+ESTIMATE_RULES = frozenset({"ef21", "ef21-sgdm", "econtrol"})
+
+
+class CompressorConfig(BaseModel):
+    """Parameters every compressor accepts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: feedback rules that are mathematically sound around this compressor
+    supported_feedback: ClassVar[frozenset[str]] = frozenset(FEEDBACK_RULES)
+    #: why the others are refused (shown in the error)
+    feedback_note: ClassVar[str] = ""
+
+    feedback: FeedbackName = Field("none", description="error-feedback rule around the compressor")
+    eta: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="momentum of ef21-sgdm (0, 1] or feedback strength of econtrol [0, 1]",
+    )
+    start_iter: int = Field(0, ge=0, description="steps sent as a plain all-reduce first")
+    min_compression_rate: float = Field(
+        1.0,
+        ge=0.0,
+        description="compress a tensor only if its plain bytes exceed this many times its "
+        "compressed bytes; smaller tensors join the uncompressed all-reduce",
+    )
+    seed: int = Field(0, ge=0, description="seed shared by all ranks (random projections, Rand-k)")
+    nonfinite: Literal["propagate", "raise"] = Field(
+        "propagate",
+        description="NaN/Inf in any rank's gradient: 'propagate' returns NaN on every rank "
+        "and leaves compressor state untouched; 'raise' raises NonFiniteGradientError on every rank",
+    )
+
+    @model_validator(mode="after")
+    def _check_feedback(self) -> CompressorConfig:
+        name = self.registry_name()
+        if self.feedback not in self.supported_feedback:
+            ok = ", ".join(sorted(self.supported_feedback))
+            raise ValueError(
+                f"feedback={self.feedback!r} cannot be combined with compressor {name!r}: "
+                f"{self.feedback_note} Use one of: {ok}."
+            )
+        if self.eta is not None and self.feedback not in ("ef21-sgdm", "econtrol"):
+            raise ValueError(
+                f"eta is a parameter of feedback 'ef21-sgdm' and 'econtrol', not of {self.feedback!r}"
+            )
+        if self.feedback == "ef21-sgdm" and self.eta is not None and self.eta == 0.0:
+            raise ValueError("eta must be in (0, 1] for feedback 'ef21-sgdm' (eta=0 never updates)")
+        return self
+
+    @classmethod
+    def registry_name(cls) -> str:
+        return getattr(cls, "name", cls.__name__)
+
+    def resolved_eta(self) -> float:
+        """η with the rule's default (0.1 for both, as tuned in Sadiev et al.)."""
+        return 0.1 if self.eta is None else self.eta
+
+
+_ESTIMATE_NOTE = (
+    "EF21, EF21-SGDM and EControl need a contractive compressor whose aggregate is the "
+    "mean of the workers' decoded messages, and this one's is not."
+)
+
+
+class NoneConfig(CompressorConfig):
+    """Plain all-reduce of fp32 gradients: the baseline."""
+
+    name: ClassVar[str] = "none"
+
+
+class Fp16Config(CompressorConfig):
+    """Cast to float16, all-reduce, cast back (2 bytes per element)."""
+
+    name: ClassVar[str] = "fp16"
+    supported_feedback: ClassVar[frozenset[str]] = frozenset({"none", "ef"})
+    feedback_note: ClassVar[str] = (
+        "16-bit payloads are summed in 16 bit, so the aggregate is not exactly the mean of "
+        "the decoded messages that EF21-style estimates track."
+    )
+    min_compression_rate: float = Field(0.0, ge=0.0)
+
+
+class Bf16Config(Fp16Config):
+    """Cast to bfloat16, all-reduce, cast back (2 bytes per element)."""
+
+    name: ClassVar[str] = "bf16"
+
+
+class PowerSGDConfig(CompressorConfig):
+    """Rank-r PowerSGD (Vogels et al., NeurIPS 2019, Alg. 1) with warm start and EF."""
+
+    name: ClassVar[str] = "powersgd"
+    supported_feedback: ClassVar[frozenset[str]] = frozenset({"none", "ef"})
+    feedback_note: ClassVar[str] = (
+        "PowerSGD's output is a low-rank projection of the mean gradient, not a mean of "
+        "per-worker messages, so EF21-style estimates are not defined for it."
+    )
+    feedback: FeedbackName = "ef"
+    rank: int = Field(2, ge=1, description="rank r of the approximation")
+    warm_start: bool = Field(True, description="reuse last step's Q (Alg. 1 'reuse query')")
+    epsilon: float = Field(1e-8, ge=0.0, description="added to column norms when orthonormalising")
+    min_compression_rate: float = Field(2.0, ge=0.0)
+
+
+class _SparseBudget(CompressorConfig):
+    ratio: float | None = Field(
+        None, gt=0.0, le=1.0, description="fraction of each tensor's elements to keep (0, 1]"
+    )
+    k: int | None = Field(None, ge=1, description="elements to keep per tensor (capped at its size)")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> _SparseBudget:
+        if self.ratio is not None and self.k is not None:
+            raise ValueError("give either ratio or k, not both")
+        return self
+
+    def budget(self) -> tuple[float | None, int | None]:
+        if self.ratio is None and self.k is None:
+            return 0.01, None
+        return self.ratio, self.k
+
+
+class TopKConfig(_SparseBudget):
+    """Top-k per tensor; values and int32 indices are all-gathered (8 bytes per kept element)."""
+
+    name: ClassVar[str] = "topk"
+    feedback: FeedbackName = "ef"
+
+
+class RandKConfig(_SparseBudget):
+    """Rand-k with a seed shared by all ranks, so the kept values can be all-reduced."""
+
+    name: ClassVar[str] = "randk"
+    feedback: FeedbackName = "ef"
+    scale: bool = Field(
+        False, description="multiply by d/k (unbiased; not contractive, so only none/ef)"
+    )
+
+    @model_validator(mode="after")
+    def _scaled_is_unbiased(self) -> RandKConfig:
+        if self.scale and self.feedback in ESTIMATE_RULES:
+            raise ValueError(
+                f"feedback={self.feedback!r} cannot be combined with compressor 'randk' with "
+                "scale=true: scaled Rand-k is unbiased, not contractive. Use scale=false, "
+                "or feedback none or ef."
+            )
+        return self
+
+
+class QSGDConfig(CompressorConfig):
+    """QSGD (Alistarh et al., NeurIPS 2017): s levels, stochastic rounding, all-gather."""
+
+    name: ClassVar[str] = "qsgd"
+    supported_feedback: ClassVar[frozenset[str]] = frozenset({"none", "ef"})
+    feedback_note: ClassVar[str] = (
+        "QSGD is unbiased but not contractive (its variance can exceed the signal), which "
+        "EF21-style estimates require."
+    )
+    levels: int = Field(127, ge=1, le=127, description="quantisation levels s (int8 on the wire)")
+    bucket_size: int = Field(512, ge=1, description="elements that share one norm")
+
+
+class SignConfig(CompressorConfig):
+    """Scaled sign, C(p) = (‖p‖₁/d)·sign(p), as in EF-SignSGD (Karimireddy et al. 2019)."""
+
+    name: ClassVar[str] = "sign"
+    feedback: FeedbackName = "ef"
+
+
+BUILTIN_CONFIGS: dict[str, type[CompressorConfig]] = {
+    cfg.name: cfg
+    for cfg in (
+        NoneConfig,
+        Fp16Config,
+        Bf16Config,
+        PowerSGDConfig,
+        TopKConfig,
+        RandKConfig,
+        QSGDConfig,
+        SignConfig,
+    )
+}

@@ -1,0 +1,60 @@
+"""The byte ledger: one place that counts what goes on the wire.
+
+Two figures per collective, both for *this* rank:
+
+* payload bytes — the size of the buffer this rank contributes to the collective
+  (the figure ALGORITHMS.md's formulas give: PowerSGD ``4·r·Σ(a+b)``, Top-k ``8k``);
+* wire bytes — what a ring algorithm actually sends for it: ``2(n−1)/n · S`` for
+  an all-reduce of S bytes, ``(n−1) · S`` for an all-gather of S bytes per rank.
+
+The uncompressed side is what a plain all-reduce of the same gradients would
+have cost, so ``bytes_uncompressed / bytes_sent`` is the compression ratio and
+``wire_bytes_uncompressed / wire_bytes_sent`` the traffic saving (they differ
+for all-gather compressors: Top-k only saves traffic when k < d/n).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+def ring_all_reduce_bytes(nbytes: int, world_size: int) -> float:
+    return 2.0 * (world_size - 1) / world_size * nbytes
+
+
+def ring_all_gather_bytes(nbytes: int, world_size: int) -> float:
+    return float((world_size - 1) * nbytes)
+
+
+@dataclass
+class ByteLedger:
+    """Cumulative counters of one rank (plain ints and floats, so it pickles and logs)."""
+
+    bytes_sent: int = 0
+    bytes_uncompressed: int = 0
+    wire_bytes_sent: float = 0.0
+    wire_bytes_uncompressed: float = 0.0
+    collectives: int = 0
+
+    def record_all_reduce(self, nbytes: int, world_size: int) -> None:
+        self.bytes_sent += nbytes
+        self.wire_bytes_sent += ring_all_reduce_bytes(nbytes, world_size)
+        self.collectives += 1
+
+    def record_all_gather(self, nbytes: int, world_size: int) -> None:
+        self.bytes_sent += nbytes
+        self.wire_bytes_sent += ring_all_gather_bytes(nbytes, world_size)
+        self.collectives += 1
+
+    def record_uncompressed(self, nbytes: int, world_size: int) -> None:
+        """What a plain all-reduce of ``nbytes`` of gradients would have cost."""
+        self.bytes_uncompressed += nbytes
+        self.wire_bytes_uncompressed += ring_all_reduce_bytes(nbytes, world_size)
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    def load(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            if hasattr(self, key):
+                setattr(self, key, type(getattr(self, key))(value))

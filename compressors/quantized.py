@@ -1,0 +1,141 @@
+"""Quantisers gathered as bytes: QSGD (int8 levels + per-bucket norms) and scaled sign."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from gradwire.compressors.compressor import ElementwiseCompressor, as_dtype
+from gradwire.compressors.config import QSGDConfig, SignConfig
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class QSGD(ElementwiseCompressor):
+    """QSGD with s levels (Alistarh et al., NeurIPS 2017, §3.1).
+
+    Per bucket of ``bucket_size`` elements: ``l_j = ⌊s·|x_j|/‖x‖ + u_j⌋`` with
+    ``u_j ~ U[0, 1)`` (stochastic rounding, unbiased), sent as the signed int8
+    ``sign(x_j)·l_j`` plus the bucket's norm in the gradient's dtype.
+    Payload per tensor: ``d + itemsize·⌈d/bucket_size⌉`` bytes.
+    """
+
+    name = "qsgd"
+    collective = "all_gather"
+
+    def __init__(self, config: QSGDConfig):
+        self.levels = config.levels
+        self.bucket = config.bucket_size
+        self.seed = config.seed
+        self._generators: dict[str, torch.Generator] = {}
+        self._pending_state: dict[str, torch.Tensor] = {}
+
+    def setup(self, rank: int, world_size: int) -> None:
+        super().setup(rank, world_size)
+        self._generators.clear()
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        name = str(device)
+        if name not in self._generators:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed * 1_000_003 + getattr(self, "rank", 0))
+            self._generators[name] = gen
+        gen = self._generators[name]
+        if name not in self._pending_state:  # first use this step: remember where we started
+            self._pending_state[name] = gen.get_state()
+        return gen
+
+    def payload_nbytes(self, shape, dtype):
+        numel = shape.numel()
+        return numel + _itemsize(dtype) * math.ceil(numel / self.bucket)
+
+    def encode(self, x, key, step):
+        numel = x.numel()
+        buckets = math.ceil(numel / self.bucket)
+        padded = torch.zeros(buckets * self.bucket, dtype=x.dtype, device=x.device)
+        padded[:numel] = x
+        rows = padded.view(buckets, self.bucket)
+        norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+        scaled = rows.abs() * (self.levels / norms.clamp_min(torch.finfo(x.dtype).tiny))
+        noise = torch.rand(rows.shape, generator=self._generator(x.device), device=x.device, dtype=x.dtype)
+        levels = torch.floor(scaled + noise).clamp_(max=self.levels)
+        signed = (levels * torch.sign(rows)).to(torch.int8).view(-1)[:numel]
+        return torch.cat([signed.view(torch.uint8), norms.view(-1).contiguous().view(torch.uint8)])
+
+    def _unpack(self, payload: torch.Tensor, like: torch.Tensor):
+        numel = like.numel()
+        levels = as_dtype(payload[..., :numel], torch.int8).to(like.dtype)
+        norms = as_dtype(payload[..., numel:], like.dtype)
+        return levels, norms
+
+    def decode(self, payload, like, key, step):
+        levels, norms = self._unpack(payload, like)
+        scale = norms.repeat_interleave(self.bucket, dim=-1)[..., : like.numel()]
+        return levels * scale / self.levels
+
+    def decode_mean(self, payloads, like, key, step):
+        return self.decode(payloads, like, key, step).mean(dim=0)
+
+    def commit_step(self) -> None:
+        self._pending_state.clear()
+
+    def rollback(self) -> None:
+        """Rewind the RNG to the start of a step that was discarded."""
+        for name, state in self._pending_state.items():
+            self._generators[name].set_state(state)
+        self._pending_state.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": {name: g.get_state() for name, g in self._generators.items()}}
+
+    def load_state_dict(self, state, same_world):
+        self._generators.clear()
+        self._pending_state.clear()
+        if not same_world:  # each rank has its own stream; a new world starts fresh ones
+            return
+        for name, rng in state.get("rng", {}).items():
+            self._generator(torch.device(name)).set_state(rng)
+        self._pending_state.clear()
+
+
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+class ScaledSign(ElementwiseCompressor):
+    """``C(p) = (‖p‖₁/d)·sign(p)`` per tensor, as in EF-SignSGD (Karimireddy et al.,
+    ICML 2019, Alg. 1): one bit per element, packed eight to a byte, plus the scale.
+    Payload per tensor: ``⌈d/8⌉ + itemsize`` bytes. Zeros are sent as +scale.
+    """
+
+    name = "sign"
+    collective = "all_gather"
+
+    def __init__(self, config: SignConfig):
+        pass
+
+    def payload_nbytes(self, shape, dtype):
+        return math.ceil(shape.numel() / 8) + _itemsize(dtype)
+
+    def encode(self, x, key, step):
+        numel = x.numel()
+        scale = (x.abs().sum() / numel).reshape(1)
+        bits = torch.zeros(math.ceil(numel / 8) * 8, dtype=torch.uint8, device=x.device)
+        bits[:numel] = (x >= 0).to(torch.uint8)
+        packed = (bits.view(-1, 8) * _BIT_WEIGHTS.to(x.device)).sum(dim=1, dtype=torch.uint8)
+        return torch.cat([packed, scale.view(torch.uint8)])
+
+    def decode(self, payload, like, key, step):
+        numel = like.numel()
+        nbytes = math.ceil(numel / 8)
+        packed = payload[..., :nbytes]
+        scale = as_dtype(payload[..., nbytes:], like.dtype)
+        bits = (packed.unsqueeze(-1) & _BIT_WEIGHTS.to(like.device)).ne(0)
+        signs = bits.reshape(*packed.shape[:-1], nbytes * 8)[..., :numel].to(like.dtype) * 2 - 1
+        return signs * scale
+
+    def decode_mean(self, payloads, like, key, step):
+        return self.decode(payloads, like, key, step).mean(dim=0)

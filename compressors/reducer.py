@@ -1,0 +1,203 @@
+"""The reducer: compressor + error feedback + communicator over a list of tensors.
+
+``reduce(tensors)`` returns the approximate cross-rank mean of each tensor. Per call:
+
+* tensors that are 1-D, too small to gain from compression, new to an estimate
+  rule (its dense first round), or in warm-up (``step < start_iter``) travel
+  uncompressed in **one** batched all-reduce, in flight while the compressed
+  tensors are exchanged;
+* that all-reduce carries one extra element, the number of ranks whose input
+  was not finite, so every rank takes the same decision on NaN/Inf: with
+  ``nonfinite="propagate"`` all outputs are NaN on every rank (so an AMP grad
+  scaler skips the step) and no state changes; with ``"raise"`` every rank raises
+  :class:`NonFiniteGradientError`. Either way ``stats()["nonfinite_steps"]`` counts it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from gradwire.compressors.communicator import Communicator
+from gradwire.compressors.compressor import Compressor
+from gradwire.compressors.config import CompressorConfig
+from gradwire.compressors.feedback import make_feedback
+
+STATE_VERSION = 1
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Some rank's gradient held NaN or Inf (raised on every rank at once)."""
+
+
+class Reducer:
+    def __init__(self, config: CompressorConfig, compressor: Compressor, process_group: Any = None):
+        self.config = config
+        self.compressor = compressor
+        self.comm = Communicator(process_group)
+        self.compressor.setup(self.comm.rank, self.comm.world_size)
+        self.feedback = make_feedback(config.feedback, config.resolved_eta())
+        self.step = 0
+        self.nonfinite_steps = 0
+        self.compress_seconds = 0.0
+        self.communicate_seconds = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.compressor.name
+
+    # --- the step ------------------------------------------------------------------------
+    def reduce(
+        self,
+        tensors: Sequence[torch.Tensor],
+        keys: Sequence[int] | None = None,
+        advance: bool = True,
+    ) -> list[torch.Tensor]:
+        """Approximate mean of each tensor across ranks (new tensors; inputs untouched).
+
+        ``keys`` name each tensor's state slot (default: its position); ``advance``
+        ends the step (the DDP hook passes it only with the last bucket).
+        """
+        tensors = list(tensors)
+        keys = list(range(len(tensors))) if keys is None else list(keys)
+        self._check(tensors, keys)
+        if not tensors:
+            return []
+        started = time.perf_counter()
+        like = tensors[0]
+        ledger = self.comm.ledger
+        ledger.record_uncompressed(sum(t.numel() * t.element_size() for t in tensors),
+                                   self.comm.world_size)
+
+        compress = [
+            i for i, t in enumerate(tensors)
+            if self.step >= self.config.start_iter
+            and not self.feedback.needs_dense_init(keys[i])
+            and self.compressor.should_compress(t, self.config.min_compression_rate)
+        ]
+        chosen = set(compress)
+        plain = [i for i in range(len(tensors)) if i not in chosen]
+
+        bad_here = torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
+        plain_buf = torch.cat([tensors[i].reshape(-1) for i in plain] +
+                              [bad_here.to(like.dtype).reshape(1)])
+        pending_plain = self.comm.all_reduce_mean(plain_buf)
+
+        inputs = [self.feedback.prepare(keys[i], tensors[i]) for i in compress]
+        pending = self.compressor.exchange(
+            inputs, [keys[i] for i in compress], self.step, self.comm, self.feedback.needs_local
+        )
+        self.compress_seconds += time.perf_counter() - started
+
+        waited = time.perf_counter()
+        plain_out = pending_plain.wait()
+        exchanged = pending.wait()
+        done = time.perf_counter()
+        self.communicate_seconds += done - waited  # includes PowerSGD's Q-round math
+
+        if plain_out[-1].item() > 0:
+            return self._nonfinite(tensors, advance)
+
+        outputs: list[torch.Tensor | None] = [None] * len(tensors)
+        exchanged.commit()
+        for j, i in enumerate(compress):
+            if exchanged.local is not None:
+                self.feedback.commit_local(keys[i], tensors[i], inputs[j], exchanged.local[j])
+            outputs[i] = self.feedback.output(keys[i], exchanged.aggregates[j])
+        offset = 0
+        for i in plain:
+            n = tensors[i].numel()
+            outputs[i] = plain_out[offset : offset + n].view(tensors[i].shape)
+            offset += n
+            if self.feedback.estimates:
+                self.feedback.init_dense(keys[i], tensors[i], outputs[i])
+        if advance:
+            self.step += 1
+        self.compress_seconds += time.perf_counter() - done
+        return outputs  # type: ignore[return-value]
+
+    def _nonfinite(self, tensors: list[torch.Tensor], advance: bool) -> list[torch.Tensor]:
+        self.compressor.rollback()
+        self.nonfinite_steps += 1
+        if advance:
+            self.step += 1
+        if self.config.nonfinite == "raise":
+            raise NonFiniteGradientError(
+                f"a gradient held NaN or Inf on some rank at step {self.step - 1}; "
+                "compressor state was left unchanged"
+            )
+        return [torch.full_like(t, float("nan")) for t in tensors]
+
+    def _check(self, tensors: list[torch.Tensor], keys: list[int]) -> None:
+        if len(keys) != len(tensors):
+            raise ValueError(f"got {len(tensors)} tensors but {len(keys)} keys")
+        if len(set(keys)) != len(keys):
+            raise ValueError("keys must be unique within one reduce() call")
+        for i, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"tensors[{i}] is {type(t).__name__}, not a torch.Tensor")
+            if not t.is_floating_point():
+                raise TypeError(f"tensors[{i}] has dtype {t.dtype}; gradients must be floating point")
+            if t.dtype != tensors[0].dtype or t.device != tensors[0].device:
+                raise ValueError(
+                    f"tensors[{i}] is {t.dtype} on {t.device} but tensors[0] is "
+                    f"{tensors[0].dtype} on {tensors[0].device}; reduce one dtype and device per call"
+                )
+
+    # --- reporting and state -------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        """Cumulative counters of this rank (bytes are exact, see ``ledger.py``)."""
+        return {
+            **self.comm.ledger.as_dict(),
+            "steps": self.step,
+            "nonfinite_steps": self.nonfinite_steps,
+            "compress_seconds": self.compress_seconds,
+            "communicate_seconds": self.communicate_seconds,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "compressor": self.compressor.name,
+            "config": self.config.model_dump(),
+            "world_size": self.comm.world_size,
+            "rank": self.comm.rank,
+            "step": self.step,
+            "nonfinite_steps": self.nonfinite_steps,
+            "ledger": self.comm.ledger.as_dict(),
+            "feedback": self.feedback.state_dict(),
+            "compressor_state": self.compressor.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict`.
+
+        Same world size: everything is restored and the run continues bit for bit.
+        Different world size: the step counter, PowerSGD's Q and the shared
+        estimates of EF21/EControl carry over; per-worker buffers are rebuilt from
+        the shared estimate (so ``ĝ = mean ĝ_i`` still holds); EF residuals and
+        QSGD's per-rank RNG start afresh. The byte ledger restarts at zero.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported reducer state version {state.get('version')!r}")
+        if state["compressor"] != self.compressor.name:
+            raise ValueError(
+                f"state was saved by compressor {state['compressor']!r}, "
+                f"this reducer runs {self.compressor.name!r}"
+            )
+        saved_feedback = state["config"].get("feedback")
+        if saved_feedback != self.config.feedback:
+            raise ValueError(
+                f"state was saved with feedback {saved_feedback!r}, "
+                f"this reducer uses {self.config.feedback!r}"
+            )
+        same_world = state["world_size"] == self.comm.world_size
+        self.step = int(state["step"])
+        self.feedback.load_state_dict(state["feedback"], same_world)
+        self.compressor.load_state_dict(state["compressor_state"], same_world)
+        if same_world:
+            self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+            self.comm.ledger.load(state.get("ledger", {}))

@@ -1,0 +1,100 @@
+"""Sparsifiers: Top-k (all-gather of values and int32 indices) and shared-seed Rand-k."""
+
+from __future__ import annotations
+
+import torch
+
+from gradwire.compressors.compressor import ElementwiseCompressor, as_dtype, budget
+from gradwire.compressors.config import RandKConfig, TopKConfig
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class TopK(ElementwiseCompressor):
+    """Keeps the k largest-magnitude entries of each tensor (contractive, α = k/d).
+
+    Wire format per tensor: k values in the gradient's dtype, then k int32 indices,
+    packed as bytes — ``8k`` bytes for fp32 (ALGORITHMS.md §2.3).
+    """
+
+    name = "topk"
+    collective = "all_gather"
+
+    def __init__(self, config: TopKConfig):
+        self.ratio, self.k = config.budget()
+
+    def kept(self, numel: int) -> int:
+        return budget(numel, self.ratio, self.k)
+
+    def payload_nbytes(self, shape, dtype):
+        return self.kept(shape.numel()) * (_itemsize(dtype) + 4)
+
+    def encode(self, x, key, step):
+        k = self.kept(x.numel())
+        if k == x.numel():
+            idx = torch.arange(k, device=x.device, dtype=torch.int32)
+            values = x
+        else:
+            idx = torch.topk(x.abs(), k, sorted=False).indices
+            values = x[idx]
+            idx = idx.to(torch.int32)
+        return torch.cat([values.contiguous().view(torch.uint8), idx.view(torch.uint8)])
+
+    def _split(self, payload: torch.Tensor, like: torch.Tensor):
+        k = self.kept(like.numel())
+        cut = k * like.element_size()
+        values = as_dtype(payload[..., :cut], like.dtype)
+        idx = as_dtype(payload[..., cut:], torch.int32).long()
+        return values, idx
+
+    def decode(self, payload, like, key, step):
+        values, idx = self._split(payload, like)
+        return torch.zeros_like(like).index_put_((idx,), values)
+
+    def decode_mean(self, payloads, like, key, step):
+        values, idx = self._split(payloads, like)
+        total = torch.zeros_like(like).index_add_(0, idx.reshape(-1), values.reshape(-1))
+        return total.div_(payloads.shape[0])
+
+
+class RandK(ElementwiseCompressor):
+    """Keeps k coordinates drawn from a seed shared by all ranks (same support everywhere),
+    so the kept values are all-reduced: ``4k`` bytes per tensor for fp32.
+
+    Unscaled it is contractive in expectation (α = k/d); with ``scale`` the values are
+    multiplied by d/k, which makes it unbiased.
+    """
+
+    name = "randk"
+    collective = "all_reduce"
+
+    def __init__(self, config: RandKConfig):
+        self.ratio, self.k = config.budget()
+        self.scale = config.scale
+        self.seed = config.seed
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def payload_nbytes(self, shape, dtype):
+        return budget(shape.numel(), self.ratio, self.k) * _itemsize(dtype)
+
+    def indices(self, numel: int, key: int, step: int, device: torch.device) -> torch.Tensor:
+        cached = self._cache.get((key, step))
+        if cached is None or cached.device != device:
+            k = budget(numel, self.ratio, self.k)
+            gen = torch.Generator().manual_seed(hash((self.seed, step, key)) & 0x7FFF_FFFF_FFFF)
+            cached = torch.randperm(numel, generator=gen)[:k].to(device)
+            self._cache = {kk: v for kk, v in self._cache.items() if kk[1] == step}
+            self._cache[(key, step)] = cached
+        return cached
+
+    def encode(self, x, key, step):
+        return x[self.indices(x.numel(), key, step, x.device)]
+
+    def decode(self, payload, like, key, step):
+        idx = self.indices(like.numel(), key, step, like.device)
+        values = payload.to(like.dtype)
+        if self.scale:
+            values = values * (like.numel() / idx.numel())
+        return torch.zeros_like(like).index_put_((idx,), values)
