@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from gradwire.compressors.ledger import ByteLedger
+
+# torch >= 2.11 names it all_gather_single; all_gather_into_tensor is the older name
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class Pending:
@@ -59,6 +61,6 @@ class Communicator:
         self.ledger.record_all_gather(flat.numel() * flat.element_size(), self.world_size)
         if not self.distributed:
             return Pending(None, lambda: flat.unsqueeze(0))
-        out = flat.new_empty((self.world_size, flat.numel()))
-        work = dist.all_gather_into_tensor(out, flat, group=self.group, async_op=True)
-        return Pending(work, lambda: out)
+        out = flat.new_empty(self.world_size * flat.numel())
+        work = _all_gather_flat(out, flat, group=self.group, async_op=True)
+        return Pending(work, lambda: out.view(self.world_size, flat.numel()))

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-
 from gradwire.compressors.communicator import Communicator, Pending
 
 
@@ -117,10 +116,8 @@ class ElementwiseCompressor(Compressor):
         if not payloads:
             return Pending(None, lambda: Exchanged([], [] if need_local else None))
         buffer = torch.cat(payloads)
-        if self.collective == "all_reduce":
-            pending = comm.all_reduce_mean(buffer)
-        else:
-            pending = comm.all_gather(buffer)
+        reducing = self.collective == "all_reduce"
+        pending = comm.all_reduce_mean(buffer) if reducing else comm.all_gather(buffer)
 
         def finish() -> Exchanged:
             result = pending.wait()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from gradwire.compressors.compressor import ElementwiseCompressor
 from gradwire.compressors.config import CompressorConfig
 

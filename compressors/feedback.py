@@ -73,7 +73,8 @@ class Feedback:
         if same_world:
             self.state = {int(k): {n: t.clone() for n, t in b.items()} for k, b in state.items()}
         else:
-            self.state = {int(k): self.reshard(b) for k, b in state.items()}
+            rebuilt = {int(k): self.reshard(b) for k, b in state.items()}
+            self.state = {k: b for k, b in rebuilt.items() if b}
 
     def reshard(self, buffers: dict[str, torch.Tensor]) -> Buffers:
         """Per-worker buffers for a new world size: rebuilt from the shared ones."""

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from gradwire.compressors.reducer import Reducer
 
 

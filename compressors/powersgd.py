@@ -21,7 +21,6 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-
 from gradwire.compressors.communicator import Communicator, Pending
 from gradwire.compressors.compressor import Compressor, Exchanged
 from gradwire.compressors.config import PowerSGDConfig
@@ -93,7 +92,7 @@ class PowerSGD(Compressor):
             outputs: list[torch.Tensor | None] = [None] * len(inputs)
             new_q: dict[int, torch.Tensor] = {}
             offset = 0
-            for (members, m, q), ph in zip(plan, p_hats):
+            for (members, _, q), ph in zip(plan, p_hats):
                 n = q.numel()
                 qm = q_mean[offset : offset + n].view(q.shape)
                 offset += n

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-
 from gradwire.compressors.communicator import Communicator
 from gradwire.compressors.compressor import Compressor
 from gradwire.compressors.config import CompressorConfig

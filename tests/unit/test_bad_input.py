@@ -1,0 +1,141 @@
+"""Bad input gets a clear error naming what is wrong; NaN/Inf never propagates silently."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gradwire.compressors import UnknownCompressorError, available, make_hook, make_reducer
+from gradwire.compressors.reducer import NonFiniteGradientError
+from pydantic import ValidationError
+
+from tests.ranks import run_ranks
+
+
+def test_unknown_name_lists_available():
+    with pytest.raises(UnknownCompressorError) as info:
+        make_reducer("powerSGD")
+    message = str(info.value)
+    assert "'powerSGD'" in message
+    for name in available():
+        assert name in message
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "field"),
+    [
+        ("powersgd", {"rank": 0}, "rank"),
+        ("powersgd", {"rank": -3}, "rank"),
+        ("topk", {"ratio": 0.0}, "ratio"),
+        ("topk", {"ratio": 1.5}, "ratio"),
+        ("randk", {"ratio": -0.1}, "ratio"),
+        ("topk", {"k": 0}, "k"),
+        ("topk", {"feedback": "econtrol", "eta": -0.1}, "eta"),
+        ("topk", {"feedback": "ef21-sgdm", "eta": 1.5}, "eta"),
+        ("qsgd", {"levels": 0}, "levels"),
+        ("topk", {"feedback": "ef42"}, "feedback"),
+        ("topk", {"ratoi": 0.1}, "ratoi"),
+        ("powersgd", {"start_iter": -1}, "start_iter"),
+    ],
+)
+def test_invalid_parameters_name_the_field(name, params, field):
+    with pytest.raises(ValidationError) as info:
+        make_reducer(name, **params)
+    locs = {str(part) for err in info.value.errors() for part in err["loc"]}
+    assert field in locs
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "words"),
+    [
+        ("powersgd", {"feedback": "ef21"}, ["ef21", "powersgd", "ef, none"]),
+        ("qsgd", {"feedback": "econtrol"}, ["econtrol", "qsgd", "not contractive"]),
+        ("fp16", {"feedback": "ef21-sgdm"}, ["ef21-sgdm", "fp16"]),
+        ("randk", {"scale": True, "feedback": "ef21"}, ["ef21", "randk", "unbiased"]),
+        ("topk", {"ratio": 0.1, "k": 3}, ["ratio", "k"]),
+        ("topk", {"feedback": "ef", "eta": 0.5}, ["eta", "ef"]),
+    ],
+)
+def test_wrong_combinations_are_refused_with_the_combination_named(name, params, words):
+    with pytest.raises(ValidationError) as info:
+        make_reducer(name, **params)
+    text = str(info.value)
+    for word in words:
+        assert word in text
+
+
+def test_sound_combinations_are_accepted():
+    for feedback in ("none", "ef", "ef21", "ef21-sgdm", "econtrol"):
+        make_reducer("topk", feedback=feedback)
+        make_reducer("sign", feedback=feedback)
+    make_reducer("powersgd", feedback="none")
+    make_reducer("topk", feedback="econtrol", eta=0.0)
+
+
+def test_bad_tensors_are_refused():
+    r = make_reducer("topk")
+    with pytest.raises(TypeError, match=r"tensors\[1\].*int64"):
+        r.reduce([torch.randn(3, 3), torch.ones(3, dtype=torch.int64)])
+    with pytest.raises(ValueError, match=r"tensors\[1\] is torch.float64"):
+        r.reduce([torch.randn(3, 3), torch.randn(3, dtype=torch.float64)])
+    with pytest.raises(ValueError, match="2 tensors but 1 keys"):
+        r.reduce([torch.randn(3, 3), torch.randn(3)], keys=[0])
+    with pytest.raises(TypeError, match=r"not a torch\.Tensor"):
+        r.reduce([[1.0, 2.0]])
+    assert r.stats()["steps"] == 0  # nothing was half-done
+
+
+def test_hook_parameters_are_validated_too():
+    with pytest.raises(ValidationError):
+        make_hook("powersgd", rank=0)
+
+
+@pytest.mark.parametrize("name", ["topk", "powersgd", "sign", "qsgd"])
+def test_nan_propagates_to_every_output_and_leaves_state_untouched(name):
+    r = make_reducer(name, feedback="ef", min_compression_rate=0)
+    good = [torch.randn(12, 10), torch.randn(10)]
+    r.reduce(good)
+    before = {k: {n: t.clone() for n, t in b.items()} for k, b in r.feedback.state.items()}
+    bad = [torch.randn(12, 10), torch.randn(10)]
+    bad[0][3, 4] = float("nan")
+    out = r.reduce(bad)
+    assert all(torch.isnan(o).all() for o in out)
+    assert r.stats()["nonfinite_steps"] == 1
+    after = r.feedback.state
+    assert before.keys() == after.keys()
+    for k in before:
+        for n in before[k]:
+            assert torch.equal(before[k][n], after[k][n])
+    # the next finite step is finite again
+    assert all(torch.isfinite(o).all() for o in r.reduce(good))
+
+
+def test_inf_raises_when_asked():
+    r = make_reducer("topk", nonfinite="raise")
+    bad = [torch.randn(12, 10)]
+    bad[0][0, 0] = float("inf")
+    with pytest.raises(NonFiniteGradientError, match="NaN or Inf"):
+        r.reduce(bad)
+
+
+def _nan_on_rank_one(rank, world):
+    outcomes = {}
+    for mode in ("propagate", "raise"):
+        r = make_reducer("topk", ratio=0.1, feedback="ef21", nonfinite=mode)
+        g = [torch.randn(16, 8), torch.randn(8)]
+        r.reduce(g)
+        if rank == 1:
+            g = [g[0].clone(), g[1].clone()]
+            g[1][2] = float("nan")
+        try:
+            out = r.reduce(g)
+            outcomes[mode] = ("returned", all(bool(torch.isnan(o).all()) for o in out))
+        except NonFiniteGradientError:
+            outcomes[mode] = ("raised", True)
+    return outcomes
+
+
+@pytest.mark.multiprocess
+def test_nan_on_one_rank_is_seen_by_every_rank():
+    for outcome in run_ranks(_nan_on_rank_one, 2):
+        assert outcome["propagate"] == ("returned", True)
+        assert outcome["raise"] == ("raised", True)
