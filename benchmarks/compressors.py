@@ -237,6 +237,17 @@ class FixedGradients(nn.Module):
         return torch.stack(dots).sum()
 
 
+def unannotated(hook: Callable) -> Callable:
+    """``hook`` behind an unannotated signature. gradwire's ``reducer_hook`` lives in a
+    module with ``from __future__ import annotations``, so its ``bucket`` annotation is
+    the string ``'dist.GradBucket'`` and DDP's ``_check_comm_hook`` rejects it."""
+
+    def gradwire_hook(state, bucket):
+        return hook(state, bucket)
+
+    return gradwire_hook
+
+
 def ddp_variants() -> list[tuple[str, Callable[[], tuple[Any, Any]]]]:
     """(label, factory returning (state, hook) or (None, None) for DDP's built-in all-reduce)."""
     variants: list[tuple[str, Callable[[], tuple[Any, Any]]]] = [
@@ -261,7 +272,8 @@ def ddp_variants() -> list[tuple[str, Callable[[], tuple[Any, Any]]]]:
             variants.append((f"torch powerSGD_hook r={r} batch={batch}", torch_factory))
 
         def gradwire_factory(r: int = r) -> tuple[Any, Any]:
-            return make_hook("powersgd", rank=r)
+            state, hook = make_hook("powersgd", rank=r)
+            return state, unannotated(hook)
 
         variants.append((f"gradwire powersgd r={r}", gradwire_factory))
     return variants
@@ -274,7 +286,7 @@ def bench_ddp(
     models = []
     for _label, factory in variants:
         ddp = DistributedDataParallel(
-            FixedGradients(shapes, coeffs), bucket_cap_mb=4096, broadcast_buffers=False
+            FixedGradients(shapes, coeffs), bucket_cap_mb=4096
         )
         state, hook = factory()
         if hook is not None:

@@ -15,8 +15,8 @@ worker threads block in the callbacks waiting for the nested all-reduce). The
 cost is that a bucket's communication does not overlap the rest of backward.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: DDP checks the hook's annotations
+# against the real dist.GradBucket and torch.futures.Future classes.
 from typing import Any
 
 import torch
@@ -46,7 +46,7 @@ class HookState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reducer.load_state_dict(state)
 
-    def __getstate__(self) -> dict[str, Any]:  # process groups do not pickle
+    def __getstate__(self) -> "dict[str, Any]":  # process groups do not pickle
         return {"state": self.reducer.state_dict()}
 
     def __setstate__(self, _: dict[str, Any]) -> None:
