@@ -22,6 +22,15 @@ FEEDBACK_RULES: tuple[str, ...] = ("none", "ef", "ef21", "ef21-sgdm", "econtrol"
 ESTIMATE_RULES = frozenset({"ef21", "ef21-sgdm", "econtrol"})
 
 
+_FEEDBACK = "error-feedback rule around the compressor: none, ef, ef21, ef21-sgdm, econtrol"
+
+
+_MIN_RATE = (
+    "compress a tensor only if its plain bytes are at least this many times its compressed "
+    "bytes; the others join the uncompressed all-reduce"
+)
+
+
 class CompressorConfig(BaseModel):
     """Parameters every compressor accepts."""
 
@@ -32,7 +41,7 @@ class CompressorConfig(BaseModel):
     #: why the others are refused (shown in the error)
     feedback_note: ClassVar[str] = ""
 
-    feedback: FeedbackName = Field("none", description="error-feedback rule around the compressor")
+    feedback: FeedbackName = Field("none", description=_FEEDBACK)
     eta: float | None = Field(
         None,
         ge=0.0,
@@ -43,8 +52,7 @@ class CompressorConfig(BaseModel):
     min_compression_rate: float = Field(
         1.0,
         ge=0.0,
-        description="compress a tensor only if its plain bytes exceed this many times its "
-        "compressed bytes; smaller tensors join the uncompressed all-reduce",
+        description=_MIN_RATE,
     )
     seed: int = Field(0, ge=0, description="seed shared by all ranks (random projections, Rand-k)")
     nonfinite: Literal["propagate", "raise"] = Field(
@@ -100,7 +108,7 @@ class Fp16Config(CompressorConfig):
         "16-bit payloads are summed in 16 bit, so the aggregate is not exactly the mean of "
         "the decoded messages that EF21-style estimates track."
     )
-    min_compression_rate: float = Field(0.0, ge=0.0)
+    min_compression_rate: float = Field(0.0, ge=0.0, description=_MIN_RATE)
 
 
 class Bf16Config(Fp16Config):
@@ -118,16 +126,17 @@ class PowerSGDConfig(CompressorConfig):
         "PowerSGD's output is a low-rank projection of the mean gradient, not a mean of "
         "per-worker messages, so EF21-style estimates are not defined for it."
     )
-    feedback: FeedbackName = "ef"
+    feedback: FeedbackName = Field("ef", description=_FEEDBACK)
     rank: int = Field(2, ge=1, description="rank r of the approximation")
     warm_start: bool = Field(True, description="reuse last step's Q (Alg. 1 'reuse query')")
     epsilon: float = Field(1e-8, ge=0.0, description="added to column norms when orthonormalising")
-    min_compression_rate: float = Field(2.0, ge=0.0)
+    min_compression_rate: float = Field(2.0, ge=0.0, description=_MIN_RATE)
 
 
 class _SparseBudget(CompressorConfig):
     ratio: float | None = Field(
-        None, gt=0.0, le=1.0, description="fraction of each tensor's elements to keep (0, 1]"
+        None, gt=0.0, le=1.0, description="fraction of each tensor's elements to keep, in (0, 1]; "
+        "0.01 if neither ratio nor k is given",
     )
     k: int | None = Field(None, ge=1, description="elements to keep per tensor (capped at its size)")
 
@@ -147,14 +156,14 @@ class TopKConfig(_SparseBudget):
     """Top-k per tensor; values and int32 indices are all-gathered (8 bytes per kept element)."""
 
     name: ClassVar[str] = "topk"
-    feedback: FeedbackName = "ef"
+    feedback: FeedbackName = Field("ef", description=_FEEDBACK)
 
 
 class RandKConfig(_SparseBudget):
     """Rand-k with a seed shared by all ranks, so the kept values can be all-reduced."""
 
     name: ClassVar[str] = "randk"
-    feedback: FeedbackName = "ef"
+    feedback: FeedbackName = Field("ef", description=_FEEDBACK)
     scale: bool = Field(
         False, description="multiply by d/k (unbiased; not contractive, so only none/ef)"
     )
@@ -187,7 +196,7 @@ class SignConfig(CompressorConfig):
     """Scaled sign, C(p) = (‖p‖₁/d)·sign(p), as in EF-SignSGD (Karimireddy et al. 2019)."""
 
     name: ClassVar[str] = "sign"
-    feedback: FeedbackName = "ef"
+    feedback: FeedbackName = Field("ef", description=_FEEDBACK)
 
 
 BUILTIN_CONFIGS: dict[str, type[CompressorConfig]] = {
