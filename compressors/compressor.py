@@ -37,10 +37,15 @@ class Exchanged:
     local: list[torch.Tensor] | None
     #: applies state changes (warm-start Q, RNG); the reducer skips it on non-finite steps
     commit: Callable[[], None] = field(default=lambda: None)
+    #: a scalar read off the received buffers that is non-finite iff some rank's input was
+    probe: torch.Tensor | None = None
 
 
 class Compressor(ABC):
     name: ClassVar[str]
+    #: whether the received buffers reveal a NaN/Inf in any rank's input (then the
+    #: reducer needs no separate flag; otherwise it adds one element to its all-reduce)
+    reveals_nonfinite: ClassVar[bool] = False
 
     def setup(self, rank: int, world_size: int) -> None:
         """Called once by the reducer with this rank's place in the group."""
@@ -101,6 +106,10 @@ class ElementwiseCompressor(Compressor):
             total += self.decode(row, like, key, step)
         return total.div_(payloads.shape[0])
 
+    def probe(self, received: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
+        """Scalar from one tensor's received payload(s), non-finite iff an input was."""
+        return None
+
     def commit_step(self) -> None:
         """Advance internal state (RNG) after a finite step."""
 
@@ -121,16 +130,17 @@ class ElementwiseCompressor(Compressor):
 
         def finish() -> Exchanged:
             result = pending.wait()
-            aggregates = []
-            if self.collective == "all_reduce":
-                for part, x, k in zip(result.split(sizes), flats, keys):
-                    aggregates.append(self.decode(part, x, k, step))
-            else:
-                for part, x, k in zip(result.split(sizes, dim=1), flats, keys):
-                    aggregates.append(self.decode_mean(part, x, k, step))
+            aggregates, probes = [], []
+            parts = result.split(sizes) if reducing else result.split(sizes, dim=1)
+            for part, x, k in zip(parts, flats, keys):
+                decoded = self.decode(part, x, k, step) if reducing else self.decode_mean(part, x, k, step)
+                aggregates.append(decoded)
+                if self.reveals_nonfinite:
+                    probes.append(self.probe(part, x))
             shaped = [a.view(t.shape) for a, t in zip(aggregates, inputs)]
             local_shaped = None if local is None else [lo.view(t.shape) for lo, t in zip(local, inputs)]
-            return Exchanged(shaped, local_shaped, self.commit_step)
+            probe = torch.stack(probes).sum() if probes else None
+            return Exchanged(shaped, local_shaped, self.commit_step, probe)
 
         return Pending(None, finish)
 

@@ -12,6 +12,7 @@ class Identity(ElementwiseCompressor):
 
     name = "none"
     collective = "all_reduce"
+    reveals_nonfinite = True
 
     def payload_nbytes(self, shape, dtype):
         return shape.numel() * torch.empty((), dtype=dtype).element_size()
@@ -22,11 +23,15 @@ class Identity(ElementwiseCompressor):
     def decode(self, payload, like, key, step):
         return payload.to(like.dtype)
 
+    def probe(self, received, like):
+        return received.sum(dtype=like.dtype)
+
 
 class Cast(ElementwiseCompressor):
     """Casts to a 16-bit float for the wire and back (torch's fp16/bf16_compress_hook)."""
 
     collective = "all_reduce"
+    reveals_nonfinite = True  # NaN and Inf survive the cast (and so does an fp16 overflow)
 
     def __init__(self, name: str, wire_dtype: torch.dtype):
         self.name = name
@@ -40,6 +45,9 @@ class Cast(ElementwiseCompressor):
 
     def decode(self, payload, like, key, step):
         return payload.to(like.dtype)
+
+    def probe(self, received, like):
+        return received.sum(dtype=like.dtype)
 
 
 def build_identity(config: CompressorConfig) -> Identity:

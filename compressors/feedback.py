@@ -97,12 +97,25 @@ class ErrorFeedback(Feedback):
     name = "ef"
     needs_local = True
 
+    def __init__(self, eta: float = 0.0):
+        super().__init__(eta)
+        self._scratch: dict[int, torch.Tensor] = {}  # p = g + e, reused every step
+
     def prepare(self, key, g):
         e = self.place(key, g).get("e")
-        return g + e if e is not None else g.clone()
+        if e is None:
+            return g
+        p = self._scratch.get(key)
+        if p is None or p.shape != g.shape or p.dtype != g.dtype or p.device != g.device:
+            p = self._scratch[key] = torch.empty_like(g)
+        return torch.add(g, e, out=p)
 
     def commit_local(self, key, g, p, local):
-        self.state[key] = {"e": p - local}
+        e = self.state.get(key, {}).get("e")
+        if e is None:
+            self.state[key] = {"e": p - local}
+        else:
+            torch.sub(p, local, out=e)  # in place: no allocation per step
 
     def reshard(self, buffers):
         # A residual belongs to the worker that made it; a new world starts with none

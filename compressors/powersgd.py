@@ -32,6 +32,9 @@ def matrix_shape(shape: torch.Size) -> tuple[int, int]:
 
 class PowerSGD(Compressor):
     name = "powersgd"
+    # P = M·Q is non-finite wherever a row of M is (Q's entries are finite, and
+    # Inf·0 is NaN), and every rank receives the all-reduced P
+    reveals_nonfinite = True
 
     def __init__(self, config: PowerSGDConfig):
         self.rank_r = config.rank
@@ -58,9 +61,16 @@ class PowerSGD(Compressor):
         return torch.randn((b, r), generator=gen, dtype=torch.float64).to(like.device, like.dtype)
 
     def _orthonormalise(self, p: torch.Tensor) -> torch.Tensor:
+        """Orthonormal columns spanning those of each ``p`` in the batch: Gram–Schmidt
+        for r ≤ 2 (cheap, and accurate enough at that rank), QR above."""
+        if p.shape[-1] > 2:
+            return torch.linalg.qr(p, mode="reduced").Q
+        first = p[..., :1] / (torch.linalg.vector_norm(p[..., :1], dim=-2, keepdim=True) + self.epsilon)
         if p.shape[-1] == 1:
-            return p / (torch.linalg.vector_norm(p, dim=-2, keepdim=True) + self.epsilon)
-        return torch.linalg.qr(p, mode="reduced").Q
+            return first
+        second = p[..., 1:] - first * (first * p[..., 1:]).sum(dim=-2, keepdim=True)
+        second = second / (torch.linalg.vector_norm(second, dim=-2, keepdim=True) + self.epsilon)
+        return torch.cat([first, second], dim=-1)
 
     def exchange(self, inputs, keys, step, comm: Communicator, need_local):
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -68,7 +78,10 @@ class PowerSGD(Compressor):
             groups[matrix_shape(x.shape)].append(i)
         plan = []
         for (a, b), members in groups.items():
-            m = torch.stack([inputs[i].reshape(a, b) for i in members])
+            if len(members) == 1:  # a view, no copy
+                m = inputs[members[0]].reshape(1, a, b)
+            else:
+                m = torch.stack([inputs[i].reshape(a, b) for i in members])
             r = self._rank(a, b)
             q = torch.stack([self._start_q(keys[i], b, r, step, m) for i in members])
             plan.append((members, m, q))
@@ -106,7 +119,8 @@ class PowerSGD(Compressor):
                 if self.warm_start:
                     self._q.update(new_q)
 
-            return Exchanged(aggregates, aggregates if need_local else None, commit)
+            probe = p_sum.sum() + q_mean.sum()
+            return Exchanged(aggregates, aggregates if need_local else None, commit, probe)
 
         return Pending(None, finish)
 

@@ -25,6 +25,7 @@ class QSGD(ElementwiseCompressor):
 
     name = "qsgd"
     collective = "all_gather"
+    reveals_nonfinite = True  # every element enters its bucket's norm, which is sent
 
     def __init__(self, config: QSGDConfig):
         self.levels = config.levels
@@ -71,6 +72,9 @@ class QSGD(ElementwiseCompressor):
         norms = as_dtype(payload[..., numel:], like.dtype)
         return levels, norms
 
+    def probe(self, received, like):
+        return self._unpack(received, like)[1].sum()
+
     def decode(self, payload, like, key, step):
         levels, norms = self._unpack(payload, like)
         scale = norms.repeat_interleave(self.bucket, dim=-1)[..., : like.numel()]
@@ -112,6 +116,7 @@ class ScaledSign(ElementwiseCompressor):
 
     name = "sign"
     collective = "all_gather"
+    reveals_nonfinite = True  # every element enters the scale ‖p‖₁/d, which is sent
 
     def __init__(self, config: SignConfig):
         pass
@@ -126,6 +131,9 @@ class ScaledSign(ElementwiseCompressor):
         bits[:numel] = (x >= 0).to(torch.uint8)
         packed = (bits.view(-1, 8) * _BIT_WEIGHTS.to(x.device)).sum(dim=1, dtype=torch.uint8)
         return torch.cat([packed, scale.view(torch.uint8)])
+
+    def probe(self, received, like):
+        return as_dtype(received[..., math.ceil(like.numel() / 8) :], like.dtype).sum()
 
     def decode(self, payload, like, key, step):
         numel = like.numel()

@@ -6,11 +6,15 @@
   rule (its dense first round), or in warm-up (``step < start_iter``) travel
   uncompressed in **one** batched all-reduce, in flight while the compressed
   tensors are exchanged;
-* that all-reduce carries one extra element, the number of ranks whose input
-  was not finite, so every rank takes the same decision on NaN/Inf: with
-  ``nonfinite="propagate"`` all outputs are NaN on every rank (so an AMP grad
-  scaler skips the step) and no state changes; with ``"raise"`` every rank raises
-  :class:`NonFiniteGradientError`. Either way ``stats()["nonfinite_steps"]`` counts it.
+* a NaN or Inf in any rank's input shows in what every rank receives: the plain
+  all-reduce, and the compressed payloads of every compressor that declares
+  ``reveals_nonfinite`` (Top-k keeps it, PowerSGD's P carries it, QSGD's norms and
+  sign's scale absorb it); for the others the all-reduce carries one extra element,
+  NaN iff a rank's input was non-finite. So every rank takes the same decision
+  without an extra pass over the gradients: with ``nonfinite="propagate"`` all
+  outputs are NaN on every rank (so an AMP grad scaler skips the step) and no state
+  changes; with ``"raise"`` every rank raises :class:`NonFiniteGradientError`.
+  Either way ``stats()["nonfinite_steps"]`` counts it.
 """
 
 from __future__ import annotations
@@ -66,7 +70,6 @@ class Reducer:
         if not tensors:
             return []
         started = time.perf_counter()
-        like = tensors[0]
         ledger = self.comm.ledger
         ledger.record_uncompressed(sum(t.numel() * t.element_size() for t in tensors),
                                    self.comm.world_size)
@@ -80,10 +83,11 @@ class Reducer:
         chosen = set(compress)
         plain = [i for i in range(len(tensors)) if i not in chosen]
 
-        bad_here = torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
-        plain_buf = torch.cat([tensors[i].reshape(-1) for i in plain] +
-                              [bad_here.to(like.dtype).reshape(1)])
-        pending_plain = self.comm.all_reduce_mean(plain_buf)
+        parts = [tensors[i].reshape(-1) for i in plain]
+        if not self.compressor.reveals_nonfinite:
+            # 0, or NaN if any element is non-finite (Inf·0 = NaN); summed by the all-reduce
+            parts.append((torch.stack([t.sum() for t in tensors]).sum() * 0.0).reshape(1))
+        pending_plain = self.comm.all_reduce_mean(torch.cat(parts)) if parts else None
 
         inputs = [self.feedback.prepare(keys[i], tensors[i]) for i in compress]
         pending = self.compressor.exchange(
@@ -92,12 +96,13 @@ class Reducer:
         self.compress_seconds += time.perf_counter() - started
 
         waited = time.perf_counter()
-        plain_out = pending_plain.wait()
+        plain_out = pending_plain.wait() if pending_plain is not None else None
         exchanged = pending.wait()
         done = time.perf_counter()
         self.communicate_seconds += done - waited  # includes PowerSGD's Q-round math
 
-        if plain_out[-1].item() > 0:
+        probes = [p for p in (exchanged.probe, None if plain_out is None else plain_out.sum()) if p is not None]
+        if not torch.isfinite(torch.stack(probes).sum()).item():
             return self._nonfinite(tensors, advance)
 
         outputs: list[torch.Tensor | None] = [None] * len(tensors)

@@ -20,6 +20,9 @@ class TopK(ElementwiseCompressor):
 
     name = "topk"
     collective = "all_gather"
+    # torch.topk ranks NaN above everything and |±Inf| above every finite value, so a
+    # non-finite input is always among the kept values that every rank receives
+    reveals_nonfinite = True
 
     def __init__(self, config: TopKConfig):
         self.ratio, self.k = config.budget()
@@ -51,6 +54,9 @@ class TopK(ElementwiseCompressor):
     def decode(self, payload, like, key, step):
         values, idx = self._split(payload, like)
         return torch.zeros_like(like).index_put_((idx,), values)
+
+    def probe(self, received, like):
+        return self._split(received, like)[0].sum()
 
     def decode_mean(self, payloads, like, key, step):
         values, idx = self._split(payloads, like)

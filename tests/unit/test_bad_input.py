@@ -89,14 +89,16 @@ def test_hook_parameters_are_validated_too():
         make_hook("powersgd", rank=0)
 
 
-@pytest.mark.parametrize("name", ["topk", "powersgd", "sign", "qsgd"])
-def test_nan_propagates_to_every_output_and_leaves_state_untouched(name):
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("name", ["topk", "powersgd", "sign", "qsgd", "randk", "fp16", "none"])
+def test_nonfinite_propagates_to_every_output_and_leaves_state_untouched(name, bad_value):
     r = make_reducer(name, feedback="ef", min_compression_rate=0)
     good = [torch.randn(12, 10), torch.randn(10)]
     r.reduce(good)
+    r.reduce(good)
     before = {k: {n: t.clone() for n, t in b.items()} for k, b in r.feedback.state.items()}
     bad = [torch.randn(12, 10), torch.randn(10)]
-    bad[0][3, 4] = float("nan")
+    bad[0][3, 4] = bad_value
     out = r.reduce(bad)
     assert all(torch.isnan(o).all() for o in out)
     assert r.stats()["nonfinite_steps"] == 1
@@ -117,25 +119,33 @@ def test_inf_raises_when_asked():
         r.reduce(bad)
 
 
-def _nan_on_rank_one(rank, world):
+RANKED = [("topk", {"ratio": 0.1, "feedback": "ef21"}), ("powersgd", {"min_compression_rate": 0}),
+          ("randk", {"ratio": 0.1}), ("qsgd", {}), ("sign", {}), ("fp16", {})]
+
+
+def _nonfinite_on_rank_one(rank, world):
     outcomes = {}
-    for mode in ("propagate", "raise"):
-        r = make_reducer("topk", ratio=0.1, feedback="ef21", nonfinite=mode)
-        g = [torch.randn(16, 8), torch.randn(8)]
-        r.reduce(g)
-        if rank == 1:
-            g = [g[0].clone(), g[1].clone()]
-            g[1][2] = float("nan")
-        try:
-            out = r.reduce(g)
-            outcomes[mode] = ("returned", all(bool(torch.isnan(o).all()) for o in out))
-        except NonFiniteGradientError:
-            outcomes[mode] = ("raised", True)
+    for name, params in RANKED:
+        for where in (0, 1):  # in a compressed matrix, in a plain bias
+            for mode in ("propagate", "raise"):
+                r = make_reducer(name, nonfinite=mode, **params)
+                g = [torch.randn(16, 8), torch.randn(8)]
+                r.reduce(g)
+                if rank == 1:
+                    g = [g[0].clone(), g[1].clone()]
+                    g[where].view(-1)[2] = float("nan") if where else float("inf")
+                try:
+                    out = r.reduce(g)
+                    result = ("returned", all(bool(torch.isnan(o).all()) for o in out))
+                except NonFiniteGradientError:
+                    result = ("raised", True)
+                outcomes[(name, where, mode)] = result
     return outcomes
 
 
 @pytest.mark.multiprocess
-def test_nan_on_one_rank_is_seen_by_every_rank():
-    for outcome in run_ranks(_nan_on_rank_one, 2):
-        assert outcome["propagate"] == ("returned", True)
-        assert outcome["raise"] == ("raised", True)
+def test_nonfinite_on_one_rank_is_seen_by_every_rank():
+    for outcome in run_ranks(_nonfinite_on_rank_one, 2):
+        for (name, where, mode), result in outcome.items():
+            expected = ("returned", True) if mode == "propagate" else ("raised", True)
+            assert result == expected, (name, where, mode)

@@ -13,16 +13,16 @@ from tests.ranks import run_ranks
 # a small CNN: conv weights, biases, a linear layer, and a small matrix that PowerSGD skips
 SHAPES = [(16, 1, 3, 3), (16,), (32, 16, 3, 3), (32,), (10, 512), (10,), (4, 3)]
 F32 = 4
-FLAG = 4  # the one-element non-finite word in the plain all-reduce
+FLAG = 4  # Rand-k's one-element non-finite word (its k positions cannot reveal a NaN elsewhere)
 
 
 def matrix(shape):
     return shape[0], math.prod(shape[1:])
 
 
-def split(shapes, compressed_bytes, plain_rate=1.0):
-    """(compressed payload, plain bytes) given a per-tensor payload rule."""
-    sent = FLAG
+def split(shapes, compressed_bytes, plain_rate=1.0, flag=0):
+    """Bytes sent given a per-tensor payload rule: compressed payloads + plain tensors."""
+    sent = flag
     for s in shapes:
         d = math.prod(s)
         payload = compressed_bytes(s)
@@ -48,7 +48,7 @@ EXPECTED = {
     "powersgd-4": ({"rank": 4}, powersgd_bytes(4), 2.0),
     "topk": ({"ratio": 0.01}, lambda s: 8 * math.ceil(0.01 * math.prod(s)), 1.0),
     "topk-k": ({"k": 7}, lambda s: 8 * min(7, math.prod(s)), 1.0),
-    "randk": ({"ratio": 0.05}, lambda s: F32 * math.ceil(0.05 * math.prod(s)), 1.0),
+    "randk": ({"ratio": 0.05}, lambda s: F32 * math.ceil(0.05 * math.prod(s)), 1.0, FLAG),
     "qsgd": ({"bucket_size": 128}, lambda s: math.prod(s) + F32 * math.ceil(math.prod(s) / 128), 1.0),
     "sign": ({}, lambda s: math.ceil(math.prod(s) / 8) + F32, 1.0),
 }
@@ -60,22 +60,22 @@ def _name(label):
 
 @pytest.mark.parametrize("label", sorted(EXPECTED))
 def test_bytes_after_one_step_match_formula(label):
-    params, rule, rate = EXPECTED[label]
+    params, rule, rate, *flag = EXPECTED[label]
     reducer = make_reducer(_name(label), **params)
     reducer.reduce([torch.randn(s) for s in SHAPES])
     stats = reducer.stats()
     total = sum(math.prod(s) for s in SHAPES)
     assert stats["bytes_uncompressed"] == F32 * total
-    assert stats["bytes_sent"] == split(SHAPES, rule, rate)
+    assert stats["bytes_sent"] == split(SHAPES, rule, rate, *flag)
 
 
 def test_powersgd_rank2_formula_spelled_out():
-    # 4·r·Σ(a+b) over compressed matrices + 4·d_unc (+ the flag word)
+    # 4·r·Σ(a+b) over compressed matrices + 4·d_unc
     reducer = make_reducer("powersgd", rank=2)
     reducer.reduce([torch.randn(s) for s in SHAPES])
     compressed = [(16, 9), (32, 144), (10, 512)]   # (4, 3) fails min_compression_rate=2
     d_unc = 16 + 32 + 10 + 12
-    assert reducer.stats()["bytes_sent"] == 4 * 2 * sum(a + b for a, b in compressed) + 4 * d_unc + 4
+    assert reducer.stats()["bytes_sent"] == 4 * 2 * sum(a + b for a, b in compressed) + 4 * d_unc
 
 
 def _ranked_bytes(rank, world):
