@@ -29,15 +29,15 @@ from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hoo
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.compressors import (  # noqa: E402
+from benchmarks.compressors import (
     FixedGradients,
     make_grads,
     resnet18_shapes,
     transformer_shapes,
 )
-from gradwire.compressors import make_hook, make_reducer  # noqa: E402
-from gradwire.compressors.config import TopKConfig  # noqa: E402
-from gradwire.compressors.sparse import TopK  # noqa: E402
+from gradwire.compressors import make_hook, make_reducer
+from gradwire.compressors.config import TopKConfig
+from gradwire.compressors.sparse import TopK
 
 CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("none", "none", {}),
@@ -124,7 +124,7 @@ def check_ddp_buckets(log: list[dict[str, Any]]) -> None:
         if name is not None:
             state, hook = make_hook(name, **params)
 
-            def counting(st, bucket, hook=hook):  # unannotated: DDP checks annotations
+            def counting(st, bucket, hook=hook, seen=seen):  # unannotated: DDP checks them
                 seen.add(bucket.index())
                 return hook(st, bucket)
 
@@ -182,7 +182,7 @@ def speed(repeats: int) -> dict[str, Any]:
         grads = [g.to(DEV) for g in make_grads(shapes, seed=0)]
         for label, name, params in CONFIGS:
             reducer = make_reducer(name, **params)
-            ms = cuda_ms(lambda reducer=reducer: reducer.reduce(grads), repeats)
+            ms = cuda_ms(lambda reducer=reducer, grads=grads: reducer.reduce(grads), repeats)
             s = reducer.stats()
             result["reduce_ms"][f"{model} | {label}"] = {
                 "ms": ms, "ratio": s["bytes_uncompressed"] / s["bytes_sent"]}

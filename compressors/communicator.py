@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from gradwire.compressors.ledger import ByteLedger
 
 # torch >= 2.11 names it all_gather_single; all_gather_into_tensor is the older name

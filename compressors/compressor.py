@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
+
 from gradwire.compressors.communicator import Communicator, Pending
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from gradwire.compressors.reducer import Reducer
 
 

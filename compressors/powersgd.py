@@ -21,6 +21,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+
 from gradwire.compressors.communicator import Communicator, Pending
 from gradwire.compressors.compressor import Compressor, Exchanged
 from gradwire.compressors.config import PowerSGDConfig

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import torch
+
 from gradwire.compressors.compressor import ElementwiseCompressor, as_dtype
 from gradwire.compressors.config import QSGDConfig, SignConfig
 

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
 from gradwire.compressors.communicator import Communicator
 from gradwire.compressors.compressor import Compressor
 from gradwire.compressors.config import CompressorConfig
@@ -101,7 +102,8 @@ class Reducer:
         done = time.perf_counter()
         self.communicate_seconds += done - waited  # includes PowerSGD's Q-round math
 
-        probes = [p for p in (exchanged.probe, None if plain_out is None else plain_out.sum()) if p is not None]
+        probes = [exchanged.probe, None if plain_out is None else plain_out.sum()]
+        probes = [p for p in probes if p is not None]
         if not torch.isfinite(torch.stack(probes).sum()).item():
             return self._nonfinite(tensors, advance)
 

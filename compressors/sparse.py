@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from gradwire.compressors.compressor import ElementwiseCompressor, as_dtype, budget
 from gradwire.compressors.config import RandKConfig, TopKConfig
 

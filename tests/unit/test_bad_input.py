@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gradwire.compressors import UnknownCompressorError, available, make_hook, make_reducer
-from gradwire.compressors.reducer import NonFiniteGradientError
 from pydantic import ValidationError
 
+from gradwire.compressors import UnknownCompressorError, available, make_hook, make_reducer
+from gradwire.compressors.reducer import NonFiniteGradientError
 from tests.ranks import run_ranks
 
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from gradwire.compressors import make_reducer
 
+from gradwire.compressors import make_reducer
 from tests.ranks import run_ranks
 
 # a small CNN: conv weights, biases, a linear layer, and a small matrix that PowerSGD skips

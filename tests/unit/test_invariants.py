@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gradwire.compressors import make_reducer
 
+from gradwire.compressors import make_reducer
 from tests.ranks import run_ranks
 
 SHAPES = [(8, 20), (20, 8), (12, 12), (3, 4, 3, 3), (7,)]

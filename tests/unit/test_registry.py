@@ -6,9 +6,10 @@ import subprocess
 import sys
 import textwrap
 
-import gradwire.compressors.registry as registry
 import pytest
 import torch
+
+import gradwire.compressors.registry as registry
 from gradwire.compressors import available, config_schemas, make_reducer
 
 BUILTINS = ["bf16", "fp16", "none", "powersgd", "qsgd", "randk", "sign", "topk"]

@@ -6,8 +6,8 @@ import io
 
 import pytest
 import torch
-from gradwire.compressors import make_reducer
 
+from gradwire.compressors import make_reducer
 from tests.ranks import run_ranks
 
 SHAPES = [(24, 16), (16,), (8, 4, 3, 3), (10, 24)]
