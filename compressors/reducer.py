@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from gradwire.compressors.communicator import Communicator
+from gradwire.compressors.communicator import Communicator, Pending
 from gradwire.compressors.compressor import Compressor
 from gradwire.compressors.config import CompressorConfig
 from gradwire.compressors.feedback import make_feedback
@@ -71,25 +71,11 @@ class Reducer:
         if not tensors:
             return []
         started = time.perf_counter()
-        ledger = self.comm.ledger
-        ledger.record_uncompressed(sum(t.numel() * t.element_size() for t in tensors),
-                                   self.comm.world_size)
-
-        compress = [
-            i for i, t in enumerate(tensors)
-            if self.step >= self.config.start_iter
-            and not self.feedback.needs_dense_init(keys[i])
-            and self.compressor.should_compress(t, self.config.min_compression_rate)
-        ]
-        chosen = set(compress)
-        plain = [i for i in range(len(tensors)) if i not in chosen]
-
-        parts = [tensors[i].reshape(-1) for i in plain]
-        if not self.compressor.reveals_nonfinite:
-            # 0, or NaN if any element is non-finite (Inf·0 = NaN); summed by the all-reduce
-            parts.append((torch.stack([t.sum() for t in tensors]).sum() * 0.0).reshape(1))
-        pending_plain = self.comm.all_reduce_mean(torch.cat(parts)) if parts else None
-
+        self.comm.ledger.record_uncompressed(
+            sum(t.numel() * t.element_size() for t in tensors), self.comm.world_size
+        )
+        compress, plain = self._partition(tensors, keys)
+        pending_plain = self._launch_plain(tensors, plain)
         inputs = [self.feedback.prepare(keys[i], tensors[i]) for i in compress]
         pending = self.compressor.exchange(
             inputs, [keys[i] for i in compress], self.step, self.comm, self.feedback.needs_local
@@ -103,8 +89,7 @@ class Reducer:
         self.communicate_seconds += done - waited  # includes PowerSGD's Q-round math
 
         probes = [exchanged.probe, None if plain_out is None else plain_out.sum()]
-        probes = [p for p in probes if p is not None]
-        if not torch.isfinite(torch.stack(probes).sum()).item():
+        if not torch.isfinite(torch.stack([p for p in probes if p is not None]).sum()).item():
             return self._nonfinite(tensors, advance)
 
         outputs: list[torch.Tensor | None] = [None] * len(tensors)
@@ -124,6 +109,26 @@ class Reducer:
             self.step += 1
         self.compress_seconds += time.perf_counter() - done
         return outputs  # type: ignore[return-value]
+
+    def _partition(self, tensors: list[torch.Tensor], keys: list[int]) -> tuple[list[int], list[int]]:
+        """Indices to compress and indices to send plain this step."""
+        warm = self.step < self.config.start_iter
+        compress = [
+            i for i, t in enumerate(tensors)
+            if not warm
+            and not self.feedback.needs_dense_init(keys[i])
+            and self.compressor.should_compress(t, self.config.min_compression_rate)
+        ]
+        chosen = set(compress)
+        return compress, [i for i in range(len(tensors)) if i not in chosen]
+
+    def _launch_plain(self, tensors: list[torch.Tensor], plain: list[int]) -> Pending | None:
+        """One all-reduce for every uncompressed tensor (plus the non-finite flag if needed)."""
+        parts = [tensors[i].reshape(-1) for i in plain]
+        if not self.compressor.reveals_nonfinite:
+            # 0, or NaN if any element is non-finite (Inf·0 = NaN); summed by the all-reduce
+            parts.append((torch.stack([t.sum() for t in tensors]).sum() * 0.0).reshape(1))
+        return self.comm.all_reduce_mean(torch.cat(parts)) if parts else None
 
     def _nonfinite(self, tensors: list[torch.Tensor], advance: bool) -> list[torch.Tensor]:
         self.compressor.rollback()
