@@ -103,7 +103,9 @@ class Reducer:
             n = tensors[i].numel()
             outputs[i] = plain_out[offset : offset + n].view(tensors[i].shape)
             offset += n
-            if self.feedback.estimates:
+            if self.feedback.estimates and self.compressor.should_compress(
+                tensors[i], self.config.min_compression_rate
+            ):  # seed the estimate of a tensor that will be compressed later
                 self.feedback.init_dense(keys[i], tensors[i], outputs[i])
         if advance:
             self.step += 1

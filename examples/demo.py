@@ -16,10 +16,11 @@ import tempfile
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from gradwire.compressors import make_hook
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gradwire.compressors import make_hook
 
 CONFIGS = [
     ("none", {}),

@@ -1,6 +1,6 @@
 import torch
-from gradwire.compressors import make_reducer
 
+from gradwire.compressors import make_reducer
 from tests.ranks import run_ranks
 
 

@@ -1,0 +1,60 @@
+"""gradwire.compressors.coding — straggler-tolerant gradient codes (ALGORITHMS.md §5–6).
+
+Gradient codes (Tandon et al., ICML 2017)::
+
+    code = cyclic_repetition(n=8, s=2)        # or fractional_repetition(8, 1)
+    code.partitions(i)                         # data partitions worker i computes
+    code.encode_weights(i)                     # its message is Σ_j w_j g_j
+    a = code.decode(survivors)                 # Σ a_k m_{survivors[k]} = Σ_j g_j
+
+Sequential gradient codes (Krishnan, Ebrahimi, Khisti, ICLR 2023)::
+
+    scheme = m_sgc(n=8, B=1, W=3, lam=2)       # or sr_sgc(...)
+    scheduler = scheme.scheduler()
+    tasks = scheduler.assign(r); scheduler.report(r, stragglers); scheduler.combination(job)
+    simulate(scheme, Bursty(1, 3, 2, seed=0).pattern(100, 8))
+
+Only torch and numpy are needed.
+"""
+
+from gradwire.compressors.coding.constructions import cyclic_repetition, fractional_repetition
+from gradwire.compressors.coding.gradient_code import GradientCode, UndecodableError
+from gradwire.compressors.coding.m_sgc import MultiplexedScheduler, MultiplexedSGC, m_sgc, m_sgc_load
+from gradwire.compressors.coding.sgc import RoundScheduler, SequentialScheme
+from gradwire.compressors.coding.simulate import SimulationResult, simulate
+from gradwire.compressors.coding.sr_sgc import SelectiveRepeatScheduler, SelectiveRepeatSGC, sr_sgc
+from gradwire.compressors.coding.stragglers import (
+    Bernoulli,
+    Bursty,
+    NoStragglers,
+    StragglerModel,
+    extends_admissibly,
+    is_admissible,
+)
+from gradwire.compressors.coding.tasks import Contribution, Task
+
+__all__ = [
+    "Bernoulli",
+    "Bursty",
+    "Contribution",
+    "GradientCode",
+    "MultiplexedSGC",
+    "MultiplexedScheduler",
+    "NoStragglers",
+    "RoundScheduler",
+    "SelectiveRepeatSGC",
+    "SelectiveRepeatScheduler",
+    "SequentialScheme",
+    "SimulationResult",
+    "StragglerModel",
+    "Task",
+    "UndecodableError",
+    "cyclic_repetition",
+    "extends_admissibly",
+    "fractional_repetition",
+    "is_admissible",
+    "m_sgc",
+    "m_sgc_load",
+    "simulate",
+    "sr_sgc",
+]
