@@ -25,7 +25,7 @@ class Identity(ElementwiseCompressor):
         return payload.to(like.dtype)
 
     def probe(self, received, like):
-        return received.sum(dtype=like.dtype)
+        return received.sum(dtype=torch.float64)
 
 
 class Cast(ElementwiseCompressor):
@@ -48,7 +48,7 @@ class Cast(ElementwiseCompressor):
         return payload.to(like.dtype)
 
     def probe(self, received, like):
-        return received.sum(dtype=like.dtype)
+        return received.sum(dtype=torch.float64)
 
 
 def build_identity(config: CompressorConfig) -> Identity:

@@ -64,6 +64,8 @@ class PowerSGD(Compressor):
     def _orthonormalise(self, p: torch.Tensor) -> torch.Tensor:
         """Orthonormal columns spanning those of each ``p`` in the batch: Gram–Schmidt
         for r ≤ 2 (cheap, and accurate enough at that rank), QR above."""
+        if p.dtype in (torch.float16, torch.bfloat16):  # eps and norms need float32 range
+            return self._orthonormalise(p.float()).to(p.dtype)
         if p.shape[-1] > 2:
             return torch.linalg.qr(p, mode="reduced").Q
         first = p[..., :1] / (torch.linalg.vector_norm(p[..., :1], dim=-2, keepdim=True) + self.epsilon)
@@ -120,7 +122,7 @@ class PowerSGD(Compressor):
                 if self.warm_start:
                     self._q.update(new_q)
 
-            probe = p_sum.sum() + q_mean.sum()
+            probe = p_sum.sum(dtype=torch.float64) + q_mean.sum(dtype=torch.float64)
             return Exchanged(aggregates, aggregates if need_local else None, commit, probe)
 
         return Pending(None, finish)

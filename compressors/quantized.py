@@ -60,7 +60,8 @@ class QSGD(ElementwiseCompressor):
         padded = torch.zeros(buckets * self.bucket, dtype=x.dtype, device=x.device)
         padded[:numel] = x
         rows = padded.view(buckets, self.bucket)
-        norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+        # in float64: squares of large float32 (or float16) gradients overflow their dtype
+        norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True, dtype=torch.float64).to(x.dtype)
         scaled = rows.abs() * (self.levels / norms.clamp_min(torch.finfo(x.dtype).tiny))
         noise = torch.rand(rows.shape, generator=self._generator(x.device), device=x.device, dtype=x.dtype)
         levels = torch.floor(scaled + noise).clamp_(max=self.levels)
@@ -74,7 +75,7 @@ class QSGD(ElementwiseCompressor):
         return levels, norms
 
     def probe(self, received, like):
-        return self._unpack(received, like)[1].sum()
+        return self._unpack(received, like)[1].sum(dtype=torch.float64)
 
     def decode(self, payload, like, key, step):
         levels, norms = self._unpack(payload, like)
@@ -127,14 +128,14 @@ class ScaledSign(ElementwiseCompressor):
 
     def encode(self, x, key, step):
         numel = x.numel()
-        scale = (x.abs().sum() / numel).reshape(1)
+        scale = (x.abs().sum(dtype=torch.float64) / numel).to(x.dtype).reshape(1)
         bits = torch.zeros(math.ceil(numel / 8) * 8, dtype=torch.uint8, device=x.device)
         bits[:numel] = (x >= 0).to(torch.uint8)
         packed = (bits.view(-1, 8) * _BIT_WEIGHTS.to(x.device)).sum(dim=1, dtype=torch.uint8)
         return torch.cat([packed, scale.view(torch.uint8)])
 
     def probe(self, received, like):
-        return as_dtype(received[..., math.ceil(like.numel() / 8) :], like.dtype).sum()
+        return as_dtype(received[..., math.ceil(like.numel() / 8) :], like.dtype).sum(dtype=torch.float64)
 
     def decode(self, payload, like, key, step):
         numel = like.numel()

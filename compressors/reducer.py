@@ -88,7 +88,7 @@ class Reducer:
         done = time.perf_counter()
         self.communicate_seconds += done - waited  # includes PowerSGD's Q-round math
 
-        probes = [exchanged.probe, None if plain_out is None else plain_out.sum()]
+        probes = [exchanged.probe, None if plain_out is None else plain_out.sum(dtype=torch.float64)]
         if not torch.isfinite(torch.stack([p for p in probes if p is not None]).sum()).item():
             return self._nonfinite(tensors, advance)
 
@@ -128,8 +128,10 @@ class Reducer:
         """One all-reduce for every uncompressed tensor (plus the non-finite flag if needed)."""
         parts = [tensors[i].reshape(-1) for i in plain]
         if not self.compressor.reveals_nonfinite:
-            # 0, or NaN if any element is non-finite (Inf·0 = NaN); summed by the all-reduce
-            parts.append((torch.stack([t.sum() for t in tensors]).sum() * 0.0).reshape(1))
+            # 0, or NaN if any element is non-finite (Inf·0 = NaN); summed by the all-reduce.
+            # Sums run in float64 so that large finite gradients never overflow into a false alarm.
+            flag = torch.stack([t.sum(dtype=torch.float64) for t in tensors]).sum() * 0.0
+            parts.append(flag.to(tensors[0].dtype).reshape(1))
         return self.comm.all_reduce_mean(torch.cat(parts)) if parts else None
 
     def _nonfinite(self, tensors: list[torch.Tensor], advance: bool) -> list[torch.Tensor]:

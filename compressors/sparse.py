@@ -57,7 +57,7 @@ class TopK(ElementwiseCompressor):
         return torch.zeros_like(like).index_put_((idx,), values)
 
     def probe(self, received, like):
-        return self._split(received, like)[0].sum()
+        return self._split(received, like)[0].sum(dtype=torch.float64)
 
     def decode_mean(self, payloads, like, key, step):
         values, idx = self._split(payloads, like)

@@ -149,3 +149,16 @@ def test_nonfinite_on_one_rank_is_seen_by_every_rank():
         for (name, where, mode), result in outcome.items():
             expected = ("returned", True) if mode == "propagate" else ("raised", True)
             assert result == expected, (name, where, mode)
+
+
+@pytest.mark.parametrize("name", ["none", "fp16", "randk", "powersgd", "topk", "sign", "qsgd"])
+def test_large_finite_gradients_are_not_mistaken_for_overflow(name):
+    # 90,000 ones exceed float16's maximum (65,504) when summed in float16
+    big16 = [torch.ones(300, 300, dtype=torch.float16), torch.ones(10, dtype=torch.float16)]
+    big32 = [torch.full((300, 300), 1e35), torch.full((10,), 1e35)]
+    # (fp16 compression of 1e35 really overflows: that is reported, correctly, as non-finite)
+    for grads in (big16, big32) if name != "fp16" else (big16,):
+        r = make_reducer(name, min_compression_rate=0)
+        out = r.reduce(grads)
+        assert r.stats()["nonfinite_steps"] == 0
+        assert all(torch.isfinite(o).all() for o in out)
