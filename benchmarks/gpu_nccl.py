@@ -29,7 +29,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hoo
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.compressors import (
+from benchmarks.workloads import (
     FixedGradients,
     make_grads,
     resnet18_shapes,

@@ -40,6 +40,8 @@ class Exchanged:
     commit: Callable[[], None] = field(default=lambda: None)
     #: a scalar read off the received buffers that is non-finite iff some rank's input was
     probe: torch.Tensor | None = None
+    #: the aggregates live in buffers the compressor reuses next step (copy them out)
+    reused: bool = False
 
 
 class Compressor(ABC):

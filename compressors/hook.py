@@ -71,9 +71,7 @@ def _bucket_views(bucket: dist.GradBucket) -> list[torch.Tensor]:
 def reducer_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     views = _bucket_views(bucket)
     keys = [state.key_for(p) for p in bucket.parameters()]
-    outputs = state.reducer.reduce(views, keys=keys, advance=bucket.is_last())
-    for view, out in zip(views, outputs):
-        view.copy_(out)
+    state.reducer.reduce(views, keys=keys, advance=bucket.is_last(), out=views)
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     future.set_result(bucket.buffer())
     return future

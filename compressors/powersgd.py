@@ -31,6 +31,10 @@ def matrix_shape(shape: torch.Size) -> tuple[int, int]:
     return shape[0], shape.numel() // shape[0]
 
 
+def m_rows(p_hat: torch.Tensor) -> int:
+    return p_hat.shape[1]
+
+
 class PowerSGD(Compressor):
     name = "powersgd"
     # P = M·Q is non-finite wherever a row of M is (Q's entries are finite, and
@@ -43,6 +47,21 @@ class PowerSGD(Compressor):
         self.epsilon = config.epsilon
         self.seed = config.seed
         self._q: dict[int, torch.Tensor] = {}
+        # model-sized buffers reused across steps (allocating them each step costs as much
+        # as the matmuls): name, group keys, shape, dtype, device -> (tensor, last step used)
+        self._scratch: dict[tuple, tuple[torch.Tensor, int]] = {}
+
+    def _buffer(self, name: str, group: tuple[int, ...], shape: tuple[int, ...],
+                like: torch.Tensor, step: int) -> torch.Tensor:
+        key = (name, group, shape, like.dtype, like.device)
+        found = self._scratch.get(key)
+        buf = found[0] if found is not None else torch.empty(shape, dtype=like.dtype, device=like.device)
+        self._scratch[key] = (buf, step)
+        return buf
+
+    def _forget_stale(self, step: int) -> None:
+        """Drop buffers of bucket layouts no longer seen (DDP rebuilds buckets once)."""
+        self._scratch = {k: v for k, v in self._scratch.items() if v[1] >= step - 1}
 
     def _rank(self, a: int, b: int) -> int:
         return min(self.rank_r, a, b)
@@ -81,13 +100,16 @@ class PowerSGD(Compressor):
             groups[matrix_shape(x.shape)].append(i)
         plan = []
         for (a, b), members in groups.items():
+            group = tuple(keys[i] for i in members)
             if len(members) == 1:  # a view, no copy
                 m = inputs[members[0]].reshape(1, a, b)
             else:
-                m = torch.stack([inputs[i].reshape(a, b) for i in members])
+                m = self._buffer("m", group, (len(members), a, b), inputs[members[0]], step)
+                torch.stack([inputs[i].reshape(a, b) for i in members], out=m)
             r = self._rank(a, b)
             q = torch.stack([self._start_q(keys[i], b, r, step, m) for i in members])
             plan.append((members, m, q))
+        self._forget_stale(step)
         if not plan:
             return Pending(None, lambda: Exchanged([], [] if need_local else None))
 
@@ -112,7 +134,9 @@ class PowerSGD(Compressor):
                 n = q.numel()
                 qm = q_mean[offset : offset + n].view(q.shape)
                 offset += n
-                approx = torch.bmm(ph, qm.transpose(1, 2))
+                group = tuple(keys[i] for i in members)
+                approx = self._buffer("approx", group, (len(members), m_rows(ph), qm.shape[1]), ph, step)
+                torch.bmm(ph, qm.transpose(1, 2), out=approx)
                 for j, i in enumerate(members):
                     outputs[i] = approx[j].view(inputs[i].shape)
                     new_q[keys[i]] = qm[j]
@@ -123,7 +147,7 @@ class PowerSGD(Compressor):
                     self._q.update(new_q)
 
             probe = p_sum.sum(dtype=torch.float64) + q_mean.sum(dtype=torch.float64)
-            return Exchanged(aggregates, aggregates if need_local else None, commit, probe)
+            return Exchanged(aggregates, aggregates if need_local else None, commit, probe, reused=True)
 
         return Pending(None, finish)
 

@@ -59,15 +59,19 @@ class Reducer:
         tensors: Sequence[torch.Tensor],
         keys: Sequence[int] | None = None,
         advance: bool = True,
+        out: Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """Approximate mean of each tensor across ranks (new tensors; inputs untouched).
 
         ``keys`` name each tensor's state slot (default: its position); ``advance``
-        ends the step (the DDP hook passes it only with the last bucket).
+        ends the step (the DDP hook passes it only with the last bucket); ``out``
+        receives the results instead of new tensors (it may alias the inputs).
         """
         tensors = list(tensors)
         keys = list(range(len(tensors))) if keys is None else list(keys)
         self._check(tensors, keys)
+        if out is not None and [o.shape for o in out] != [t.shape for t in tensors]:
+            raise ValueError("out must hold one tensor of each input's shape, in order")
         if not tensors:
             return []
         started = time.perf_counter()
@@ -90,23 +94,28 @@ class Reducer:
 
         probes = [exchanged.probe, None if plain_out is None else plain_out.sum(dtype=torch.float64)]
         if not torch.isfinite(torch.stack([p for p in probes if p is not None]).sum()).item():
-            return self._nonfinite(tensors, advance)
+            return self._nonfinite(tensors, advance, out)
 
         outputs: list[torch.Tensor | None] = [None] * len(tensors)
         exchanged.commit()
         for j, i in enumerate(compress):
             if exchanged.local is not None:
                 self.feedback.commit_local(keys[i], tensors[i], inputs[j], exchanged.local[j])
-            outputs[i] = self.feedback.output(keys[i], exchanged.aggregates[j])
+            result = self.feedback.output(keys[i], exchanged.aggregates[j])
+            if out is not None:
+                outputs[i] = out[i].copy_(result)
+            else:
+                outputs[i] = result.clone() if exchanged.reused else result
         offset = 0
         for i in plain:
             n = tensors[i].numel()
-            outputs[i] = plain_out[offset : offset + n].view(tensors[i].shape)
+            mean = plain_out[offset : offset + n].view(tensors[i].shape)
             offset += n
             if self.feedback.estimates and self.compressor.should_compress(
                 tensors[i], self.config.min_compression_rate
             ):  # seed the estimate of a tensor that will be compressed later
-                self.feedback.init_dense(keys[i], tensors[i], outputs[i])
+                self.feedback.init_dense(keys[i], tensors[i], mean)
+            outputs[i] = mean if out is None else out[i].copy_(mean)
         if advance:
             self.step += 1
         self.compress_seconds += time.perf_counter() - done
@@ -134,7 +143,9 @@ class Reducer:
             parts.append(flag.to(tensors[0].dtype).reshape(1))
         return self.comm.all_reduce_mean(torch.cat(parts)) if parts else None
 
-    def _nonfinite(self, tensors: list[torch.Tensor], advance: bool) -> list[torch.Tensor]:
+    def _nonfinite(
+        self, tensors: list[torch.Tensor], advance: bool, out: Sequence[torch.Tensor] | None
+    ) -> list[torch.Tensor]:
         self.compressor.rollback()
         self.nonfinite_steps += 1
         if advance:
@@ -144,6 +155,8 @@ class Reducer:
                 f"a gradient held NaN or Inf on some rank at step {self.step - 1}; "
                 "compressor state was left unchanged"
             )
+        if out is not None:
+            return [o.fill_(float("nan")) for o in out]
         return [torch.full_like(t, float("nan")) for t in tensors]
 
     def _check(self, tensors: list[torch.Tensor], keys: list[int]) -> None:
