@@ -19,10 +19,10 @@ Only torch and numpy are needed.
 
 from gradwire.compressors.coding.constructions import cyclic_repetition, fractional_repetition
 from gradwire.compressors.coding.gradient_code import GradientCode, UndecodableError
-from gradwire.compressors.coding.m_sgc import MultiplexedScheduler, MultiplexedSGC, m_sgc, m_sgc_load
+from gradwire.compressors.coding.multiplexed import MultiplexedScheduler, MultiplexedSGC, m_sgc, m_sgc_load
+from gradwire.compressors.coding.selective_repeat import SelectiveRepeatScheduler, SelectiveRepeatSGC, sr_sgc
 from gradwire.compressors.coding.sgc import RoundScheduler, SequentialScheme
 from gradwire.compressors.coding.simulate import SimulationResult, simulate
-from gradwire.compressors.coding.sr_sgc import SelectiveRepeatScheduler, SelectiveRepeatSGC, sr_sgc
 from gradwire.compressors.coding.stragglers import (
     Bernoulli,
     Bursty,

@@ -16,14 +16,16 @@ from gradwire.compressors.coding.gradient_code import GradientCode, check_code_p
 
 #: a cyclic-repetition draw is accepted at once when cond(B_F) stays below this on the checked sets
 TARGET_CONDITION = 1e3
-#: how many seeds (seed, seed + 1, ...) cyclic_repetition tries before keeping the best draw
+#: how many seeds (seed, seed + 1, ...) cyclic_repetition tries before keeping the best draw ...
 MAX_DRAWS = 16
+#: ... fewer for large n: the checks of all draws together stay within about this many flops
+CHECK_BUDGET = 2e9
 #: the kept draw is reported with a RuntimeWarning when its worst cond(B_F) exceeds this
 WARN_CONDITION = 1e6
 #: survivor sets checked at construction: all of them when there are at most this many ...
 CHECKED_SETS = 2000
 #: ... else this many, sampled with the draw's seed
-SAMPLED_SETS = 64
+SAMPLED_SETS = 32
 
 
 def fractional_repetition(n: int, s: int) -> GradientCode:
@@ -101,17 +103,20 @@ def cyclic_repetition(
     relative accuracy), so each draw is checked at construction: its worst cond(B_F) over every
     ``(n − s)``-survivor set (a seeded sample of SAMPLED_SETS when there are more than
     CHECKED_SETS) is computed, and a draw above ``target_condition`` is replaced by the draw with
-    the next seed (seed + 1, seed + 2, …). After MAX_DRAWS draws the best one is kept, with a
+    the next seed (seed + 1, seed + 2, …). After MAX_DRAWS draws (fewer for large n, so that
+    the checks stay within CHECK_BUDGET flops: 4 draws at n = 256) the best one is kept, with a
     RuntimeWarning if it is still above WARN_CONDITION (likely for large n: median cond grows
     like 1e4–1e5 at n = 50–100). The seed used and the worst condition number are recorded on
-    the code as ``code.seed`` and ``code.worst_condition``. Set-up cost: up to MAX_DRAWS draws.
+    the code as ``code.seed`` and ``code.worst_condition``.
     """
     check_code_params(n, s)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     sets = _survivor_sets(n, s, seed)
+    per_draw = len(sets) * n * (n - s) ** 2  # one SVD of an (n − s) × n matrix per set
+    draws = int(min(MAX_DRAWS, max(1, CHECK_BUDGET // per_draw)))
     best: tuple[float, int, torch.Tensor] | None = None
-    for attempt in range(MAX_DRAWS):
+    for attempt in range(draws):
         B = _draw_cyclic(n, s, seed + attempt)
         if B is None:
             continue
@@ -125,7 +130,7 @@ def cyclic_repetition(
     worst, used_seed, B = best
     if worst > WARN_CONDITION:
         warnings.warn(
-            f"cyclic_repetition(n={n}, s={s}): best of {MAX_DRAWS} draws has cond(B_F) = {worst:.3g} "
+            f"cyclic_repetition(n={n}, s={s}): best of {draws} draws has cond(B_F) = {worst:.3g} "
             f"> {WARN_CONDITION:g}; expect decoding error to grow with it (prefer FR when (s+1) | n)",
             RuntimeWarning,
             stacklevel=2,
@@ -134,3 +139,8 @@ def cyclic_repetition(
     return GradientCode(
         B, s, supports=supports, name="cyclic_repetition", seed=used_seed, worst_condition=worst
     )
+
+
+def default_code(n: int, s: int, seed: int = 0) -> GradientCode:
+    """Fractional repetition when ``(s + 1) | n`` (exact 0/1 decoding, §5.4 (iii)), else cyclic repetition."""
+    return fractional_repetition(n, s) if n % (s + 1) == 0 else cyclic_repetition(n, s, seed=seed)

@@ -17,6 +17,7 @@ residual ``‖aᵀB_F − 1‖ / ‖1‖`` above ``RESIDUAL_TOL`` raises :class:
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -37,7 +38,7 @@ class UndecodableError(ValueError):
 def check_code_params(n: int, s: int) -> None:
     """Raise ``ValueError`` unless ``(n, s)`` describes a possible gradient code."""
     for name, value in (("n", n), ("s", s)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ValueError(f"{name} must be an int, got {value!r}")
     if n < 1:
         raise ValueError(f"need at least one worker, got n={n}")
@@ -74,7 +75,7 @@ class GradientCode:
         n = B.shape[0]
         check_code_params(n, s)
         self.n = n
-        self.s = s
+        self.s = int(s)
         self.name = name
         #: the seed the matrix was drawn with (cyclic repetition), else None
         self.seed = seed

@@ -17,6 +17,8 @@ round r depend only on what was reported for rounds < r (the schemes are adaptiv
 
 from __future__ import annotations
 
+import functools
+import numbers
 import operator
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -30,7 +32,7 @@ from gradwire.compressors.coding.tasks import Contribution, Task
 def check_sgc_params(n: int, B: int, W: int, lam: int) -> None:
     """Raise ``ValueError`` naming the problem unless (n, B, W, λ) suit a sequential gradient code."""
     for name, value in (("n", n), ("B", B), ("W", W), ("lam", lam)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ValueError(f"{name} must be an int, got {value!r}")
     if n < 1:
         raise ValueError(f"need at least one worker, got n={n}")
@@ -196,4 +198,18 @@ class RoundScheduler(ABC):
 
     def load(self, r: int) -> list[Fraction]:
         """Per worker: fraction of one job's data it computes in round ``r`` (stragglers included)."""
-        return [sum((t.load for t in tasks), Fraction(0)) for tasks in self._tasks[r]]
+        return [_total_load(tasks) for tasks in self._tasks[r]]
+
+
+def _total_load(tasks: list[Task]) -> Fraction:
+    if not tasks:
+        return Fraction(0)
+    first = tasks[0].load
+    if all(t.load is first or t.load == first for t in tasks):
+        return _times(first, len(tasks))  # the usual case: equal mini-tasks
+    return sum((t.load for t in tasks), Fraction(0))
+
+
+@functools.lru_cache(maxsize=256)
+def _times(load: Fraction, count: int) -> Fraction:
+    return load * count

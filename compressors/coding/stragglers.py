@@ -87,15 +87,16 @@ def extends_admissibly(
     The incremental form of :func:`is_admissible` (a pattern is admissible iff every round
     passes this check against the rounds before it): at most ``lam`` distinct stragglers
     in the last W rounds, and no new straggler straggled in rounds ``r − W + 1 … r − B``.
+    A round that brings no straggler from outside an already broken window is not blamed
+    again (so the first violating round is flagged, and later rounds only for new breaches).
     """
+    new = set(stragglers)
     recent = previous[max(0, len(previous) - (W - 1)) :]
-    distinct = set(stragglers).union(*recent) if recent else set(stragglers)
-    if len(distinct) > lam:
+    seen = set().union(*recent)
+    if not new <= seen and len(seen | new) > lam:
         return False
-    for back in range(B, W):  # previous[-back] is round r − back
-        if back <= len(previous) and not set(stragglers).isdisjoint(previous[-back]):
-            return False
-    return True
+    # previous[-back] is round r − back: a new straggler must be clean in rounds r − W + 1 … r − B
+    return all(new.isdisjoint(previous[-back]) for back in range(B, min(W, len(previous) + 1)))
 
 
 class StragglerModel(ABC):

@@ -9,10 +9,11 @@ ALGORITHMS.md §6.2. With ``W − 1 = x·B`` the scheme uses an (n, s) gradient 
 * job t is decodable once ``n − s`` distinct workers delivered its task (in round t or
   round t + B) and is decoded with the code's decoder (§5.3).
 
-Which ``v − s`` workers repeat is not fixed by the description. We pick the workers that
-straggled in round ``t − B`` first (under the model they cannot straggle again in round
-t: that would be a burst spanning B + 1 ≤ W rounds), then the lowest-indexed of the
-others (workers that were repeating an older job in round t − B), as the reference code.
+Which ``v − s`` workers repeat is not fixed by the description (the reference simulator
+takes the lowest-indexed missing workers). We take the workers that straggled in round
+``t − B`` first — under the model they cannot straggle again in round t, which would be a
+burst spanning B + 1 ≤ W rounds — and then the lowest-indexed of the others (workers that
+were busy repeating an older job in round t − B).
 
 Load per worker per round: one coded task, ``(s + 1)/n`` of a job's data.
 """
@@ -22,15 +23,10 @@ from __future__ import annotations
 from collections import defaultdict
 from fractions import Fraction
 
-from gradwire.compressors.coding.constructions import cyclic_repetition, fractional_repetition
+from gradwire.compressors.coding.constructions import default_code
 from gradwire.compressors.coding.gradient_code import GradientCode
 from gradwire.compressors.coding.sgc import RoundScheduler, SequentialScheme, check_code, check_sgc_params
 from gradwire.compressors.coding.tasks import CODED, Contribution, Task
-
-
-def default_code(n: int, s: int, seed: int) -> GradientCode:
-    """Fractional repetition when ``(s + 1) | n`` (exact 0/1 decoding), else cyclic repetition."""
-    return fractional_repetition(n, s) if n % (s + 1) == 0 else cyclic_repetition(n, s, seed=seed)
 
 
 class SelectiveRepeatSGC(SequentialScheme):
@@ -40,6 +36,7 @@ class SelectiveRepeatSGC(SequentialScheme):
 
     def __init__(self, n: int, B: int, W: int, lam: int, *, code: GradientCode | None = None, seed: int = 0):
         check_sgc_params(n, B, W, lam)
+        n, B, W, lam = int(n), int(B), int(W), int(lam)
         if (W - 1) % B:
             raise ValueError(f"SR-SGC needs B to divide W - 1; got B={B}, W={W} (W - 1 = {W - 1})")
         s = -(-B * lam // (W - 1 + B))  # ⌈Bλ/(W − 1 + B)⌉

@@ -33,9 +33,9 @@ from __future__ import annotations
 from collections import defaultdict
 from fractions import Fraction
 
+from gradwire.compressors.coding.constructions import default_code
 from gradwire.compressors.coding.gradient_code import GradientCode
 from gradwire.compressors.coding.sgc import RoundScheduler, SequentialScheme, check_code, check_sgc_params
-from gradwire.compressors.coding.sr_sgc import default_code
 from gradwire.compressors.coding.tasks import GROUP, UNCODED, Contribution, Task
 
 
@@ -54,6 +54,7 @@ class MultiplexedSGC(SequentialScheme):
 
     def __init__(self, n: int, B: int, W: int, lam: int, *, code: GradientCode | None = None, seed: int = 0):
         check_sgc_params(n, B, W, lam)
+        n, B, W, lam = int(n), int(B), int(W), int(lam)
         self.n, self.B, self.W, self.lam = n, B, W, lam
         self.delay = W - 2 + B
         self.slots = W - 1 + B
@@ -71,6 +72,10 @@ class MultiplexedSGC(SequentialScheme):
         d1 = (self.minitask_size,) * (n * (W - 1))
         d2 = (self.minitask_size / (lam + 1),) * (n * B) if code is not None else ()
         self.partition_sizes = d1 + d2
+        rows = [code.encode_weights(w) for w in range(n)] if code is not None else []
+        self._d2_weights = [
+            [tuple((self.d2_partition(g, j), x) for j, x in row.items()) for g in range(B)] for row in rows
+        ]
 
     def d1_partition(self, worker: int, k: int) -> int:
         """Partition id of mini-task ``k`` of worker ``worker``'s D1 part."""
@@ -86,9 +91,8 @@ class MultiplexedSGC(SequentialScheme):
     def d2_task(self, job: int, worker: int, group: int) -> Task:
         if self.code is None:
             raise ValueError("M-SGC with lam = n has no D2 groups")
-        weights = tuple((self.d2_partition(group, j), w) for j, w in self.code.encode_weights(worker).items())
-        load = len(weights) * self.minitask_size / (self.lam + 1)
-        return Task(job, GROUP, group, weights, load)
+        weights = self._d2_weights[worker][group]
+        return Task(job, GROUP, group, weights, len(weights) * self.minitask_size / (self.lam + 1))
 
     def scheduler(self, num_jobs: int | None = None) -> MultiplexedScheduler:
         return MultiplexedScheduler(self, num_jobs)
@@ -103,6 +107,7 @@ class MultiplexedScheduler(RoundScheduler):
         super().__init__(scheme, num_jobs)
         self._d1: defaultdict[tuple[int, int], dict[int, tuple[int, Task]]] = defaultdict(dict)
         self._d2: defaultdict[tuple[int, int], list[tuple[int, int, Task]]] = defaultdict(list)
+        # one template per (worker, group); a slot copies it with its job number
         self._d2_tasks = (
             [[scheme.d2_task(0, w, g) for g in range(scheme.B)] for w in range(scheme.n)]
             if scheme.code is not None
