@@ -87,12 +87,6 @@ class CompressorConfig(BaseModel):
         return 0.1 if self.eta is None else self.eta
 
 
-_ESTIMATE_NOTE = (
-    "EF21, EF21-SGDM and EControl need a contractive compressor whose aggregate is the "
-    "mean of the workers' decoded messages, and this one's is not."
-)
-
-
 class NoneConfig(CompressorConfig):
     """Plain all-reduce of fp32 gradients: the baseline."""
 

@@ -63,9 +63,6 @@ class Feedback:
         """A step that was sent uncompressed (warm-up or the first round)."""
 
     # --- state -------------------------------------------------------------------------
-    #: buffers identical on every rank (carried over when the world size changes)
-    shared_buffers: tuple[str, ...] = ()
-
     def state_dict(self) -> dict[int, dict[str, torch.Tensor]]:
         return {k: {n: t.detach().cpu().clone() for n, t in b.items()} for k, b in self.state.items()}
 
@@ -123,22 +120,29 @@ class ErrorFeedback(Feedback):
         return {}
 
 
-class EF21(Feedback):
-    name = "ef21"
+class _SharedEstimate(Feedback):
+    """Rules whose output is a shared estimate updated by the mean decoded message."""
+
     needs_local = True
     estimates = True
-    shared_buffers = ("g",)
+    #: the buffer holding the shared estimate (identical on every rank)
+    shared = ""
+
+    def output(self, key, aggregate):
+        estimate = self.state[key][self.shared]
+        estimate += aggregate
+        return estimate.clone()
+
+
+class EF21(_SharedEstimate):
+    name = "ef21"
+    shared = "g"
 
     def prepare(self, key, g):
         return g - self.place(key, g)["g_i"]
 
     def commit_local(self, key, g, p, local):
         self.state[key]["g_i"] += local
-
-    def output(self, key, aggregate):
-        shared = self.state[key]["g"]
-        shared += aggregate
-        return shared.clone()
 
     def init_dense(self, key, g, mean):
         self.state[key] = {"g_i": g.clone(), "g": mean.clone()}
@@ -173,11 +177,9 @@ class EF21SGDM(EF21):
         return {"g": g.clone(), "g_i": g.clone(), "v": g.clone()}
 
 
-class EControl(Feedback):
+class EControl(_SharedEstimate):
     name = "econtrol"
-    needs_local = True
-    estimates = True
-    shared_buffers = ("h",)
+    shared = "h"
 
     def prepare(self, key, g):
         b = self.place(key, g)
@@ -187,11 +189,6 @@ class EControl(Feedback):
         b = self.state[key]
         b["e"] += g - b["h_i"] - local
         b["h_i"] += local
-
-    def output(self, key, aggregate):
-        shared = self.state[key]["h"]
-        shared += aggregate
-        return shared.clone()
 
     def init_dense(self, key, g, mean):
         self.state[key] = {"e": torch.zeros_like(g), "h_i": g.clone(), "h": mean.clone()}
