@@ -17,6 +17,8 @@ Sequential gradient codes (Krishnan, Ebrahimi, Khisti, ICLR 2023)::
 Only torch and numpy are needed.
 """
 
+from gradwire.compressors.coding.barrier import RoundBarrier, StoreRoundBarrier
+from gradwire.compressors.coding.coded_round import CodedRound, ComputeCancelled, RoundReport, coded_gradient
 from gradwire.compressors.coding.constructions import cyclic_repetition, fractional_repetition
 from gradwire.compressors.coding.gradient_code import GradientCode, UndecodableError
 from gradwire.compressors.coding.multiplexed import MultiplexedScheduler, MultiplexedSGC, m_sgc, m_sgc_load
@@ -36,19 +38,25 @@ from gradwire.compressors.coding.tasks import Contribution, Task
 __all__ = [
     "Bernoulli",
     "Bursty",
+    "CodedRound",
+    "ComputeCancelled",
     "Contribution",
     "GradientCode",
     "MultiplexedSGC",
     "MultiplexedScheduler",
     "NoStragglers",
+    "RoundBarrier",
+    "RoundReport",
     "RoundScheduler",
     "SelectiveRepeatSGC",
     "SelectiveRepeatScheduler",
     "SequentialScheme",
     "SimulationResult",
+    "StoreRoundBarrier",
     "StragglerModel",
     "Task",
     "UndecodableError",
+    "coded_gradient",
     "cyclic_repetition",
     "extends_admissibly",
     "fractional_repetition",
