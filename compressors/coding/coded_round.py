@@ -163,6 +163,8 @@ class RoundReport:
     flagged: list[int] | None = None
     #: more ranks were flagged than the code tolerates (the round waited for a flagged rank)
     over_tolerance: bool = False
+    #: payload bytes this rank put on the wire in the round's all-reduce (the reducer's ledger)
+    bytes_sent: int = 0
 
     @property
     def coefficient(self) -> float:
@@ -385,7 +387,9 @@ class CodedRound:
             message = [torch.zeros_like(t) for t in like]
         else:
             message = [g * mine for g in ready]  # type: ignore[union-attr]
+        sent_before = self.reducer.stats()["bytes_sent"]
         means = self.reducer.reduce(message)
+        bytes_sent = int(self.reducer.stats()["bytes_sent"] - sent_before)
         total = [m * self.world_size for m in means]  # the reducer returns the mean over ranks
         if self.rank == 0:  # every rank has read the survivors once the all-reduce is done
             self.barrier.release(round)
@@ -407,5 +411,6 @@ class CodedRound:
             round_s=time.perf_counter() - started,
             flagged=flagged,
             over_tolerance=over,
+            bytes_sent=bytes_sent,
         )
         return total, report

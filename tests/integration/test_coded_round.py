@@ -379,6 +379,7 @@ def test_accepts_linear_compressors_and_checks_shapes() -> None:
     coded = CodedRound(code, None, barrier, rank=0, world_size=1, stragglers=NoStragglers())
     total, report = coded.step(lambda: [torch.ones(3, dtype=torch.float64)], like=[torch.zeros(3)])
     assert report.survivors == [0] and report.coefficients == {0: 1.0} and not report.abandoned
+    assert report.bytes_sent == 3 * 4  # three elements in the dtype of `like` (float32), plain all-reduce
     assert torch.equal(total[0], torch.ones(3))
     with pytest.raises(ValueError, match=r"returned shapes \[\(2,\)\], expected \[\(3,\)\]"):
         coded.step(lambda: [torch.ones(2)], like=[torch.zeros(3)])
