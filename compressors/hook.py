@@ -47,11 +47,11 @@ class HookState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reducer.load_state_dict(state)
 
-    def __getstate__(self) -> "dict[str, Any]":  # process groups do not pickle
-        return {"state": self.reducer.state_dict()}
-
-    def __setstate__(self, _: dict[str, Any]) -> None:
-        raise TypeError("rebuild the hook with make_hook() and call load_state_dict() instead")
+    def __getstate__(self) -> "dict[str, Any]":  # it holds a process group, which cannot travel
+        raise TypeError(
+            "a gradwire hook state does not pickle: save state_dict() and, after rebuilding "
+            "the hook with make_hook(), call load_state_dict()"
+        )
 
 
 def _bucket_views(bucket: dist.GradBucket) -> list[torch.Tensor]:

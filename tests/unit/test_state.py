@@ -118,3 +118,13 @@ def test_loading_state_of_another_compressor_is_refused():
         make_reducer("sign").load_state_dict(r.state_dict())
     with pytest.raises(ValueError, match="feedback 'ef'"):
         make_reducer("topk", ratio=0.1, feedback="ef21").load_state_dict(r.state_dict())
+
+
+def test_hook_state_says_how_to_checkpoint_instead_of_pickling():
+    import pickle
+
+    from gradwire.compressors import make_hook
+
+    state, _ = make_hook("powersgd")
+    with pytest.raises(TypeError, match="state_dict"):
+        pickle.dumps(state)
