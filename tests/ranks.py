@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -12,12 +11,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, init: str, fn: Callable, args: tuple, out: str) -> None:
@@ -39,7 +32,9 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300.0) -> l
 
     ``fn`` must be importable (defined at module level in a test module)."""
     with tempfile.TemporaryDirectory() as tmp:
-        init = f"tcp://127.0.0.1:{_free_port()}"
+        # a file store: no TCP store server listening on every interface (gloo's own pair
+        # sockets stay on loopback through GLOO_SOCKET_IFNAME=lo)
+        init = f"file://{os.path.join(tmp, 'store')}"
         out = os.path.join(tmp, "result")
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_worker, args=(r, world, init, fn, args, out)) for r in range(world)]
