@@ -1,0 +1,148 @@
+"""Start (or join) Ray and run one JobSpec with Ray Train's ``TorchTrainer``.
+
+    from gradwire.worker.launch import run_job
+    metrics = run_job(JobSpec.from_file("examples/specs/digits-powersgd.yaml"))
+
+Without an address (argument or ``RAY_ADDRESS``) a single-machine Ray is started bound to
+loopback only (ENVIRONMENT.md, "Ray 2.60 on one machine") and shut down again at the end;
+a Ray already initialised in this process, or a cluster given by address, is used as is.
+
+Ray reads its binding settings when it is first imported, so this module imports ``ray`` only
+inside functions, after :func:`start_local_ray` has set the environment. Import ray yourself
+earlier only with ``local_ray_env()`` already in ``os.environ``, or Ray listens on every
+interface.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from gradwire.spec import JobSpec
+
+#: restarts of the worker group after a worker dies (Ray Train's FailureConfig)
+MAX_FAILURES = 2
+
+# Unix socket paths are limited to ~107 bytes and Ray nests session folders inside its
+# temp dir, so the project folder is used only when its path is short.
+_MAX_TEMP_DIR_CHARS = 48
+
+
+class NotEnoughResourcesError(RuntimeError):
+    """The cluster cannot host the worker group the spec asks for."""
+
+
+def local_ray_env() -> dict[str, str]:
+    """Environment for a loopback-only Ray without authentication or usage reporting."""
+    return {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+
+
+def ray_temp_dir() -> str:
+    inside = Path(".gradwire/ray").resolve()
+    if len(str(inside)) <= _MAX_TEMP_DIR_CHARS:
+        return str(inside)
+    return str(Path(tempfile.gettempdir()) / f"gw-ray-{os.getuid()}")
+
+
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """``ray.init`` on 127.0.0.1 only, without the dashboard."""
+    for key, value in local_ray_env().items():
+        os.environ.setdefault(key, value)
+    import ray
+
+    temp_dir = ray_temp_dir()
+    Path(temp_dir).mkdir(parents=True, exist_ok=True)
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _temp_dir=temp_dir,
+        log_to_driver=True,
+    )
+
+
+def check_resources(spec: JobSpec) -> None:
+    """Fail before any worker starts if the cluster lacks the CPUs (or GPUs) the spec asks for."""
+    import ray
+
+    available = ray.cluster_resources()
+    workers = spec.workers
+    for kind, per_worker, field in (
+        ("CPU", workers.cpus_per_worker, "workers.cpus_per_worker"),
+        ("GPU", workers.gpus_per_worker, "workers.gpus_per_worker"),
+    ):
+        needed = workers.count * per_worker
+        have = available.get(kind, 0.0)
+        if needed > have + 1e-9:
+            raise NotEnoughResourcesError(
+                f"workers.count={workers.count} × {field}={per_worker} needs {needed:g} {kind}s, "
+                f"but the Ray cluster has {have:g}; lower workers.count or {field}"
+            )
+
+
+def storage_path(spec: JobSpec) -> str:
+    storage = spec.checkpoint.storage
+    return storage if "://" in storage else str(Path(storage).resolve())
+
+
+def make_trainer(spec: JobSpec):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from gradwire.worker.runtime import train_loop
+
+    workers = spec.workers
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec.model_dump(mode="json")},
+        scaling_config=ScalingConfig(
+            num_workers=workers.count,
+            use_gpu=workers.gpus_per_worker > 0,
+            resources_per_worker={"CPU": workers.cpus_per_worker}
+            | ({"GPU": workers.gpus_per_worker} if workers.gpus_per_worker > 0 else {}),
+        ),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=storage_path(spec),
+            failure_config=FailureConfig(max_failures=MAX_FAILURES),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+        ),
+    )
+
+
+def run_job(spec: JobSpec, *, address: str | None = None) -> dict[str, Any]:
+    """Train ``spec`` to the end and return rank 0's final metrics (plus ``checkpoint``)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    started_here = False
+    if not _ray_initialized():
+        if address:
+            import ray
+
+            ray.init(address=address)
+        else:
+            start_local_ray()
+        started_here = True
+    try:
+        check_resources(spec)
+        result = make_trainer(spec).fit()
+        metrics = dict(result.metrics or {})
+        if result.checkpoint is not None:
+            metrics["checkpoint"] = result.checkpoint.path
+        return metrics
+    finally:
+        if started_here:
+            import ray
+
+            ray.shutdown()
+
+
+def _ray_initialized() -> bool:
+    ray = sys.modules.get("ray")  # not imported yet: certainly not initialised
+    return ray is not None and ray.is_initialized()
