@@ -59,7 +59,7 @@ from torch import nn
 
 from gradwire.compressors.coding.barrier import RoundBarrier, StoreRoundBarrier
 from gradwire.compressors.coding.gradient_code import GradientCode
-from gradwire.compressors.coding.stragglers import StragglerModel
+from gradwire.compressors.coding.stragglers import StragglerModel, injected_delay
 
 #: compressors whose aggregate depends only on the sum of the ranks' messages
 LINEAR_COMPRESSORS = frozenset({"none", "fp16", "bf16", "powersgd"})
@@ -297,12 +297,7 @@ class CodedRound:
             try:
                 result = compute(job.cancel) if pass_cancel else compute()
                 if slowdown > 1.0:  # injected straggling, cut short when the round moves on
-                    extra = (
-                        self.delay_s
-                        if self.delay_s is not None
-                        else (slowdown - 1.0) * (time.perf_counter() - started)
-                    )
-                    job.cancel.wait(extra)
+                    job.cancel.wait(injected_delay(slowdown, time.perf_counter() - started, self.delay_s))
                 job.result = list(result)
             except BaseException as err:  # handed to the main thread (or discarded if abandoned)
                 job.error = err

@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from gradwire.compressors.coding.sgc import SequentialScheme
-from gradwire.compressors.coding.stragglers import StragglerModel
+from gradwire.compressors.coding.stragglers import StragglerModel, injected_delay
 from gradwire.compressors.coding.tasks import Task
 
 POLL_S = 0.002
@@ -148,12 +148,7 @@ class SequentialRound:
                         [g.detach().to(t.dtype) for g, t in zip(self.compute(task, work.cancel), self.like)]
                     )
                 if slowdown > 1.0:
-                    extra = (
-                        self.delay_s
-                        if self.delay_s is not None
-                        else (slowdown - 1.0) * (time.perf_counter() - started)
-                    )
-                    work.cancel.wait(extra)
+                    work.cancel.wait(injected_delay(slowdown, time.perf_counter() - started, self.delay_s))
                 work.results = out
             except BaseException as err:
                 work.error = err

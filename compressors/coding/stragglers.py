@@ -226,3 +226,9 @@ class Bursty(StragglerModel):
         if not 0 <= worker < self.n:
             raise ValueError(f"worker {worker} out of range for n={self.n}")
         return self.slowdown if self.pattern(round + 1, self.n)[round, worker] else 1.0
+
+
+def injected_delay(slowdown: float, elapsed: float, fixed: float | None = None) -> float:
+    """Seconds an injected straggler waits after its real computation: ``fixed`` if given,
+    else ``(slowdown − 1)·elapsed``, so its round takes ``slowdown`` times as long."""
+    return fixed if fixed is not None else max(0.0, (slowdown - 1.0) * elapsed)
