@@ -35,11 +35,16 @@ class UndecodableError(ValueError):
     """The survivors' messages do not determine the full gradient."""
 
 
-def check_code_params(n: int, s: int) -> None:
-    """Raise ``ValueError`` unless ``(n, s)`` describes a possible gradient code."""
-    for name, value in (("n", n), ("s", s)):
+def require_ints(**values: object) -> None:
+    """Raise ``ValueError`` naming the first argument that is not an int (bools are refused)."""
+    for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ValueError(f"{name} must be an int, got {value!r}")
+
+
+def check_code_params(n: int, s: int) -> None:
+    """Raise ``ValueError`` unless ``(n, s)`` describes a possible gradient code."""
+    require_ints(n=n, s=s)
     if n < 1:
         raise ValueError(f"need at least one worker, got n={n}")
     if s < 0:

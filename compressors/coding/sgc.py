@@ -18,22 +18,19 @@ round r depend only on what was reported for rounds < r (the schemes are adaptiv
 from __future__ import annotations
 
 import functools
-import numbers
 import operator
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from fractions import Fraction
 
-from gradwire.compressors.coding.gradient_code import GradientCode, UndecodableError
+from gradwire.compressors.coding.gradient_code import GradientCode, UndecodableError, require_ints
 from gradwire.compressors.coding.stragglers import extends_admissibly
 from gradwire.compressors.coding.tasks import Contribution, Task
 
 
 def check_sgc_params(n: int, B: int, W: int, lam: int) -> None:
     """Raise ``ValueError`` naming the problem unless (n, B, W, λ) suit a sequential gradient code."""
-    for name, value in (("n", n), ("B", B), ("W", W), ("lam", lam)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ValueError(f"{name} must be an int, got {value!r}")
+    require_ints(n=n, B=B, W=W, lam=lam)
     if n < 1:
         raise ValueError(f"need at least one worker, got n={n}")
     if B < 1:
