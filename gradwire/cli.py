@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from gradwire.console import TelemetryProgress, summary
 
 app = typer.Typer(help="gradwire: data-parallel training on slow networks.", no_args_is_help=True)
 
@@ -56,6 +59,18 @@ def train(
     address: Annotated[
         str | None, typer.Option("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
     ] = None,
+    telemetry: Annotated[
+        str | None,
+        typer.Option(
+            "--telemetry",
+            envvar="GRADWIRE_TELEMETRY_ADDRESS",
+            help="coordinator's gRPC address for step reports (default: JSONL files in the run folder)",
+        ),
+    ] = None,
+    job_id: Annotated[
+        str | None, typer.Option("--job-id", help="id in step reports (default: the spec's name)")
+    ] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")] = True,
 ) -> None:
     """Train a job spec on Ray and print a summary."""
     from gradwire.spec import JobSpec, SpecError
@@ -68,37 +83,20 @@ def train(
         typer.echo(f"{spec_path}: {err}", err=True)
         raise typer.Exit(2) from None
 
-    from gradwire.worker.launch import NotEnoughResourcesError, run_job  # imports torch and ray
+    from gradwire.worker.launch import NotEnoughResourcesError, run_dir, run_job  # imports torch and ray
 
+    console = Console()
+    follow = TelemetryProgress(run_dir(spec) / "telemetry-rank0.jsonl", spec.steps, console)
     try:
-        metrics = run_job(spec, address=address)
-    except NotEnoughResourcesError as err:
-        typer.echo(str(err), err=True)
+        with follow if progress and not telemetry else nullcontext():
+            metrics = run_job(spec, address=address, job_id=job_id, telemetry=telemetry)
+    except (NotEnoughResourcesError, SpecError) as err:
+        typer.echo(f"{spec_path}: {err}", err=True)
         raise typer.Exit(2) from None
-    Console().print(_summary(spec.name, metrics))
-
-
-def _summary(name: str, metrics: dict) -> Table:
-    sent, plain = metrics.get("bytes_sent", 0), metrics.get("bytes_uncompressed", 0)
-    rows = [
-        ("steps", f"{metrics.get('step', 0)}"),
-        ("resumed from step", f"{metrics.get('start_step', 0)}"),
-        ("final loss", f"{metrics.get('loss', float('nan')):.4f}"),
-        ("test accuracy", f"{metrics.get('accuracy', float('nan')):.4f}"),
-        ("wall time (train loop)", f"{metrics.get('wall_seconds', 0.0):.2f} s"),
-        ("bytes sent (rank 0)", f"{sent:,}"),
-        ("bytes uncompressed", f"{plain:,}"),
-        ("compression ratio", f"{plain / sent:.2f}x" if sent else "n/a"),
-        ("compress time", f"{metrics.get('compress_seconds', 0.0):.3f} s"),
-        ("communicate time", f"{metrics.get('communicate_seconds', 0.0):.3f} s"),
-        ("checkpoint", str(metrics.get("checkpoint", "-"))),
-    ]
-    table = Table(title=f"{name} — done", title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right", overflow="fold")
-    for row in rows:
-        table.add_row(*row)
-    return table
+    console.print(summary(spec.name, metrics))
+    if metrics.get("stopped"):
+        typer.echo(f"{spec.name}: stopped: {metrics['stopped']}", err=True)
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gradwire.spec import JobSpec
+from gradwire.spec import JobSpec, Problem, SpecError
 
 #: restarts of the worker group after a worker dies (Ray Train's FailureConfig)
 MAX_FAILURES = 2
@@ -92,16 +92,43 @@ def storage_path(spec: JobSpec) -> str:
     return storage if "://" in storage else str(Path(storage).resolve())
 
 
-def make_trainer(spec: JobSpec):
+def run_dir(spec: JobSpec) -> Path:
+    """Where the run's local files go (telemetry JSONL): Ray Train's run folder when storage is
+    a local directory, else ``.gradwire/runs/<name>``."""
+    storage = spec.checkpoint.storage
+    base = Path(".gradwire/runs").resolve() if "://" in storage else Path(storage_path(spec))
+    return base / spec.name
+
+
+def check_runnable(spec: JobSpec) -> None:
+    """Refuse, before any worker starts, what the spec allows but this runtime cannot run."""
+    st = spec.stragglers
+    if st is not None and st.code in ("sr-sgc", "m-sgc"):
+        raise SpecError(
+            [
+                Problem(
+                    "stragglers.code",
+                    f"{st.code!r}: sequential gradient codes run on live ranks through "
+                    "gradwire.compressors.coding.SequentialRound (see benchmarks/stragglers.py); "
+                    "the Ray Train runtime trains with 'fractional' or 'cyclic' codes",
+                )
+            ]
+        )
+
+
+def make_trainer(spec: JobSpec, loop_config: dict[str, Any] | None = None):
+    """Ray Train's TorchTrainer for ``spec``; ``loop_config`` adds ``train_loop`` options
+    (``job_id``, ``telemetry``, ``fault``; see :func:`gradwire.worker.runtime.train_loop`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from gradwire.worker.runtime import train_loop
 
     workers = spec.workers
+    config = {"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir(spec)), **(loop_config or {})}
     return TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec.model_dump(mode="json")},
+        train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=workers.count,
             use_gpu=workers.gpus_per_worker > 0,
@@ -117,8 +144,23 @@ def make_trainer(spec: JobSpec):
     )
 
 
-def run_job(spec: JobSpec, *, address: str | None = None) -> dict[str, Any]:
-    """Train ``spec`` to the end and return rank 0's final metrics (plus ``checkpoint``)."""
+def run_job(
+    spec: JobSpec,
+    *,
+    address: str | None = None,
+    job_id: str | None = None,
+    telemetry: str | None = None,
+    loop_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``spec`` to the end and return rank 0's final metrics (plus ``checkpoint``).
+
+    ``telemetry`` is a coordinator's gRPC address (default ``GRADWIRE_TELEMETRY_ADDRESS``);
+    without one, each rank writes ``telemetry-rank{r}.jsonl`` in :func:`run_dir`. A job that
+    stopped on non-finite gradients returns normally with ``metrics["stopped"]`` set.
+    """
+    check_runnable(spec)
+    telemetry = telemetry or os.environ.get("GRADWIRE_TELEMETRY_ADDRESS") or None
+    options = {"job_id": job_id or spec.name, "telemetry": telemetry, **(loop_config or {})}
     address = address or os.environ.get("RAY_ADDRESS")
     started_here = False
     if not _ray_initialized():
@@ -131,7 +173,7 @@ def run_job(spec: JobSpec, *, address: str | None = None) -> dict[str, Any]:
         started_here = True
     try:
         check_resources(spec)
-        result = make_trainer(spec).fit()
+        result = make_trainer(spec, options).fit()
         metrics = dict(result.metrics or {})
         if result.checkpoint is not None:
             metrics["checkpoint"] = result.checkpoint.path

@@ -1,114 +1,269 @@
 """The train loop that Ray Train's ``TorchTrainer`` runs on every worker.
 
-One readable loop, top to bottom: set up (spec, data shard, model, DDP with the gradwire
-hook, optimizer, resume), then per step forward → backward (the hook compresses and
-reduces the gradients) → optimizer step, with evaluation and checkpoints at the steps the
-spec asks for. Metrics reported to Ray are rank 0's; the byte counters come from the
-hook's ledger (``HookState.stats()``).
+One readable loop, top to bottom: set up (spec, data, model, the step — DDP with the gradwire
+hook, or a gradient-coded round —, optimizer, resume, telemetry), then per step: this rank's
+batches → forward, backward and reduce (:mod:`gradwire.worker.steps`) → optimizer step →
+telemetry report, with evaluation and checkpoints at the steps the spec asks for. Metrics
+reported to Ray are every rank's own; the driver shows rank 0's.
 
-A checkpoint directory holds ``model.pt`` and ``optimizer.pt`` (rank 0; identical on every
-rank under DDP), ``compressor-rank{r}.pt`` (each rank's own compressor state: error-feedback
-residuals are per rank) and ``progress.json`` (the step reached).
+A checkpoint directory holds ``model.pt`` and ``optimizer.pt`` (rank 0; the same on every rank),
+``rank{r}.pt`` per rank (compressor and error-feedback state, coded-round position, torch RNG
+state) and ``progress.json`` (the step reached). The data order is a function of the step
+(:mod:`gradwire.worker.sampler`), so resuming from a checkpoint continues the same trajectory.
+
+A step with non-finite gradients stops the job on every rank at once, before the optimizer
+applies them; the final report (and checkpoint: the last finite state) carries ``stopped``
+with the reason.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import os
+import signal
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from gradwire.compressors import make_hook
 from gradwire.spec import JobSpec, OptimizerSpec
-from gradwire.worker.datasets import Dataset, get_dataset
+from gradwire.worker.datasets import DATASETS, Dataset, get_dataset
 from gradwire.worker.models import build_model
 from gradwire.worker.partition import partition_indices
+from gradwire.worker.sampler import PartitionSampler
+from gradwire.worker.steps import CodedStep, DdpStep, NonFiniteStep, StepTimes, loss_fn
+from gradwire.worker.telemetry import make_telemetry
 
 LEDGER_KEYS = ("bytes_sent", "bytes_uncompressed", "compress_seconds", "communicate_seconds")
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Run one job's share on this worker; ``config["spec"]`` is a JobSpec as a JSON-like dict."""
+    """Run one job's share on this worker.
+
+    ``config``: ``spec`` (a JobSpec as a JSON-like dict); optional ``job_id`` (default: the
+    spec's name), ``telemetry`` (a coordinator's gRPC address; without it reports go to
+    ``telemetry-rank{r}.jsonl`` in ``run_dir``), ``run_dir``, and ``fault`` (tests and chaos
+    experiments: ``{"rank", "step", "marker"}`` SIGKILLs that rank's process once at that step).
+    """
     import ray.train
     import ray.train.torch
 
     spec = JobSpec.from_dict(config["spec"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-
-    # --- data: the whole set on every worker, then this rank's share ---------------------------
-    data = get_dataset(spec.data.dataset, **spec.data.params)
-    partition = spec.data.partition
-    shares = partition_indices(
-        data.y_train, world_size, kind=partition.kind, alpha=getattr(partition, "alpha", None), seed=spec.seed
-    )
     device = ray.train.torch.get_device()  # cpu, or this worker's GPU
-    x_local, y_local = data.x_train[shares[rank]].to(device), data.y_train[shares[rank]].to(device)
-    batch_size = min(spec.data.batch_size, len(y_local))
-    batches_per_epoch = len(y_local) // batch_size
-    # every rank must take the same number of steps (DDP all-reduces each one), so an epoch
-    # budget is counted on the smallest share
-    smallest_share = min(len(share) for share in shares)
-    total_steps = spec.steps or spec.epochs * max(1, smallest_share // batch_size)
 
-    # --- model: same init on every rank, wrapped in DDP with the gradwire hook -----------------
+    # --- data: the whole set on every worker; partition j is what rank j trains on without a code
+    data = load_data(spec)
+    shares = partition_indices(
+        partition_labels(data), world_size, seed=spec.seed, **spec.data.partition.model_dump()
+    )
+    sampler = PartitionSampler(shares, spec.data.batch_size, spec.seed)
+    # every rank takes the same number of steps, so an epoch budget counts the smallest share
+    total_steps = spec.steps or spec.epochs * min(sampler.batches_per_epoch(j) for j in range(world_size))
+
+    # --- model and step: same init on every rank ------------------------------------------------
     torch.manual_seed(spec.seed)
-    model = build_model(spec.model.name, data.num_features, data.num_classes, **spec.model.params)
-    model = ray.train.torch.prepare_model(model)
-    hook_state, hook = make_hook(spec.compression.name, **spec.compression.params())
-    model.register_comm_hook(hook_state, hook)
-    optimizer = make_optimizer(spec.optimizer, model.parameters())
+    model = build_model(
+        spec.model.name, data.num_features, data.num_classes, allow_import_paths=True, **spec.model.params
+    )
+    coded = spec.stragglers is not None and spec.stragglers.code in ("fractional", "cyclic")
+    if coded:
+        train_step: DdpStep | CodedStep = CodedStep(model, spec, rank, world_size, device)
+    else:
+        train_step = DdpStep(model, spec.compression, ray.train.torch.prepare_model)
+    partitions = train_step.partitions or [rank]
+    optimizer = make_optimizer(spec.optimizer, train_step.module.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec.optimizer, total_steps))
 
     step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            step = load_checkpoint(Path(folder), rank, model, optimizer, scheduler, hook_state)
+            step = load_checkpoint(Path(folder), rank, train_step, optimizer, scheduler)
     start_step = step
 
-    # --- the loop ------------------------------------------------------------------------------
-    generator = torch.Generator().manual_seed(spec.seed * 1000 + rank)
-    order = torch.randperm(len(y_local), generator=generator).to(device)
-    started = time.perf_counter()
-    loss = torch.tensor(float("nan"))
-    eval_every = spec.evaluation.every_steps
-    checkpoint_every = spec.checkpoint.every_steps
-    while step < total_steps:
-        position = (step % batches_per_epoch) * batch_size
-        if position == 0:
-            order = torch.randperm(len(y_local), generator=generator).to(device)
-        batch = order[position : position + batch_size]
+    telemetry = make_telemetry(
+        config.get("telemetry"),
+        config.get("job_id") or spec.name,
+        rank,
+        run_dir=config.get("run_dir") or ".",
+    )
+    kill_at = config.get("fault") or {}
+    run = RunState(start_step=step)
+    try:
+        # --- the loop ---------------------------------------------------------------------------
+        while step < total_steps:
+            batches = {j: to_device(data, sampler.indices(j, step), device) for j in partitions}
+            maybe_kill(kill_at, rank, step)
+            try:
+                times = train_step(batches, step)
+            except NonFiniteStep as err:
+                run.stopped = f"{err}; the job stopped instead of training on non-finite values"
+                break
+            learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step used
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            run.record(times)
 
-        model.train()
-        loss = F.cross_entropy(model(x_local[batch]), y_local[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # the hook compresses and averages the gradients here
-        optimizer.step()
-        scheduler.step()
-        step += 1
-
-        last = step == total_steps
-        evaluate_now = last or (eval_every is not None and step % eval_every == 0)
-        save_now = last or (checkpoint_every is not None and step % checkpoint_every == 0)
-        if evaluate_now or save_now:
-            metrics = progress(
-                step, start_step, loss, started, hook_state, model, data, evaluate=evaluate_now
+            last = step == total_steps
+            evaluate_now = last or every(spec.evaluation.every_steps, step)
+            save_now = last or every(spec.checkpoint.every_steps, step)
+            evaluation = evaluate_model(train_step.module, data, device) if evaluate_now else None
+            telemetry.report(
+                step_report(
+                    step,
+                    times,
+                    train_step.stats(),
+                    compressor=spec.compression.name,
+                    learning_rate=learning_rate,
+                    samples=sum(len(targets) for _, targets in batches.values()),
+                    epoch=sampler.epoch(partitions[0], step - 1),
+                    evaluation=evaluation,
+                )
             )
-            report(metrics, step, rank, model, optimizer, scheduler, hook_state, save=save_now)
-
-    if start_step >= total_steps:  # restored a run that had already finished: report where it stands
-        metrics = progress(step, start_step, loss, started, hook_state, model, data, evaluate=True)
-        report(metrics, step, rank, model, optimizer, scheduler, hook_state, save=True)
+            if last:  # flush the reports first, so the final metrics count what was sent and dropped
+                telemetry.close(timeout=5.0)
+            if evaluate_now or save_now:
+                metrics = run.metrics(step, train_step, telemetry, evaluation)
+                report(metrics, step, rank, train_step, optimizer, scheduler, save=save_now)
+        if run.stopped or start_step >= total_steps:  # stopped early, or restored a finished run
+            evaluation = evaluate_model(train_step.module, data, device)
+            metrics = run.metrics(step, train_step, telemetry, evaluation)
+            # Ray Train hands back the metrics of the latest checkpoint, so stopping saves one too:
+            # the state before the non-finite step, which was never applied
+            report(metrics, step, rank, train_step, optimizer, scheduler, save=True)
+    finally:
+        telemetry.close(timeout=5.0)
 
 
 # --- pieces of the loop -------------------------------------------------------------------------
+
+
+class RunState:
+    """What the loop keeps across steps for its reports."""
+
+    def __init__(self, start_step: int) -> None:
+        self.start_step = start_step
+        self.started = time.perf_counter()
+        self.loss = float("nan")
+        self.stragglers = 0
+        self.wait_s = 0.0
+        self.compute_s = 0.0
+        self.stopped: str | None = None
+
+    def record(self, times: StepTimes) -> None:
+        if math.isfinite(times.loss):  # a straggler that dropped its work reports no loss
+            self.loss = times.loss
+        self.stragglers += len(times.stragglers)
+        self.wait_s += times.wait_s
+        self.compute_s += times.compute_s
+
+    def metrics(
+        self, step: int, train_step: Any, telemetry: Any, evaluation: tuple[float, float] | None
+    ) -> dict[str, Any]:
+        """This rank's metrics: the step, the last loss, times, the byte ledger and telemetry counters."""
+        stats = train_step.stats()
+        metrics: dict[str, Any] = {
+            "step": step,
+            "start_step": self.start_step,
+            "loss": self.loss,
+            "wall_seconds": time.perf_counter() - self.started,
+            "compute_seconds": self.compute_s,
+            "wait_seconds": self.wait_s,
+            "stragglers": self.stragglers,
+            "telemetry_sent": telemetry.sent,
+            "telemetry_dropped": telemetry.dropped,
+            **{key: stats[key] for key in LEDGER_KEYS},
+        }
+        if evaluation is not None:
+            metrics["eval_loss"], metrics["accuracy"] = evaluation
+        if self.stopped:
+            metrics["stopped"] = self.stopped
+        return metrics
+
+
+def load_data(spec: JobSpec) -> Dataset:
+    """The spec's dataset; its ``seed`` defaults to the job's seed where the dataset takes one.
+
+    ``module:function`` datasets and models are accepted here: a coordinator refuses them at
+    submission unless its operator allows them, the command line always accepts them.
+    """
+    params = dict(spec.data.params)
+    factory = DATASETS.resolve(spec.data.dataset, allow_import_paths=True)
+    try:
+        takes_seed = "seed" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no introspectable signature
+        takes_seed = False
+    if takes_seed:
+        params.setdefault("seed", spec.seed)
+    return get_dataset(spec.data.dataset, allow_import_paths=True, **params)
+
+
+def partition_labels(data: Dataset) -> torch.Tensor:
+    """Labels for partitioning: a classifier's labels; one dummy label per sequence otherwise."""
+    return data.y_train if data.y_train.dim() == 1 else torch.zeros(len(data.y_train), dtype=torch.int64)
+
+
+def to_device(data: Dataset, indices: torch.Tensor, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return data.x_train[indices].to(device), data.y_train[indices].to(device)
+
+
+def every(interval: int | None, step: int) -> bool:
+    return interval is not None and step % interval == 0
+
+
+def maybe_kill(fault: dict[str, Any], rank: int, step: int) -> None:
+    """Fault injection: SIGKILL this process once (``fault["marker"]`` remembers it happened).
+
+    ``fault["wait_s"]`` seconds pass first: Ray Train's controller takes in reported checkpoints
+    when it polls the workers (every 2 s by default), so a worker lost sooner after a checkpoint
+    restarts from the one before.
+    """
+    if not fault or fault.get("rank") != rank or fault.get("step") != step:
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    time.sleep(float(fault.get("wait_s", 0.0)))
+    marker.write_text(f"killed rank {rank} at step {step}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def step_report(
+    step: int,
+    times: StepTimes,
+    stats: dict[str, Any],
+    *,
+    compressor: str,
+    learning_rate: float,
+    samples: int,
+    epoch: int,
+    evaluation: tuple[float, float] | None,
+) -> dict[str, Any]:
+    """One ``StepReport`` (protos/gradwire/v1/telemetry.proto); byte counters are running totals."""
+    return {
+        "step": step,
+        "loss": times.loss,
+        "accuracy": None if evaluation is None else evaluation[1],
+        "compute_s": times.compute_s,
+        "compress_s": times.compress_s,
+        "communicate_s": times.communicate_s,
+        "wait_s": times.wait_s,
+        "bytes_sent": int(stats["bytes_sent"]),
+        "bytes_uncompressed": int(stats["bytes_uncompressed"]),
+        "stragglers": times.stragglers,
+        "compressor": compressor,
+        "samples": samples,
+        "learning_rate": float(learning_rate),
+        "epoch": epoch,
+    }
 
 
 def make_optimizer(spec: OptimizerSpec, params: Any) -> torch.optim.Optimizer:
@@ -137,47 +292,23 @@ def lr_factor(spec: OptimizerSpec, total_steps: int):
 
 
 @torch.no_grad()
-def test_accuracy(model: nn.Module, data: Dataset) -> float:
-    model.eval()
-    module = getattr(model, "module", model)  # evaluate without DDP's collectives
-    device = next(module.parameters()).device
-    predicted = module(data.x_test.to(device)).argmax(dim=1).cpu()
-    return float((predicted == data.y_test).float().mean())
-
-
-def progress(
-    step: int,
-    start_step: int,
-    loss: torch.Tensor,
-    started: float,
-    hook_state: Any,
-    model: nn.Module,
-    data: Dataset,
-    *,
-    evaluate: bool,
-) -> dict[str, Any]:
-    """This rank's metrics: the step, the last loss, wall time and the hook's byte ledger."""
-    stats = hook_state.stats()
-    metrics = {
-        "step": step,
-        "start_step": start_step,
-        "loss": float(loss.detach()),
-        "wall_seconds": time.perf_counter() - started,
-        **{key: stats[key] for key in LEDGER_KEYS},
-    }
-    if evaluate:
-        metrics["accuracy"] = test_accuracy(model, data)
-    return metrics
+def evaluate_model(module: nn.Module, data: Dataset, device: Any) -> tuple[float, float]:
+    """(loss, accuracy) on the test split, without DDP's collectives."""
+    module.eval()
+    logits = module(data.x_test.to(device))
+    targets = data.y_test.to(device)
+    loss = float(loss_fn(logits, targets))
+    accuracy = float((logits.argmax(dim=-1) == targets).float().mean())
+    return loss, accuracy
 
 
 def report(
     metrics: dict[str, Any],
     step: int,
     rank: int,
-    model: nn.Module,
+    train_step: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    hook_state: Any,
     *,
     save: bool,
 ) -> None:
@@ -189,9 +320,9 @@ def report(
         return
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)
-        torch.save(hook_state.state_dict(), out / f"compressor-rank{rank}.pt")
+        torch.save({"step": train_step.state_dict(), "rng": torch.get_rng_state()}, out / f"rank{rank}.pt")
         if rank == 0:
-            torch.save(getattr(model, "module", model).state_dict(), out / "model.pt")
+            torch.save(train_step.module.state_dict(), out / "model.pt")
             torch.save(
                 {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                 out / "optimizer.pt",
@@ -201,19 +332,17 @@ def report(
 
 
 def load_checkpoint(
-    folder: Path,
-    rank: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    hook_state: Any,
+    folder: Path, rank: int, train_step: Any, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> int:
     """Restore what :func:`report` saved; returns the step to continue from."""
-    getattr(model, "module", model).load_state_dict(torch.load(folder / "model.pt", map_location="cpu"))
+    train_step.module.load_state_dict(torch.load(folder / "model.pt", map_location="cpu"))
     saved = torch.load(folder / "optimizer.pt")
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    own = folder / f"compressor-rank{rank}.pt"
-    compressor_file = own if own.exists() else folder / "compressor-rank0.pt"  # world size changed
-    hook_state.load_state_dict(torch.load(compressor_file))
+    own = folder / f"rank{rank}.pt"
+    rank_file = own if own.exists() else folder / "rank0.pt"  # the world size changed
+    state = torch.load(rank_file)
+    train_step.load_state_dict(state["step"])
+    if own.exists():
+        torch.set_rng_state(state["rng"])
     return int(json.loads((folder / "progress.json").read_text())["step"])

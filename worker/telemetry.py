@@ -119,7 +119,8 @@ class TelemetryClient:
     exponential backoff from ``backoff_initial_s`` up to ``backoff_max_s``.
 
     ``close(timeout)`` sends what it can within ``timeout`` seconds; reports
-    still unsent then are added to ``dropped``.
+    still unsent then are added to ``dropped``. A sink that cannot be reached
+    once closing has begun is not retried: the job's end is not held up by it.
     """
 
     def __init__(
@@ -255,10 +256,10 @@ class TelemetryClient:
         return grpc.insecure_channel(self.address, options=options)
 
     def _sleep(self, seconds: float) -> None:
-        """Back off, waking early only to abort."""
+        """Back off, waking early to abort or to make one last attempt when closing."""
         deadline = time.monotonic() + seconds
         with self._cv:
-            while not self._abort:
+            while not self._abort and not self._closing:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return
@@ -286,6 +287,8 @@ class TelemetryClient:
                 channel.close()
                 with self._cv:
                     self._reconnects += 1
+                    if self._closing:  # the sink is down as the job ends: give up now, count the rest
+                        return
                 self._sleep(backoff)
                 backoff = min(backoff * 2, self.backoff_max_s)
                 continue
@@ -298,6 +301,8 @@ class TelemetryClient:
                 log.debug("telemetry stream to %s failed: %s", self.address, exc)
                 with self._cv:
                     self._reconnects += 1
+                    if self._closing:
+                        return
                 self._sleep(backoff)
                 backoff = min(backoff * 2, self.backoff_max_s)
             finally:

@@ -1,6 +1,6 @@
 """End to end: `gradwire train` on a real (loopback, 2-CPU) Ray with Ray Train's TorchTrainer.
 
-One Ray instance serves the module; the training test is a single ~40 s fit. The byte ledger is
+One Ray instance serves the session (conftest.py); the training test is a single ~40 s fit. The byte ledger is
 checked against PowerSGD's analytic payload (ALGORITHMS.md): per step, each compressed
 matrix a × b sends 4·min(r, a, b)·(a + b) bytes and every other tensor 4·numel; warm-up steps
 (``start_iter``) send everything plain.
@@ -26,18 +26,6 @@ pytestmark = [
 
 SPEC = Path(__file__).parents[2] / "examples" / "specs" / "digits-powersgd.yaml"
 STEPS = 60  # enough for > 0.9 test accuracy on digits with 2 workers
-CLUSTER_CPUS = 2
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    from gradwire.worker.launch import start_local_ray
-
-    start_local_ray(num_cpus=CLUSTER_CPUS)
-    yield
-    import ray
-
-    ray.shutdown()
 
 
 def invoke(*args: str):
@@ -95,7 +83,7 @@ def test_train_digits_powersgd_two_workers(local_ray, tmp_path):
     checkpoints = [p for p in (tmp_path / spec.name).glob("checkpoint_*") if p.is_dir()]
     assert checkpoints, "no checkpoint was written"
     saved = {p.name for p in max(checkpoints).iterdir()}
-    assert {"model.pt", "optimizer.pt", "compressor-rank0.pt", "compressor-rank1.pt"} <= saved
+    assert {"model.pt", "optimizer.pt", "rank0.pt", "rank1.pt", "progress.json"} <= saved
 
     # the same run again with a larger budget resumes from the last checkpoint (Ray Train
     # restores a run by name and storage); the restored ledger keeps counting

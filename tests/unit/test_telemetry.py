@@ -6,61 +6,19 @@ import dataclasses
 import importlib.util
 import json
 import math
-import socket
-import threading
 import time
-from concurrent import futures
 from pathlib import Path
 
 import pytest
 
 grpc = pytest.importorskip("grpc")
 
-from gradwire import telemetry_pb2 as pb  # noqa: E402
-from gradwire import telemetry_pb2_grpc as pb_grpc  # noqa: E402
 from gradwire.worker.telemetry import JsonlSink, TelemetryClient, make_telemetry, to_proto  # noqa: E402
+from tests.grpc_sink import free_port as _free_port  # noqa: E402
+from tests.grpc_sink import start_sink as _start_sink  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = {"flush_s": 0.05, "backoff_initial_s": 0.05, "backoff_max_s": 0.2, "connect_timeout_s": 0.2}
-
-
-class _Sink(pb_grpc.TelemetryServicer):
-    """Test sink: records every report in arrival order."""
-
-    def __init__(self) -> None:
-        self.reports: list[pb.StepReport] = []
-        self.streams = 0
-        self.lock = threading.Lock()
-
-    def StreamReports(self, request_iterator, context):
-        with self.lock:
-            self.streams += 1
-        n = 0
-        for batch in request_iterator:
-            with self.lock:
-                self.reports.extend(batch.reports)
-            n += len(batch.reports)
-        return pb.StreamSummary(received=n)
-
-    def by_rank(self, rank: int) -> list[pb.StepReport]:
-        with self.lock:
-            return [r for r in self.reports if r.rank == rank]
-
-
-def _start_sink(port: int = 0) -> tuple[grpc.Server, _Sink, int]:
-    sink = _Sink()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_TelemetryServicer_to_server(sink, server)
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
-    assert bound, f"could not bind 127.0.0.1:{port}"
-    server.start()
-    return server, sink, bound
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _step(i: int, **extra) -> dict:

@@ -1,0 +1,188 @@
+"""One training step's forward, backward and gradient reduction, in the two ways a job can run.
+
+* :class:`DdpStep` — the model wrapped in DDP with the gradwire comm hook: each rank computes
+  its own share's batch, the hook compresses and averages the gradients during backward.
+* :class:`CodedStep` — a gradient code (``stragglers: {code: fractional|cyclic}``): each rank
+  computes the partitions the code gives it, :class:`~gradwire.compressors.coding.CodedRound`
+  decodes the full gradient from the first ``n − s`` finishers, stragglers are left out.
+
+Both leave the averaged gradient in ``p.grad`` and return a :class:`StepTimes`; the caller
+runs the optimiser. Partition ``j``'s batch is the one rank ``j`` would use without a code, so
+a coded run and an uncoded run over the same data follow the same trajectory (up to float
+rounding: the decoded sum is exact in exact arithmetic).
+
+Non-finite gradients end the job, identically on every rank: the reducer detects them across
+ranks (``nonfinite`` in the compression config; ``"raise"`` raises, ``"propagate"`` counts
+them in ``nonfinite_steps``), and the coded path checks the decoded gradient, which every rank
+holds identically. :class:`NonFiniteStep` carries the reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: one partition's (inputs, targets)
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class NonFiniteStep(FloatingPointError):
+    """A step produced NaN or Inf gradients; training on would be training on garbage."""
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy; the class dimension is the last one (classifiers and language models)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+@dataclass
+class StepTimes:
+    """What one rank measured in one step (seconds; bytes are the ledger's running totals)."""
+
+    loss: float
+    compute_s: float = 0.0
+    compress_s: float = 0.0
+    communicate_s: float = 0.0
+    wait_s: float = 0.0
+    stragglers: list[int] = field(default_factory=list)
+
+
+class DdpStep:
+    """Forward and backward through DDP; the gradwire hook reduces the gradients inside backward."""
+
+    def __init__(self, model: nn.Module, compression: Any, prepare_model: Any) -> None:
+        from gradwire.compressors import make_hook
+
+        self.model = prepare_model(model)  # Ray Train wraps it in DDP (gloo on CPU, NCCL on GPU)
+        self.hook_state, hook = make_hook(compression.name, **compression.params())
+        self.model.register_comm_hook(self.hook_state, hook)
+        self.partitions = None  # this rank's own share only
+
+    @property
+    def module(self) -> nn.Module:
+        return getattr(self.model, "module", self.model)
+
+    def stats(self) -> dict[str, Any]:
+        return self.hook_state.stats()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"compressor": self.hook_state.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.hook_state.load_state_dict(state["compressor"])
+
+    def __call__(self, batches: Mapping[int, Batch], step: int) -> StepTimes:
+        from gradwire.compressors.reducer import NonFiniteGradientError
+
+        ((x, y),) = batches.values()
+        before = self.stats()
+        started = time.perf_counter()
+        self.model.train()
+        loss = loss_fn(self.model(x), y)
+        for p in self.module.parameters():
+            p.grad = None
+        try:
+            loss.backward()  # the hook compresses and averages the gradients here
+        except NonFiniteGradientError as err:  # nonfinite="raise": raised on every rank at once
+            message = f"step {step}: non-finite gradients ({err}); loss here {float(loss):.4g}"
+            raise NonFiniteStep(message) from err
+        elapsed = time.perf_counter() - started
+        after = self.stats()
+        if after["nonfinite_steps"] > before["nonfinite_steps"]:  # nonfinite="propagate": every rank sees it
+            message = f"step {step}: non-finite gradients on some rank; loss here {float(loss):.4g}"
+            raise NonFiniteStep(message)
+        compress = after["compress_seconds"] - before["compress_seconds"]
+        communicate = after["communicate_seconds"] - before["communicate_seconds"]
+        return StepTimes(
+            loss=float(loss.detach()),
+            compute_s=max(0.0, elapsed - compress - communicate),
+            compress_s=compress,
+            communicate_s=communicate,
+        )
+
+
+def straggler_model(injection: Any, n: int) -> Any:
+    """The injected straggler model of a spec's ``stragglers.inject`` section (None without one)."""
+    from gradwire.compressors.coding.stragglers import Bernoulli, Bursty
+
+    if injection is None or injection.model == "none":
+        return None
+    if injection.model == "bernoulli":
+        return Bernoulli(injection.p, slowdown=injection.slowdown, seed=injection.seed)
+    return Bursty(injection.B, injection.W, injection.lam, injection.seed, n=n, slowdown=injection.slowdown)
+
+
+class CodedStep:
+    """A gradient-coded step: this rank's coded message, decoded across the first n − s finishers."""
+
+    def __init__(self, model: nn.Module, spec: Any, rank: int, world_size: int, device: torch.device) -> None:
+        from gradwire.compressors import make_reducer
+        from gradwire.compressors.coding import CodedRound, coded_gradient
+        from gradwire.compressors.coding.constructions import cyclic_repetition, fractional_repetition
+
+        st = spec.stragglers
+        if st.code == "fractional":
+            self.code = fractional_repetition(world_size, st.s)
+        else:
+            self.code = cyclic_repetition(world_size, st.s, seed=spec.seed)
+        self.model = model.to(device)  # no DDP: the coded round does the reduction
+        self.module = self.model
+        self.world_size = world_size
+        self.reducer = make_reducer(spec.compression.name, **spec.compression.params())
+        self.round = CodedRound(
+            self.code,
+            self.reducer,
+            stragglers=straggler_model(spec.injection(), world_size),
+            prefix=f"gradwire/{spec.name}/coded",
+        )
+        self.partitions = self.code.partitions(rank)
+        self.weights = self.code.encode_weights(rank)
+        self._coded_gradient = coded_gradient
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.reducer.stats(), **self.round.stats()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"compressor": self.reducer.state_dict(), "coded": {"next_round": self.round.next_round}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reducer.load_state_dict(state["compressor"])
+        self.round.next_round = int(state["coded"]["next_round"])
+
+    def __call__(self, batches: Mapping[int, Batch], step: int) -> StepTimes:
+        self.model.train()
+        losses: list[torch.Tensor] = []
+
+        def recorded_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            loss = loss_fn(logits, targets)
+            losses.append(loss.detach())
+            return loss
+
+        def compute(cancel: Any) -> list[torch.Tensor]:
+            return self._coded_gradient(self.model, recorded_loss, batches, self.weights, cancel=cancel)
+
+        before = self.reducer.stats()
+        total, report = self.round.step(compute, like=self.params, round=step)
+        mean = [t / self.world_size for t in total]  # Σ_j g_j over n partitions → their mean
+        if not all(bool(torch.isfinite(g).all()) for g in mean):  # identical on every rank
+            raise NonFiniteStep(f"step {step}: the decoded gradient is not finite")
+        for p, g in zip(self.params, mean):
+            p.grad = g
+        after = self.reducer.stats()
+        compute_s = report.compute_s or 0.0
+        done = list(losses)  # an abandoned computation may have stopped part-way
+        return StepTimes(
+            loss=float(torch.stack(done).mean()) if done else float("nan"),
+            compute_s=compute_s,
+            compress_s=after["compress_seconds"] - before["compress_seconds"],
+            communicate_s=after["communicate_seconds"] - before["communicate_seconds"],
+            wait_s=max(0.0, report.waited_s - compute_s),
+            stragglers=list(report.stragglers),
+        )
