@@ -1,21 +1,27 @@
 """Datasets by name: the offline built-ins, users' files, and plugins.
 
 ``get_dataset("digits", seed=0)`` returns a :class:`Dataset` of train and test tensors
-(features float32 ``[N, F]``, labels int64 in ``[0, num_classes)``). Built-ins need no network:
+(classification: features float32 ``[N, F]``, labels int64 in ``[0, num_classes)``; language
+modelling: token ids int64 ``[N, T]`` and next tokens int64 ``[N, T]``). Built-ins need no network:
 
 * ``digits`` — scikit-learn's 8×8 handwritten digits (1797 × 64, 10 classes);
 * ``breast_cancer`` — scikit-learn's Wisconsin breast cancer set (569 × 30, 2 classes);
 * ``synthetic`` — seeded Gaussian blobs (:func:`synthetic`);
+* ``mnist1d`` — MNIST-1D signals (5000 × 40, 10 classes) from the optional ``mnist1d``
+  package's generator (:func:`mnist1d`; ``pip install 'gradwire[mnist1d]'``);
+* ``tiny_text`` — a seeded character-level corpus from a small grammar, for language models
+  (``gradwire.worker.text``);
 * ``npz``, ``csv``, ``parquet`` — a user's file (``gradwire.worker.file_datasets``).
 
-Every split is stratified and fixed by ``seed``; features are standardised with statistics
-of the training split only, so nothing of the test split leaks into training. Third-party
+Every classification split is stratified and fixed by ``seed``; features are standardised with
+statistics of the training split only, so nothing of the test split leaks into training. Third-party
 datasets plug in through the entry-point group ``gradwire.datasets``: a callable taking
 keyword parameters and returning a :class:`Dataset`.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -30,9 +36,18 @@ ENTRY_POINT_GROUP = "gradwire.datasets"
 Fraction01 = Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
+TASKS = ("classification", "language_model")
+
+
 @dataclass(frozen=True)
 class Dataset:
-    """A classification data set already split into train and test tensors."""
+    """A data set already split into train and test tensors.
+
+    ``task="classification"``: features float32 ``[N, F]`` and labels int64 ``[N]`` in
+    ``[0, num_classes)``. ``task="language_model"``: token ids int64 ``[N, T]`` as inputs and
+    the next tokens int64 ``[N, T]`` as targets, all in ``[0, num_classes)`` (the vocabulary
+    size); ``num_features`` is then the context length ``T``.
+    """
 
     name: str
     x_train: torch.Tensor
@@ -43,20 +58,36 @@ class Dataset:
     task: str = "classification"
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"{self.name}: unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
+        check = self._check_language_model if self.task == "language_model" else self._check_classification
         for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
-            if x.dtype != torch.float32 or y.dtype != torch.int64:
-                raise TypeError(f"{self.name}: {split} features must be float32 and labels int64")
-            if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
-                raise ValueError(f"{self.name}: {split} needs features [N, F] and labels [N]")
-            if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-                raise ValueError(f"{self.name}: {split} labels must lie in [0, {self.num_classes})")
+            check(split, x, y)
         if self.x_train.shape[1] != self.x_test.shape[1]:
             raise ValueError(f"{self.name}: train and test have different feature counts")
         if len(self.y_train) == 0:
             raise ValueError(f"{self.name}: the training split is empty")
 
+    def _check_classification(self, split: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        if x.dtype != torch.float32 or y.dtype != torch.int64:
+            raise TypeError(f"{self.name}: {split} features must be float32 and labels int64")
+        if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
+            raise ValueError(f"{self.name}: {split} needs features [N, F] and labels [N]")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ValueError(f"{self.name}: {split} labels must lie in [0, {self.num_classes})")
+
+    def _check_language_model(self, split: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        if x.dtype != torch.int64 or y.dtype != torch.int64:
+            raise TypeError(f"{self.name}: {split} inputs and targets of a language model must be int64")
+        if x.ndim != 2 or x.shape != y.shape:
+            raise ValueError(f"{self.name}: {split} needs inputs [N, T] and targets [N, T] of the same shape")
+        for tokens in (x, y):
+            if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.num_classes):
+                raise ValueError(f"{self.name}: {split} tokens must lie in [0, {self.num_classes})")
+
     @property
     def num_features(self) -> int:
+        """Features per example (classification) or the context length (language model)."""
         return int(self.x_train.shape[1])
 
 
@@ -195,6 +226,49 @@ def synthetic(
     )
 
 
+def _mnist1d_generator() -> tuple[Any, Any]:
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as err:  # an optional dependency (extras "mnist1d" and "dev")
+        raise ImportError(
+            f"the built-in dataset mnist1d needs the mnist1d package: pip install 'gradwire[mnist1d]' ({err})"
+        ) from err
+    return get_dataset_args, make_dataset
+
+
+def mnist1d(
+    *,
+    seed: int = 0,
+    num_samples: Annotated[int, Field(ge=20)] = 5000,
+    test_fraction: Fraction01 = 0.2,
+    standardize: bool = True,
+) -> Dataset:
+    """MNIST-1D (Greydanus, 2020): 1-D signals of 40 points made from 10 digit templates, 10 classes.
+
+    Generated by the ``mnist1d`` package's own generator with its default transformations
+    (padding, scaling, translation, correlated and iid noise, shear), never downloaded.
+    ``num_samples`` is rounded down to a multiple of 10 (the generator makes equally many of
+    each class); ``seed`` fixes both the signals and the split (``seed=42``, the package's
+    default, draws the same signals as the package's own data set).
+    """
+    get_dataset_args, make_dataset = _mnist1d_generator()
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.seed = seed
+    args.train_split = 1.0  # everything in "x"; the split is ours, stratified like the other built-ins
+    # the generator seeds and draws from numpy's and Python's global generators: leave them as they were
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        generated = make_dataset(args)
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+    x, y = np.asarray(generated["x"]), np.asarray(generated["y"])
+    return split_arrays(
+        "mnist1d", x, y, test_fraction=test_fraction, seed=seed, standardize=standardize, num_classes=10
+    )
+
+
 DATASETS = Registry(
     kind="dataset",
     group=ENTRY_POINT_GROUP,
@@ -202,6 +276,8 @@ DATASETS = Registry(
         "digits": digits,
         "breast_cancer": breast_cancer,
         "synthetic": synthetic,
+        "mnist1d": mnist1d,
+        "tiny_text": "gradwire.worker.text:tiny_text",
         "npz": "gradwire.worker.file_datasets:load_npz",
         "csv": "gradwire.worker.file_datasets:load_csv",
         "parquet": "gradwire.worker.file_datasets:load_parquet",

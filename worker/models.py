@@ -1,10 +1,14 @@
 """Models by name: ``build_model(name, num_features, num_classes, **params) -> nn.Module``.
 
-Every model maps features ``[B, num_features]`` to logits ``[B, num_classes]``. Built-ins:
+A classifier maps features ``[B, num_features]`` to logits ``[B, num_classes]``; a language
+model maps token ids ``[B, T]`` (``T = num_features``, the context length) to logits
+``[B, T, num_classes]`` (``num_classes``: the vocabulary size). Built-ins:
 
 * ``logistic`` — multinomial logistic regression (one linear layer);
 * ``mlp`` — ``hidden`` sizes (an int or a list), ``activation``, ``dropout``;
-* ``cnn`` — a small CNN for square single-channel images stored flat (8×8 digits: 64 → 1×8×8).
+* ``cnn`` — a small CNN for square single-channel images stored flat (8×8 digits: 64 → 1×8×8);
+* ``transformer_lm`` — a small causal transformer language model (``d_model``, ``layers``,
+  ``heads``, ``feedforward``, ``dropout``, ``tie_weights``), in ``gradwire.worker.transformer``.
 
 Third-party models plug in through the entry-point group ``gradwire.models``: a callable
 ``f(num_features, num_classes, **params)`` returning an ``nn.Module``. Its keyword parameters
@@ -101,7 +105,12 @@ def cnn(
 MODELS = Registry(
     kind="model",
     group=ENTRY_POINT_GROUP,
-    builtins={"logistic": logistic, "mlp": mlp, "cnn": cnn},
+    builtins={
+        "logistic": logistic,
+        "mlp": mlp,
+        "cnn": cnn,
+        "transformer_lm": "gradwire.worker.transformer:transformer_lm",
+    },
 )
 
 

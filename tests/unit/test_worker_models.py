@@ -113,4 +113,4 @@ def test_example_specs_build(path: Path) -> None:
     spec = JobSpec.from_file(path)
     data = get_dataset(spec.data.dataset, seed=spec.seed, **spec.data.params)
     model = build_model(spec.model.name, data.num_features, data.num_classes, **spec.model.params)
-    assert model(data.x_test[:3]).shape == (3, data.num_classes)
+    assert model(data.x_test[:3]).shape == (3, *data.y_test.shape[1:], data.num_classes)
