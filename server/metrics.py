@@ -1,0 +1,329 @@
+"""The coordinator's Prometheus metrics: the families the Grafana dashboards are built on.
+
+:class:`CoordinatorMetrics` owns a private :class:`prometheus_client.CollectorRegistry` (never the
+process-global one, so tests and several coordinators in one process do not collide) holding
+exactly the families of the metrics contract in ``ARCHITECTURE.md``::
+
+    gradwire_grad_bytes_uncompressed_total{job,compressor}   counter
+    gradwire_grad_bytes_sent_total{job,compressor}           counter
+    gradwire_step_seconds{job,phase}                         histogram (phase: compute, compress,
+                                                             communicate, wait)
+    gradwire_train_steps_total{job}                          counter
+    gradwire_train_loss{job}, gradwire_eval_accuracy{job}    gauges
+    gradwire_stragglers_total{job}                           counter
+    gradwire_straggler_wait_seconds_total{job}               counter
+    gradwire_jobs{state}                                     gauge
+    gradwire_job_transitions_total{from,to}                  counter
+    gradwire_worker_restarts_total{job}                      counter
+
+How step reports become series (:meth:`CoordinatorMetrics.observe_report`):
+
+* Bytes. A report's ``bytes_sent`` / ``bytes_uncompressed`` are the rank's *cumulative* ledger
+  counters, so the counters grow by the increase since the previous report of the same
+  ``(job, rank)``. Every rank puts its own bytes on the wire, so the job's counters are the sum
+  over ranks. The first report seen from a rank counts its whole value (the coordinator's counter
+  then equals the job's true total, restored checkpoint included). When a rank's counters go
+  backwards (a worker group restored from an older checkpoint) that report counts nothing and
+  becomes the new baseline, so a counter never decreases.
+* Steps, loss, accuracy, stragglers and straggler wait come from rank 0 only, so each optimizer
+  step and each coded round is counted once. ``gradwire_straggler_wait_seconds_total`` adds rank 0's
+  ``wait_s``: wall-clock time the job spent waiting for its slowest needed worker. A step re-run
+  after a restart is counted again, as the optimizer really stepped again.
+* ``gradwire_step_seconds`` observes every rank's report, one sample per phase.
+
+:meth:`~CoordinatorMetrics.render` leaves out the ``*_created`` series prometheus_client adds to
+counters and histograms, so a scrape holds only the contract's families.
+
+Reports are expected once each (the telemetry sink de-duplicates); a repeated report would count
+its step and timings twice, though never its bytes.
+
+Cardinality stays bounded: :meth:`~CoordinatorMetrics.forget_job` drops every series of a job, and
+jobs that ended more than ``retention_s`` ago are forgotten by :meth:`~CoordinatorMetrics.sweep`,
+which :meth:`~CoordinatorMetrics.render` runs before each scrape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from enum import Enum
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.metrics_core import Metric
+
+from gradwire import telemetry_pb2 as pb
+from gradwire.server.states import TERMINAL_STATES, JobState
+
+__all__ = ["PHASES", "STEP_SECONDS_BUCKETS", "CoordinatorMetrics"]
+
+#: Step phases of ``gradwire_step_seconds`` and the StepReport field each one is read from.
+PHASES: Mapping[str, str] = {
+    "compute": "compute_s",
+    "compress": "compress_s",
+    "communicate": "communicate_s",
+    "wait": "wait_s",
+}
+
+#: Bucket bounds in seconds: roughly 1-2.5-5 per decade from 1 ms to one minute.
+STEP_SECONDS_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+#: Label value used when a report names no compressor.
+UNKNOWN_COMPRESSOR = "unknown"
+
+
+def _state_name(state: Any) -> str:
+    return str(state.value) if isinstance(state, Enum) else str(state)
+
+
+def _finite_nonneg(value: float) -> float:
+    """A duration or byte increase that is safe to add to a counter (NaN and negatives count as 0)."""
+    return value if math.isfinite(value) and value > 0 else 0.0
+
+
+class _Report:
+    """The fields of one StepReport the metrics read, from a proto message or a dict."""
+
+    __slots__ = (
+        "accuracy", "bytes_sent", "bytes_uncompressed", "compressor", "job", "loss", "phases", "rank",
+        "stragglers",
+    )  # fmt: skip
+
+    def __init__(self, report: pb.StepReport | Mapping[str, Any]) -> None:
+        if isinstance(report, pb.StepReport):
+            get: Callable[[str], Any] = functools.partial(getattr, report)
+            self.accuracy = report.accuracy if report.HasField("accuracy") else None
+        elif isinstance(report, Mapping):
+            get = report.get
+            self.accuracy = report.get("accuracy")
+        else:
+            raise TypeError(f"a report must be a StepReport or a mapping, not {type(report).__name__}")
+        self.job = str(get("job_id") or "")
+        if not self.job:
+            raise ValueError("a step report needs a non-empty job_id")
+        self.rank = int(get("rank") or 0)
+        self.compressor = str(get("compressor") or "") or UNKNOWN_COMPRESSOR
+        self.loss = get("loss")
+        self.bytes_sent = int(get("bytes_sent") or 0)
+        self.bytes_uncompressed = int(get("bytes_uncompressed") or 0)
+        self.stragglers = len(get("stragglers") or ())
+        # a phase missing from a dict is not observed; a proto always carries all four
+        self.phases = {phase: get(field) for phase, field in PHASES.items()}
+
+
+class _WithoutCreated:
+    """A view of a registry for exposition that drops the ``*_created`` timestamp samples."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._registry.collect():
+            kept = Metric(family.name, family.documentation, family.type, family.unit)
+            kept.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield kept
+
+
+class CoordinatorMetrics:
+    """The metrics-contract families in a private registry, fed from step reports and job events.
+
+    Thread-safe: the telemetry sink calls :meth:`observe_report` from gRPC threads while the job
+    store records transitions and Prometheus scrapes :meth:`render`.
+
+    ``retention_s`` is how long a finished job's series stay visible (so the last scrape after
+    it ended still sees its final values); ``clock`` (monotonic seconds) is injectable for tests.
+    """
+
+    def __init__(self, *, retention_s: float = 900.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if retention_s < 0:
+            raise ValueError("retention_s must be >= 0")
+        self.retention_s = float(retention_s)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._baselines: dict[tuple[str, int], tuple[int, int]] = {}  # (job, rank) -> (sent, uncompressed)
+        self._compressors: dict[str, set[str]] = {}  # job -> compressor labels it has used
+        self._jobs: set[str] = set()  # jobs that have series
+        self._ended: dict[str, float] = {}  # job -> clock() when it reached a terminal state
+        self._states: set[str] = {s.value for s in JobState}
+
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.bytes_uncompressed = Counter(
+            "gradwire_grad_bytes_uncompressed", "Bytes a plain all-reduce of the gradients would have sent.",
+            ["job", "compressor"], registry=r,
+        )  # fmt: skip
+        self.bytes_sent = Counter(
+            "gradwire_grad_bytes_sent", "Gradient bytes the workers actually put on the wire.",
+            ["job", "compressor"], registry=r,
+        )  # fmt: skip
+        self.step_seconds = Histogram(
+            "gradwire_step_seconds", "Seconds per training step and phase, one sample per rank and step.",
+            ["job", "phase"], buckets=STEP_SECONDS_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.train_steps = Counter("gradwire_train_steps", "Optimizer steps taken.", ["job"], registry=r)
+        self.train_loss = Gauge("gradwire_train_loss", "Latest training loss (rank 0).", ["job"], registry=r)
+        self.eval_accuracy = Gauge(
+            "gradwire_eval_accuracy", "Latest accuracy reported by rank 0, in [0, 1].", ["job"], registry=r
+        )
+        self.stragglers = Counter(
+            "gradwire_stragglers", "Workers left out of a coded gradient round.", ["job"], registry=r
+        )
+        self.straggler_wait = Counter(
+            "gradwire_straggler_wait_seconds", "Seconds spent waiting for the slowest needed worker.",
+            ["job"], registry=r,
+        )  # fmt: skip
+        self.jobs = Gauge("gradwire_jobs", "Jobs per state.", ["state"], registry=r)
+        self.transitions = Counter(
+            "gradwire_job_transitions", "Job state machine transitions.", ["from", "to"], registry=r
+        )
+        self.worker_restarts = Counter(
+            "gradwire_worker_restarts", "Worker-group restarts.", ["job"], registry=r
+        )
+        for state in sorted(self._states):
+            self.jobs.labels(state).set(0)
+
+    # ---------------------------------------------------------------- step reports
+
+    def observe_report(self, report: pb.StepReport | Mapping[str, Any]) -> None:
+        """Fold one step report (a ``StepReport`` or a dict of its field names) into the metrics."""
+        rep = _Report(report)
+        job = rep.job
+        with self._lock:
+            self._jobs.add(job)
+            self._compressors.setdefault(job, set()).add(rep.compressor)
+            key = (job, rep.rank)
+            prev = self._baselines.get(key, (0, 0))
+            self._baselines[key] = (rep.bytes_sent, rep.bytes_uncompressed)
+        sent, uncompressed = rep.bytes_sent - prev[0], rep.bytes_uncompressed - prev[1]
+        if sent >= 0 and uncompressed >= 0:
+            self.bytes_sent.labels(job, rep.compressor).inc(sent)
+            self.bytes_uncompressed.labels(job, rep.compressor).inc(uncompressed)
+        # else: a restore from an older checkpoint; the new values are the baseline from now on
+
+        for phase, seconds in rep.phases.items():
+            if seconds is not None and math.isfinite(seconds):
+                self.step_seconds.labels(job, phase).observe(max(0.0, float(seconds)))
+
+        if rep.rank != 0:
+            return
+        self.train_steps.labels(job).inc()
+        if rep.loss is not None:
+            self.train_loss.labels(job).set(float(rep.loss))
+        if rep.accuracy is not None:
+            self.eval_accuracy.labels(job).set(float(rep.accuracy))
+        self.stragglers.labels(job).inc(rep.stragglers)
+        wait = rep.phases["wait"]
+        self.straggler_wait.labels(job).inc(_finite_nonneg(float(wait or 0.0)))
+
+    def observe_reports(self, reports: Iterable[pb.StepReport | Mapping[str, Any]]) -> None:
+        """:meth:`observe_report` for each report, in order (fits ``TelemetrySink(on_reports=...)``)."""
+        for report in reports:
+            self.observe_report(report)
+
+    # ---------------------------------------------------------------- job lifecycle
+
+    def observe_transition(self, from_state: Any, to_state: Any, *, job: str | None = None) -> None:
+        """Count one state-machine move; states may be :class:`JobState` members or their names.
+
+        ``from_state=None`` (a job being created, as job-store listeners report a submission)
+        counts no transition. With ``job`` given, entering ``RESTARTING`` also counts a worker
+        restart of that job and entering a terminal state starts its retention period (see
+        :meth:`job_ended`).
+        """
+        if from_state is None:
+            return
+        src, dst = _state_name(from_state), _state_name(to_state)
+        self.transitions.labels(src, dst).inc()
+        if job is None:
+            return
+        if dst == JobState.RESTARTING.value:
+            self.worker_restarted(job)
+        elif dst in {s.value for s in TERMINAL_STATES}:
+            self.job_ended(job)
+
+    def set_job_counts(self, counts: Mapping[Any, int]) -> None:
+        """Set ``gradwire_jobs`` from a full ``state -> number of jobs`` count; absent states become 0."""
+        named = {_state_name(state): int(n) for state, n in counts.items()}
+        with self._lock:
+            self._states.update(named)
+            states = sorted(self._states)
+        for state in states:
+            self.jobs.labels(state).set(named.get(state, 0))
+
+    def worker_restarted(self, job: str) -> None:
+        """Count one worker-group restart of ``job``.
+
+        :meth:`observe_transition` already calls this for a move into ``RESTARTING`` reported
+        with ``job=``; call it directly only for restarts learnt some other way.
+        """
+        with self._lock:
+            self._jobs.add(job)
+        self.worker_restarts.labels(job).inc()
+
+    def job_ended(self, job: str, at: float | None = None) -> None:
+        """Mark ``job`` finished at ``at`` (default: now); :meth:`sweep` forgets it ``retention_s`` later."""
+        with self._lock:
+            self._ended[job] = self._clock() if at is None else float(at)
+
+    # ---------------------------------------------------------------- cardinality
+
+    def forget_job(self, job: str) -> None:
+        """Remove every series labelled with ``job`` from every family, and its byte baselines."""
+        with self._lock:
+            compressors = self._compressors.pop(job, set())
+            self._jobs.discard(job)
+            self._ended.pop(job, None)
+            for key in [k for k in self._baselines if k[0] == job]:
+                del self._baselines[key]
+        for family in (self.bytes_sent, self.bytes_uncompressed):
+            for compressor in compressors:
+                self._remove(family, job, compressor)
+        for phase in PHASES:
+            self._remove(self.step_seconds, job, phase)
+        for family in (
+            self.train_steps, self.train_loss, self.eval_accuracy, self.stragglers, self.straggler_wait,
+            self.worker_restarts,
+        ):  # fmt: skip
+            self._remove(family, job)
+
+    @staticmethod
+    def _remove(family: Counter | Gauge | Histogram, *labels: str) -> None:
+        with contextlib.suppress(KeyError):  # that series was never created
+            family.remove(*labels)
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Forget the jobs that ended more than ``retention_s`` before ``now``; returns their ids."""
+        now = self._clock() if now is None else float(now)
+        with self._lock:
+            expired = sorted(job for job, ended in self._ended.items() if now - ended > self.retention_s)
+        for job in expired:
+            self.forget_job(job)
+        return expired
+
+    @property
+    def known_jobs(self) -> frozenset[str]:
+        """Jobs that currently have series."""
+        with self._lock:
+            return frozenset(self._jobs)
+
+    # ---------------------------------------------------------------- exposition
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type, after a :meth:`sweep`.
+
+        For FastAPI: ``body, ctype = metrics.render(); return Response(body, media_type=ctype)``.
+        """
+        self.sweep()
+        return generate_latest(_WithoutCreated(self.registry)), CONTENT_TYPE_LATEST

@@ -1,0 +1,275 @@
+"""The coordinator's gRPC telemetry sink: ``gradwire.v1.Telemetry/StreamReports``.
+
+Each worker rank streams ``ReportBatch`` messages (see ``protos/gradwire/v1/telemetry.proto`` and
+the client in ``worker/telemetry.py``); the sink validates the reports, drops duplicates, hands each
+batch's new reports to one callback, and answers with a ``StreamSummary`` when the worker closes
+its stream.
+
+Duplicates. The worker client is at-least-once: after a broken stream it re-sends, in the same
+order, reports the sink may already have seen. The sink therefore remembers, per ``(job_id, rank)``,
+the last report it accepted (its ``step`` and ``wall_time``; O(1) memory per rank, however long the
+job) and accepts a report only when it comes later in that rank's sequence:
+
+* a higher ``step`` than the last accepted one: new;
+* the same or a lower ``step`` with a *later* ``wall_time``: a step run again after the worker
+  group was restored from an older checkpoint: new, so the metrics see the restart;
+* otherwise (same or lower step, no later wall time): a re-sent report: counted in ``duplicates``.
+
+This relies on a rank sending its reports in order, which the client guarantees; a report with no
+``wall_time`` is judged by ``step`` alone. :meth:`TelemetrySink.forget_job` drops a job's entries.
+
+Callback. ``on_reports(list[StepReport])`` is called with each batch's new reports, in arrival order,
+never concurrently (calls are serialised, so the callback needs no locking of its own). If it
+raises, the error is logged, counted in ``callback_errors`` and the stream goes on: telemetry must
+not stall a worker, and re-sending would not help since those reports are already marked as seen.
+Such reports are not counted as received, so the worker's client logs the shortfall.
+
+Security. The sink binds 127.0.0.1 unless ``allow_remote=True``; it has no authentication of its
+own, so reaching it from other hosts needs a trusted network (as a Ray cluster's is).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import grpc
+
+from gradwire import telemetry_pb2 as pb
+from gradwire import telemetry_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MAX_JOB_ID_CHARS", "MAX_RANK", "TelemetrySink", "is_loopback", "validate_report"]
+
+#: Longest job id accepted (it becomes a Prometheus label value and a dictionary key).
+MAX_JOB_ID_CHARS = 256
+#: Ranks must lie in ``[0, MAX_RANK)``.
+MAX_RANK = 1 << 16
+_DURATIONS = ("compute_s", "compress_s", "communicate_s", "wait_s")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only: ``localhost``, 127.0.0.0/8 or ``::1``."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def validate_report(report: pb.StepReport) -> str | None:
+    """Why ``report`` cannot be accepted, or ``None`` when it is fine."""
+    if not report.job_id:
+        return "empty job_id"
+    if len(report.job_id) > MAX_JOB_ID_CHARS:
+        return f"job_id longer than {MAX_JOB_ID_CHARS} characters"
+    if not 0 <= report.rank < MAX_RANK:
+        return f"rank {report.rank} outside [0, {MAX_RANK})"
+    for name in _DURATIONS:
+        seconds = getattr(report, name)
+        if not (math.isfinite(seconds) and seconds >= 0):
+            return f"{name}={seconds} is not a finite, non-negative duration"
+    return None
+
+
+class _Servicer(pb_grpc.TelemetryServicer):
+    def __init__(self, sink: TelemetrySink) -> None:
+        self._sink = sink
+
+    def StreamReports(self, request_iterator: Iterator[pb.ReportBatch], context: grpc.ServicerContext):
+        return self._sink._serve_stream(request_iterator, context)
+
+
+class TelemetrySink:
+    """gRPC server for worker telemetry; see the module docstring for its guarantees.
+
+    ``max_workers`` bounds the streams served at once (each open stream holds one server thread;
+    a job holds one stream per rank); further calls are refused with ``RESOURCE_EXHAUSTED`` and
+    the worker clients retry with backoff. ``max_receive_message_length`` caps one ``ReportBatch``
+    in bytes. ``accept_job(job_id) -> bool``, when given, is asked once per job and stream; a report
+    for a job it refuses aborts the stream with ``NOT_FOUND``.
+    """
+
+    def __init__(
+        self,
+        on_reports: Callable[[list[pb.StepReport]], None],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_workers: int = 64,
+        max_receive_message_length: int = 4 * 1024 * 1024,
+        allow_remote: bool = False,
+        accept_job: Callable[[str], bool] | None = None,
+    ) -> None:
+        if not allow_remote and not is_loopback(host):
+            raise ValueError(
+                f"refusing to serve telemetry on non-loopback host {host!r}: the sink has no "
+                "authentication; pass allow_remote=True to expose it on a trusted network"
+            )
+        if max_workers < 1 or max_receive_message_length < 1:
+            raise ValueError("max_workers and max_receive_message_length must be >= 1")
+        self.on_reports = on_reports
+        self.host = host
+        self.port = int(port)
+        self.max_workers = int(max_workers)
+        self.max_receive_message_length = int(max_receive_message_length)
+        self.accept_job = accept_job
+        self._lock = threading.Lock()  # counters and de-duplication state
+        self._deliver = threading.Lock()  # serialises on_reports
+        self._last: dict[tuple[str, int], tuple[int, int]] = {}  # (job, rank) -> (step, wall_time ns)
+        self._received = 0
+        self._duplicates = 0
+        self._rejected = 0
+        self._callback_errors = 0
+        self._server: grpc.Server | None = None
+        self._bound: int | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> int:
+        """Start serving; returns the bound port (the chosen one when ``port=0``)."""
+        if self._server is not None:
+            raise RuntimeError("the telemetry sink is already started")
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="gradwire-sink"),
+            maximum_concurrent_rpcs=self.max_workers,
+            options=[
+                ("grpc.max_receive_message_length", self.max_receive_message_length),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_TelemetryServicer_to_server(_Servicer(self), server)
+        target = f"{_bracket(self.host)}:{self.port}"
+        try:
+            bound = server.add_insecure_port(target)
+        except RuntimeError as exc:  # newer grpcio raises instead of returning 0
+            raise OSError(f"telemetry sink could not bind {target}: {exc}") from exc
+        if not bound:
+            raise OSError(f"telemetry sink could not bind {target}")
+        server.start()
+        self._server, self._bound = server, bound
+        log.info("telemetry sink listening on %s", self.address)
+        return bound
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        """Stop serving; open streams get ``grace`` seconds to finish. Safe to call twice."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop(grace).wait()
+
+    def __enter__(self) -> TelemetrySink:
+        if self._server is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def address(self) -> str:
+        """``host:port`` for ``TelemetryClient`` (valid once started)."""
+        if self._bound is None:
+            raise RuntimeError("the telemetry sink is not started")
+        return f"{_bracket(self.host)}:{self._bound}"
+
+    # ---------------------------------------------------------------- counters
+
+    @property
+    def received(self) -> int:
+        """Reports accepted and handed to ``on_reports`` without error."""
+        with self._lock:
+            return self._received
+
+    @property
+    def duplicates(self) -> int:
+        """Re-sent reports dropped by de-duplication."""
+        with self._lock:
+            return self._duplicates
+
+    @property
+    def rejected(self) -> int:
+        """Invalid reports, and reports for jobs ``accept_job`` refused."""
+        with self._lock:
+            return self._rejected
+
+    @property
+    def callback_errors(self) -> int:
+        """Batches whose ``on_reports`` call raised."""
+        with self._lock:
+            return self._callback_errors
+
+    def forget_job(self, job_id: str) -> None:
+        """Drop the de-duplication state of a finished job."""
+        with self._lock:
+            for key in [k for k in self._last if k[0] == job_id]:
+                del self._last[key]
+
+    # ---------------------------------------------------------------- serving
+
+    def _is_new(self, report: pb.StepReport) -> bool:
+        # caller holds self._lock
+        key = (report.job_id, report.rank)
+        step = report.step
+        wall = report.wall_time.ToNanoseconds() if report.HasField("wall_time") else 0
+        last = self._last.get(key)
+        if last is not None and step <= last[0] and wall <= last[1]:
+            return False
+        self._last[key] = (step, wall)
+        return True
+
+    def _serve_stream(self, batches: Iterator[pb.ReportBatch], context: grpc.ServicerContext):
+        accepted = 0
+        verdicts: dict[str, bool] = {}  # accept_job answers for this stream
+        for batch in batches:
+            valid: list[pb.StepReport] = []
+            refused = None
+            for report in batch.reports:
+                reason = validate_report(report)
+                if reason is None and self.accept_job is not None:
+                    if report.job_id not in verdicts:
+                        verdicts[report.job_id] = bool(self.accept_job(report.job_id))
+                    if not verdicts[report.job_id]:
+                        reason = refused = f"unknown job {report.job_id!r}"
+                if reason is not None:
+                    log.debug("rejected telemetry report (%s) from %s", reason, context.peer())
+                    with self._lock:
+                        self._rejected += 1
+                    continue
+                valid.append(report)
+            accepted += self._deliver_new(valid)
+            if refused is not None:
+                context.abort(grpc.StatusCode.NOT_FOUND, refused)
+        return pb.StreamSummary(received=accepted)
+
+    def _deliver_new(self, reports: list[pb.StepReport]) -> int:
+        """De-duplicate and hand the new reports to ``on_reports``; returns how many were delivered."""
+        if not reports:
+            return 0
+        with self._deliver:
+            with self._lock:
+                fresh = [r for r in reports if self._is_new(r)]
+                self._duplicates += len(reports) - len(fresh)
+            if not fresh:
+                return 0
+            try:
+                self.on_reports(fresh)
+            except Exception:
+                log.exception("telemetry callback failed on %d report(s); they are dropped", len(fresh))
+                with self._lock:
+                    self._callback_errors += 1
+                return 0
+        with self._lock:
+            self._received += len(fresh)
+        return len(fresh)
+
+
+def _bracket(host: str) -> str:
+    """IPv6 literals need brackets in a ``host:port`` target."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
