@@ -49,6 +49,8 @@ class Compressor(ABC):
     #: whether the received buffers reveal a NaN/Inf in any rank's input (then the
     #: reducer needs no separate flag; otherwise it adds one element to its all-reduce)
     reveals_nonfinite: ClassVar[bool] = False
+    #: sends tensors unchanged (``none``): without feedback every tensor joins the plain all-reduce
+    identity: ClassVar[bool] = False
 
     def setup(self, rank: int, world_size: int) -> None:
         """Called once by the reducer with this rank's place in the group."""

@@ -15,7 +15,7 @@ for all-gather compressors: Top-k only saves traffic when k < d/n).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 def ring_all_reduce_bytes(nbytes: int, world_size: int) -> float:
@@ -52,7 +52,8 @@ class ByteLedger:
         self.wire_bytes_uncompressed += ring_all_reduce_bytes(nbytes, world_size)
 
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        # read on every training step: a shallow copy, not dataclasses.asdict's deep one
+        return dict(vars(self))
 
     def load(self, values: dict[str, float]) -> None:
         for key, value in values.items():

@@ -123,6 +123,8 @@ class Reducer:
 
     def _partition(self, tensors: list[torch.Tensor], keys: list[int]) -> tuple[list[int], list[int]]:
         """Indices to compress and indices to send plain this step."""
+        if self.compressor.identity and self.feedback.name == "none":
+            return [], list(range(len(tensors)))  # nothing to encode: one plain all-reduce for all
         warm = self.step < self.config.start_iter
         compress = [
             i for i, t in enumerate(tensors)

@@ -36,7 +36,7 @@ from gradwire.worker.datasets import DATASETS, Dataset, get_dataset
 from gradwire.worker.models import build_model
 from gradwire.worker.partition import partition_indices
 from gradwire.worker.sampler import PartitionSampler
-from gradwire.worker.steps import CodedStep, DdpStep, NonFiniteStep, StepTimes, loss_fn
+from gradwire.worker.steps import CodedStep, DdpStep, NonFiniteStep, StepTimes, loss_fn, straggler_model
 from gradwire.worker.telemetry import make_telemetry
 
 LEDGER_KEYS = ("bytes_sent", "bytes_uncompressed", "compress_seconds", "communicate_seconds")
@@ -76,7 +76,10 @@ def train_loop(config: dict[str, Any]) -> None:
     if coded:
         train_step: DdpStep | CodedStep = CodedStep(model, spec, rank, world_size, device)
     else:
-        train_step = DdpStep(model, spec.compression, ray.train.torch.prepare_model)
+        injected = straggler_model(spec.injection(), world_size)  # code 'none': everyone waits
+        train_step = DdpStep(
+            model, spec.compression, ray.train.torch.prepare_model, rank=rank, stragglers=injected
+        )
     partitions = train_step.partitions or [rank]
     optimizer = make_optimizer(spec.optimizer, train_step.module.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec.optimizer, total_steps))

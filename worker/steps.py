@@ -56,13 +56,25 @@ class StepTimes:
 class DdpStep:
     """Forward and backward through DDP; the gradwire hook reduces the gradients inside backward."""
 
-    def __init__(self, model: nn.Module, compression: Any, prepare_model: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        compression: Any,
+        prepare_model: Any,
+        *,
+        rank: int = 0,
+        stragglers: Any = None,
+    ) -> None:
         from gradwire.compressors import make_hook
 
         self.model = prepare_model(model)  # Ray Train wraps it in DDP (gloo on CPU, NCCL on GPU)
         self.hook_state, hook = make_hook(compression.name, **compression.params())
         self.model.register_comm_hook(self.hook_state, hook)
         self.partitions = None  # this rank's own share only
+        # injected stragglers without a code (``stragglers: {code: none, inject: ...}``): a flagged
+        # rank computes ``slowdown`` times longer, and every other rank waits for it in the all-reduce
+        self.rank, self.stragglers = rank, stragglers
+        self._last_compute_s: float | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -87,6 +99,7 @@ class DdpStep:
         loss = loss_fn(self.model(x), y)
         for p in self.module.parameters():
             p.grad = None
+        self._straggle(step, time.perf_counter() - started)
         try:
             loss.backward()  # the hook compresses and averages the gradients here
         except NonFiniteGradientError as err:  # nonfinite="raise": raised on every rank at once
@@ -99,12 +112,26 @@ class DdpStep:
             raise NonFiniteStep(message)
         compress = after["compress_seconds"] - before["compress_seconds"]
         communicate = after["communicate_seconds"] - before["communicate_seconds"]
+        compute = max(0.0, elapsed - compress - communicate)
+        self._last_compute_s = compute
         return StepTimes(
             loss=float(loss.detach()),
-            compute_s=max(0.0, elapsed - compress - communicate),
+            compute_s=compute,
             compress_s=compress,
             communicate_s=communicate,
         )
+
+    def _straggle(self, step: int, forward_s: float) -> None:
+        """Sleep out an injected slowdown before backward (whose all-reduce the others wait in)."""
+        if self.stragglers is None:
+            return
+        from gradwire.compressors.coding.stragglers import injected_delay
+
+        slowdown = self.stragglers.slowdown_for(step, self.rank)
+        if slowdown > 1.0:
+            # the step's compute time: the last step's, or 3× the forward (backward ≈ 2× forward)
+            compute = self._last_compute_s if self._last_compute_s is not None else 3 * forward_s
+            time.sleep(injected_delay(slowdown, compute))
 
 
 def straggler_model(injection: Any, n: int) -> Any:

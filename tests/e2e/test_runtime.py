@@ -8,7 +8,7 @@ Each ``run_job`` is one Ray Train fit (~20 s here), so the claims share fits:
   (PowerSGD with error feedback: residuals and warm-start Q); its telemetry address has no sink,
   so it also shows that training runs on and counts what it could not send;
 * a cyclic-repetition coded run with injected stragglers and the uncoded run of the same data
-  reach the same loss;
+  (which waits for the same injected stragglers) reach the same loss;
 * a learning rate of 10⁶ makes the gradients NaN within a few steps: the job stops with a reason.
 """
 
@@ -131,7 +131,11 @@ def test_cyclic_code_with_stragglers_matches_uncoded(local_ray, tmp_path):
         [*common, f"checkpoint.storage={tmp_path / 'coded'}", "stragglers.inject.slowdown=20"]
     )
     assert coded_spec.stragglers.code == "cyclic" and coded_spec.stragglers.s == 1
-    plain_spec = base.with_overrides([*common, f"checkpoint.storage={tmp_path / 'plain'}", "stragglers=null"])
+    # the uncoded baseline keeps the injected stragglers and waits for them (code 'none')
+    plain_spec = base.with_overrides(
+        [*common, f"checkpoint.storage={tmp_path / 'plain'}", "stragglers.code=none", "stragglers.s=0"]
+    )
+    assert plain_spec.injection() == coded_spec.injection()
 
     coded = run_job(coded_spec)
     plain = run_job(plain_spec)
