@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gradwire.cli_service import register as register_service_commands
 from gradwire.console import TelemetryProgress, summary
 
 app = typer.Typer(help="gradwire: data-parallel training on slow networks.", no_args_is_help=True)
@@ -97,6 +98,9 @@ def train(
     if metrics.get("stopped"):
         typer.echo(f"{spec.name}: stopped: {metrics['stopped']}", err=True)
         raise typer.Exit(1)
+
+
+register_service_commands(app)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""One loopback Ray (2 CPUs) for every end-to-end test of the session."""
+"""One loopback Ray (2 CPUs, dashboard on 127.0.0.1 for the Jobs API) for every end-to-end test."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ CLUSTER_CPUS = 2
 def local_ray():
     if importlib.util.find_spec("ray") is None:
         pytest.skip("needs the 'ray' extra")
-    # ray is imported only by gradwire.worker.launch, after it set the loopback environment
-    from gradwire.worker.launch import start_local_ray
+    # RayCluster sets the loopback environment before it imports ray and starts the dashboard
+    # (the Jobs API the coordinator's scheduler needs); run_job() reuses this Ray as it is
+    from gradwire.server.ray_cluster import RayCluster
 
-    start_local_ray(num_cpus=CLUSTER_CPUS)
-    yield
-    import ray
-
-    ray.shutdown()
+    cluster = RayCluster(num_cpus=CLUSTER_CPUS).start()
+    yield cluster
+    cluster.shutdown()

@@ -1,0 +1,636 @@
+"""The coordinator's scheduler: admits queued jobs onto Ray, launches them, and follows them.
+
+One background thread polls (every ``poll_s``, or at once after :meth:`Scheduler.wake`):
+
+1. **Follow.** Every launched job (STARTING, RUNNING, RESTARTING) is looked up in Ray's Jobs API
+   by its submission id and its stored state follows Ray's status::
+
+       Ray PENDING    → stays STARTING
+       Ray RUNNING    → RUNNING
+       Ray SUCCEEDED  → SUCCEEDED (through RUNNING if the job ended between two polls)
+       Ray FAILED     → FAILED, the reason quoting the tail of the job's log
+       Ray STOPPED    → CANCELLED (stopped from outside gradwire)
+       unknown to Ray → FAILED ("lost: ...")
+
+2. **Admit.** Queued jobs are taken in the store's order (priority, then submission; strictly:
+   a job that does not fit now blocks those behind it). A job is admitted only when the
+   cluster's *available* CPUs and GPUs cover ``workers.count × cpus_per_worker`` (and GPUs)
+   after subtracting what this scheduler already launched but Ray has not placed yet, and when
+   the demands of all its launched jobs together stay within the cluster's *total*. A job that
+   asks for more than the total can never run and is failed at once, with the reason.
+
+3. **Launch.** The state is written first, then acted on: QUEUED → STARTING, with the Ray
+   submission id ``gradwire-<job id>`` stored, *then* ``JobSubmissionClient.submit_job``. The
+   entrypoint is ``<python> -m gradwire.cli train <spec file> --job-id <id> --telemetry <addr>
+   --no-progress``.
+
+The spec reaches the driver as a JSON file under ``spec_dir``: the coordinator and an embedded
+(or any single-machine) Ray share the filesystem, and the driver runs in the coordinator's
+working directory there. A remote cluster needs ``spec_dir`` on a filesystem both sides mount,
+or a change that passes the spec in the job's environment (``GRADWIRE_SPEC_JSON``), which
+``gradwire train`` would then have to read.
+
+Cancel writes CANCELLED before it stops the Ray job; whatever Ray reports afterwards for a
+cancelled job is ignored, and a stop that did not get through is retried every poll until Ray
+reports the job ended. Start-up :meth:`Scheduler.reconcile` applies the follow rules once to
+every non-terminal job (queued ones stay queued).
+
+Restarts come from telemetry: a rank reporting a step at or below one it reported before (the
+sink has already dropped re-sent reports) means Ray Train restored the worker group from a
+checkpoint; the job goes RUNNING → RESTARTING → RUNNING and
+``CoordinatorMetrics.worker_restarted`` counts it once per restart, however many ranks show it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shlex
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradwire import telemetry_pb2 as pb
+from gradwire.server.control import ClusterUnavailable
+from gradwire.server.metrics import CoordinatorMetrics
+from gradwire.server.ray_cluster import RayCluster, RayUnavailable, is_not_found
+from gradwire.server.states import TERMINAL_STATES, IllegalTransition, JobState
+from gradwire.server.store import JobNotFound, JobRecord, JobStore, StateConflict
+from gradwire.spec import JobSpec, SpecError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Demand", "RestartTracker", "Scheduler", "failure_reason", "submission_id"]
+
+SUBMISSION_PREFIX = "gradwire-"
+CANCELLED_BY_USER = "cancelled by user"
+LAUNCHED = (JobState.STARTING, JobState.RUNNING, JobState.RESTARTING)
+_EPS = 1e-9
+
+
+def submission_id(job_id: str) -> str:
+    """The Ray Jobs submission id of a gradwire job: derived from its id, so it is known (and
+    stored) before the job is submitted, and a restarted coordinator can ask Ray about it."""
+    return SUBMISSION_PREFIX + job_id
+
+
+# --- what a job needs -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Demand:
+    """The Ray resources a job's worker group takes."""
+
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+
+    @classmethod
+    def of(cls, spec: Mapping[str, Any]) -> Demand:
+        """From a stored spec (validated again; raises :class:`SpecError`)."""
+        w = JobSpec.from_dict(spec).workers
+        return cls(w.count, w.cpus_per_worker, w.gpus_per_worker)
+
+    @property
+    def cpus(self) -> float:
+        return self.workers * self.cpus_per_worker
+
+    @property
+    def gpus(self) -> float:
+        return self.workers * self.gpus_per_worker
+
+    def beyond(self, total: Mapping[str, float]) -> str | None:
+        """Why the job can never run on a cluster of this ``total`` size, or ``None``."""
+        for kind, need, per, name in (
+            ("CPU", self.cpus, self.cpus_per_worker, "cpus_per_worker"),
+            ("GPU", self.gpus, self.gpus_per_worker, "gpus_per_worker"),
+        ):
+            have = total.get(kind, 0.0)
+            if need > have + _EPS:
+                return (
+                    f"workers.count={self.workers} × workers.{name}={per:g} needs {need:g} {kind}s, "
+                    f"but the whole Ray cluster has {have:g}; lower workers.count or workers.{name}"
+                )
+        return None
+
+    def __str__(self) -> str:
+        gpus = f" and {self.gpus_per_worker:g} GPU" if self.gpus else ""
+        return f"{self.workers} workers × {self.cpus_per_worker:g} CPU{gpus}"
+
+
+def _sum(demands: Iterable[Demand]) -> tuple[float, float]:
+    cpus = gpus = 0.0
+    for d in demands:
+        cpus, gpus = cpus + d.cpus, gpus + d.gpus
+    return cpus, gpus
+
+
+# --- restarts seen in telemetry ---------------------------------------------------------------
+
+
+@dataclass
+class _JobSteps:
+    generation: int = 0  # restarts counted so far
+    last: dict[int, tuple[int, int]] = field(default_factory=dict)  # rank -> (generation, step)
+
+
+class RestartTracker:
+    """Finds worker-group restarts in a job's step reports, once per restart.
+
+    A rank's step going back (or repeating) starts a new generation, unless that rank is only
+    catching up with a restart another rank already showed: after a restart every rank goes
+    back, and only the first one to do so counts.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, _JobSteps] = {}
+
+    def observe(self, job_id: str, rank: int, step: int) -> int | None:
+        """Record one report; returns the step the rank had reached when it starts a new restart."""
+        steps = self._jobs.setdefault(job_id, _JobSteps())
+        seen = steps.last.get(rank)
+        if seen is None or step > seen[1]:
+            steps.last[rank] = (steps.generation if seen is None else seen[0], step)
+            return None
+        generation, previous = seen
+        if generation < steps.generation:  # this rank follows a restart already counted
+            steps.last[rank] = (steps.generation, step)
+            return None
+        steps.generation += 1
+        steps.last[rank] = (steps.generation, step)
+        return previous
+
+    def forget(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
+
+
+def report_point(report: pb.StepReport) -> dict[str, Any]:
+    """The JobPoint fields of one StepReport."""
+    wall = report.wall_time.ToNanoseconds() / 1e9 if report.HasField("wall_time") else time.time()
+    return {
+        "rank": report.rank,
+        "step": report.step,
+        "wall_time": wall,
+        "loss": report.loss,
+        "accuracy": report.accuracy if report.HasField("accuracy") else None,
+        "compute_s": report.compute_s,
+        "compress_s": report.compress_s,
+        "communicate_s": report.communicate_s,
+        "wait_s": report.wait_s,
+        "bytes_sent": report.bytes_sent,
+        "bytes_uncompressed": report.bytes_uncompressed,
+        "stragglers": len(report.stragglers),
+    }
+
+
+# --- Ray's answers ----------------------------------------------------------------------------
+
+
+def _tail(text: str | None, lines: int = 20, chars: int = 3000) -> str:
+    if not text:
+        return ""
+    kept = "\n".join(text.rstrip().splitlines()[-lines:])
+    return kept[-chars:]
+
+
+def failure_reason(info: Any, logs: str | None) -> str:
+    """Why a Ray job failed, for the job's stored reason: exit code, meaning, and the log's tail.
+
+    ``gradwire train`` exits 1 when the job stopped on non-finite values (and says so in its
+    last log line), 2 on bad input; an uncaught exception also exits 1, hence the log check.
+    """
+    code = getattr(info, "driver_exit_code", None)
+    tail = _tail(logs)
+    stopped = [line for line in (logs or "").splitlines()[-500:] if ": stopped: " in line]
+    if code == 1 and stopped:
+        head = f"stopped on non-finite values (gradwire train exited with 1): {stopped[-1].strip()}"
+    elif code == 2:
+        head = "gradwire train refused its input (exit code 2)"
+    elif code is not None:
+        head = f"the Ray job failed: its driver exited with code {code}"
+    else:
+        detail = getattr(info, "message", None) or getattr(info, "error_type", None) or "no detail"
+        head = f"the Ray job failed: {detail}"
+    return f"{head}\n--- last lines of the job's log ---\n{tail}" if tail else head
+
+
+# --- the scheduler ----------------------------------------------------------------------------
+
+
+class Scheduler:
+    """Admits, launches, follows and cancels jobs on Ray; the coordinator's job control.
+
+    Implements the ``control`` protocol of :mod:`gradwire.server.control` (``cancel``, ``logs``,
+    ``cluster``, ``wake``) and the telemetry sink's callback (:meth:`on_reports`).
+    ``telemetry_address`` is the ``host:port`` workers send step reports to (settable until the
+    first launch). ``spec_dir``: where job specs are written for the drivers. A job Ray reports
+    RUNNING counts as placed after ``placement_grace_s`` even if no telemetry arrived.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        cluster: RayCluster,
+        metrics: CoordinatorMetrics,
+        *,
+        telemetry_address: str | None,
+        poll_s: float = 0.5,
+        python: str = sys.executable,
+        spec_dir: str | Path = ".gradwire/specs",
+        placement_grace_s: float = 120.0,
+        cluster_timeout_s: float = 10.0,
+    ) -> None:
+        self.store, self.metrics = store, metrics
+        self._cluster = cluster
+        self.telemetry_address = telemetry_address
+        self.poll_s = float(poll_s)
+        self.python = python
+        self.spec_dir = Path(spec_dir).resolve()
+        self.placement_grace_s = float(placement_grace_s)
+        self.cluster_timeout_s = float(cluster_timeout_s)
+        self._lock = threading.RLock()  # launch and cancel: state change and Ray call together
+        self._state = threading.Lock()  # the in-memory maps below
+        self._unplaced: dict[str, float | None] = {}  # launched, not yet placed -> when Ray said RUNNING
+        self._demands: dict[str, Demand] = {}
+        self._stopping: dict[str, float] = {}  # submission id -> last stop request (monotonic)
+        self._restarts = RestartTracker()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._warned_at = 0.0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> Scheduler:
+        """Start the polling thread (call :meth:`reconcile` first)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="gradwire-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop polling; running Ray jobs are left running (a restarted coordinator reconciles them)."""
+        self._stop.set()
+        self._wake.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
+
+    def wake(self) -> None:
+        """Poll now (a job was queued, or capacity may have freed)."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.poll_once()
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def poll_once(self) -> None:
+        """One round: follow launched jobs, retry pending stops, admit queued jobs."""
+        for phase in (self._follow, self._retry_stops, self._admit):
+            try:
+                phase()
+            except RayUnavailable as err:
+                self._warn(f"scheduler: Ray unreachable during {phase.__name__.strip('_')}: {err}")
+            except Exception:
+                log.exception("scheduler: %s failed", phase.__name__.strip("_"))
+
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._warned_at > 30.0:
+            self._warned_at = now
+            log.warning(message)
+
+    # ---------------------------------------------------------------- the control protocol
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a job: CANCELLED is written first, then its Ray job (if any) is stopped (a stop
+        that does not get through is retried every poll). Returns the CANCELLED record; raises
+        :class:`StateConflict` for a finished job and :class:`JobNotFound` for an unknown one.
+        """
+        with self._lock:
+            for attempt in range(3):  # the follow loop may move the job (STARTING → RUNNING) meanwhile
+                job = self.store.get(job_id)
+                if job.terminal:
+                    raise StateConflict(job_id, job.state, frozenset(JobState) - TERMINAL_STATES)
+                try:
+                    record = self.store.transition(
+                        job_id, JobState.CANCELLED, CANCELLED_BY_USER, expect=job.state
+                    )
+                    break
+                except StateConflict:
+                    if attempt == 2:
+                        raise
+            self._finished(job_id)
+            if job.state in LAUNCHED:
+                self._stop_ray_job(job.ray_job_id or submission_id(job_id))
+        self.wake()  # its resources are free for the next job
+        return record
+
+    def logs(self, job_id: str) -> str | None:
+        """The Ray job's log (driver output), or ``None`` when it was never launched or Ray no
+        longer has it; raises :class:`JobNotFound` for an unknown job, ``ClusterUnavailable`` when
+        Ray is unreachable."""
+        job = self.store.get(job_id)
+        if job.ray_job_id is None:
+            return None
+        try:
+            return self._cluster.jobs_client().get_job_logs(job.ray_job_id)
+        except Exception as err:
+            if is_not_found(err):
+                return None
+            raise ClusterUnavailable(f"cannot read the logs of {job.ray_job_id} from Ray: {err}") from err
+
+    def cluster(self) -> dict[str, Any]:
+        """``{"total": {...}, "available": {...}}`` of the Ray cluster; ``ClusterUnavailable`` when
+        Ray does not answer within ``cluster_timeout_s``."""
+        try:
+            return self._cluster.resources(timeout_s=self.cluster_timeout_s)
+        except ClusterUnavailable:
+            raise
+        except Exception as err:
+            raise ClusterUnavailable(str(err)) from err
+
+    # ---------------------------------------------------------------- start-up
+
+    def reconcile(self) -> list[JobRecord]:
+        """Bring every launched, unfinished job in line with what Ray says about it (queued jobs
+        stay queued); returns the jobs as they are afterwards. Raises :class:`RayUnavailable`
+        when Ray cannot be asked."""
+        jobs = [job for job in self.store.non_terminal() if job.state in LAUNCHED]
+        for job in jobs:
+            with self._state:
+                self._unplaced.setdefault(job.id, None)  # until telemetry or Ray shows it running
+            self._apply(job, self._job_info(job))
+        return [self.store.get(job.id) for job in jobs]
+
+    # ---------------------------------------------------------------- follow
+
+    def _follow(self) -> None:
+        for job in self.store.non_terminal():
+            if job.state in LAUNCHED:
+                self._apply(job, self._job_info(job))
+
+    def _job_info(self, job: JobRecord) -> Any | None:
+        """Ray's JobDetails for the job, ``None`` if Ray does not know it."""
+        sid = job.ray_job_id or submission_id(job.id)
+        try:
+            return self._cluster.jobs_client().get_job_info(sid)
+        except Exception as err:
+            if is_not_found(err):
+                return None
+            raise RayUnavailable(f"cannot ask Ray about {sid}: {err}") from err
+
+    def _apply(self, job: JobRecord, info: Any | None) -> None:
+        """Move the stored job to where Ray's status says it is (a no-op when it already is)."""
+        sid = job.ray_job_id or submission_id(job.id)
+        status = None if info is None else str(info.status)
+        if status is None:
+            self._move(job, JobState.FAILED, f"lost: Ray no longer knows this job (submission id {sid})")
+        elif status == "PENDING":
+            return
+        elif status == "RUNNING":
+            with self._state:
+                if job.id in self._unplaced and self._unplaced[job.id] is None:
+                    self._unplaced[job.id] = time.monotonic()
+                running_at = self._unplaced.get(job.id)
+                if running_at is not None and time.monotonic() - running_at > self.placement_grace_s:
+                    del self._unplaced[job.id]
+            if job.state is not JobState.RUNNING:
+                self._move(job, JobState.RUNNING, f"Ray job {sid} is running")
+        elif status == "SUCCEEDED":
+            if job.state is not JobState.RUNNING:  # it ended between two polls
+                job = self._move(job, JobState.RUNNING, f"Ray job {sid} ran")
+            if job is not None:
+                self._move(job, JobState.SUCCEEDED, f"Ray job {sid} succeeded")
+        elif status == "FAILED":
+            self._move(job, JobState.FAILED, failure_reason(info, self._logs_or_none(sid)))
+        elif status == "STOPPED":
+            self._move(job, JobState.CANCELLED, f"Ray job {sid} was stopped outside gradwire")
+
+    def _move(self, job: JobRecord, to: JobState, reason: str) -> JobRecord | None:
+        """Transition from the state ``job`` was read in; ``None`` if someone moved it meanwhile."""
+        try:
+            record = self.store.transition(job.id, to, reason, expect=job.state)
+        except (StateConflict, IllegalTransition, JobNotFound) as err:
+            log.debug("scheduler: not moving %s to %s: %s", job.id, to, err)
+            return None
+        if record.terminal:
+            self._finished(job.id)
+        return record
+
+    def _logs_or_none(self, sid: str) -> str | None:
+        try:
+            return self._cluster.jobs_client().get_job_logs(sid)
+        except Exception as err:
+            log.debug("scheduler: no logs for %s: %s", sid, err)
+            return None
+
+    def _finished(self, job_id: str) -> None:
+        """Forget a job that reached a terminal state (the reservation, restarts, its spec file)."""
+        with self._state:
+            self._unplaced.pop(job_id, None)
+            self._demands.pop(job_id, None)
+            self._restarts.forget(job_id)
+        self._spec_file(job_id).unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------- stop
+
+    def _stop_ray_job(self, sid: str) -> None:
+        with self._state:
+            self._stopping[sid] = time.monotonic()
+        try:
+            self._cluster.jobs_client().stop_job(sid)
+        except Exception as err:
+            if is_not_found(err):  # never reached Ray: nothing to stop
+                with self._state:
+                    self._stopping.pop(sid, None)
+            else:
+                log.warning("scheduler: could not stop Ray job %s (will retry): %s", sid, err)
+
+    def _retry_stops(self) -> None:
+        with self._state:
+            due = [sid for sid, at in self._stopping.items() if time.monotonic() - at > 2.0]
+        client = self._cluster.jobs_client() if due else None
+        for sid in due:
+            try:
+                ended = client.get_job_status(sid).is_terminal()
+            except Exception as err:
+                ended = is_not_found(err)
+                if not ended:
+                    raise RayUnavailable(f"cannot ask Ray about {sid}: {err}") from err
+            if ended:
+                with self._state:
+                    self._stopping.pop(sid, None)
+            else:
+                self._stop_ray_job(sid)
+
+    # ---------------------------------------------------------------- admit and launch
+
+    def _admit(self) -> None:
+        resources = None
+        while not self._stop.is_set():
+            job = self.store.next_queued()
+            if job is None:
+                return
+            try:
+                demand = self._demand(job)
+            except SpecError as err:
+                self._move(job, JobState.FAILED, f"the stored spec is no longer valid: {err}")
+                continue
+            resources = resources or self._cluster.resources()
+            beyond = demand.beyond(resources["total"])
+            if beyond is not None:
+                self._move(job, JobState.FAILED, f"cannot ever run on this cluster: {beyond}")
+                continue
+            if not self._fits(demand, resources):
+                return  # strict FIFO: the head of the queue waits for room
+            self._launch(job, demand)
+            resources = None  # read again: the next job sees this one's reservation
+
+    def _demand(self, job: JobRecord) -> Demand:
+        with self._state:
+            found = self._demands.get(job.id)
+        if found is None:
+            found = Demand.of(job.spec)
+            with self._state:
+                self._demands[job.id] = found
+        return found
+
+    def _fits(self, demand: Demand, resources: Mapping[str, Mapping[str, float]]) -> bool:
+        launched = {j.id: self._demand_or_zero(j) for j in self.store.non_terminal() if j.state in LAUNCHED}
+        with self._state:
+            unplaced = set(self._unplaced)
+        committed = _sum(launched.values())
+        pending = _sum(d for job_id, d in launched.items() if job_id in unplaced)
+        total, available = resources["total"], resources["available"]
+        for i, (kind, need) in enumerate((("CPU", demand.cpus), ("GPU", demand.gpus))):
+            if need <= 0:
+                continue
+            if need > available.get(kind, 0.0) - pending[i] + _EPS:
+                return False
+            if committed[i] + need > total.get(kind, 0.0) + _EPS:
+                return False
+        return True
+
+    def _demand_or_zero(self, job: JobRecord) -> Demand:
+        try:
+            return self._demand(job)
+        except SpecError:
+            return Demand(0, 0.0, 0.0)
+
+    def _spec_file(self, job_id: str) -> Path:
+        return self.spec_dir / f"{job_id}.json"
+
+    def entrypoint(self, job_id: str) -> str:
+        """The shell command the Ray job runs for ``job_id``."""
+        if not self.telemetry_address:
+            raise RuntimeError("the scheduler has no telemetry address to give jobs")
+        spec = str(self._spec_file(job_id))
+        words = [self.python, "-m", "gradwire.cli", "train", spec, "--job-id", job_id]
+        words += ["--telemetry", self.telemetry_address, "--no-progress"]
+        return shlex.join(words)
+
+    def _launch(self, job: JobRecord, demand: Demand) -> None:
+        sid = submission_id(job.id)
+        path = self._spec_file(job.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(job.spec, indent=2), encoding="utf-8")
+        partial.replace(path)
+        entrypoint = self.entrypoint(job.id)
+        with self._lock:
+            started = self._move_launch(job, sid, demand)
+            if started is None:
+                return
+            env = {"PYTHONUNBUFFERED": "1", **self._cluster.job_env()}
+            try:
+                self._cluster.jobs_client().submit_job(
+                    entrypoint=entrypoint,
+                    submission_id=sid,
+                    runtime_env={"env_vars": env},
+                    metadata={"gradwire_job": job.id},
+                )
+            except Exception as err:
+                if "already exists" in str(err):  # submitted before (another coordinator?): follow it
+                    log.warning("scheduler: Ray job %s already existed; following it", sid)
+                    return
+                self._move(started, JobState.FAILED, f"could not submit the Ray job {sid}: {err}")
+                return
+        log.info("scheduler: launched %s as Ray job %s (%s)", job.id, sid, demand)
+
+    def _move_launch(self, job: JobRecord, sid: str, demand: Demand) -> JobRecord | None:
+        try:
+            record = self.store.transition(
+                job.id, JobState.STARTING, f"admitted ({demand}); submitting Ray job {sid}",
+                expect=JobState.QUEUED, ray_job_id=sid,
+            )  # fmt: skip
+        except (StateConflict, IllegalTransition, JobNotFound) as err:
+            log.debug("scheduler: %s not launched: %s", job.id, err)
+            return None
+        with self._state:
+            self._unplaced[job.id] = None
+        return record
+
+    # ---------------------------------------------------------------- telemetry
+
+    def on_reports(self, reports: list[pb.StepReport]) -> None:
+        """The telemetry sink's callback: store the points, feed the metrics, spot restarts.
+
+        Reports of jobs the store does not have are dropped (no metric series for them).
+        """
+        by_job: dict[str, list[pb.StepReport]] = {}
+        for report in reports:
+            by_job.setdefault(report.job_id, []).append(report)
+        for job_id, batch in by_job.items():
+            try:
+                self.store.add_points(job_id, [report_point(r) for r in batch])
+            except JobNotFound:
+                log.debug("telemetry for unknown job %s dropped (%d reports)", job_id, len(batch))
+                continue
+            except Exception:
+                log.exception("could not store %d telemetry points of %s", len(batch), job_id)
+            self.metrics.observe_reports(batch)
+            self._placed(job_id)
+            for report in batch:
+                with self._state:
+                    previous = self._restarts.observe(job_id, report.rank, report.step)
+                if previous is not None:
+                    self._restarted(job_id, report.rank, previous, report.step)
+
+    def _placed(self, job_id: str) -> None:
+        with self._state:
+            if job_id not in self._unplaced:
+                return
+            del self._unplaced[job_id]
+        # reports prove the job runs, even if the follow loop has not seen it yet
+        with contextlib.suppress(StateConflict, IllegalTransition, JobNotFound):
+            self.store.transition(
+                job_id, JobState.RUNNING, "first step reports arrived", expect=JobState.STARTING
+            )
+
+    def _restarted(self, job_id: str, rank: int, previous: int, step: int) -> None:
+        reason = (
+            f"rank {rank} reported step {step} after step {previous}: "
+            "Ray Train restored the worker group from its last checkpoint"
+        )
+        try:
+            self.store.transition(job_id, JobState.RESTARTING, reason, expect=JobState.RUNNING)
+        except (StateConflict, IllegalTransition, JobNotFound) as err:
+            log.debug("restart of %s not recorded: %s", job_id, err)
+            return
+        self.metrics.worker_restarted(job_id)
+        try:
+            self.store.transition(
+                job_id, JobState.RUNNING, f"worker group running again from step {step}",
+                expect=JobState.RESTARTING,
+            )  # fmt: skip
+        except (StateConflict, IllegalTransition, JobNotFound) as err:
+            log.debug("%s did not return to RUNNING: %s", job_id, err)

@@ -1,0 +1,208 @@
+"""The coordinator's moving parts, started and stopped together: what ``gradwire serve`` runs.
+
+    with Coordinator(database_url="sqlite:///.gradwire/coordinator.db") as coordinator:
+        app = create_app(settings, store=coordinator.store, metrics=coordinator.metrics,
+                         control=coordinator.control)
+        uvicorn.run(app, ...)
+
+:meth:`Coordinator.start` brings up, in this order: the job store (schema created or migrated),
+the Prometheus metrics (fed by a store listener: every committed transition is counted, the
+``gradwire_jobs`` gauge follows the store, finished jobs start their retention period), the gRPC
+telemetry sink (127.0.0.1 unless told otherwise), Ray (:class:`RayCluster`: an embedded loopback
+head, or the cluster at ``ray_address``), and the :class:`Scheduler`, which first reconciles every
+unfinished job with Ray and then starts polling. :meth:`Coordinator.stop` takes them down in the
+reverse order. Jobs running on a joined cluster keep running while the coordinator is down; an
+embedded head, and its jobs, stop with the coordinator.
+
+The REST app is not built here: ``Coordinator.control`` (the scheduler) is what ``create_app``
+takes as its ``control``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from gradwire.server.metrics import CoordinatorMetrics
+from gradwire.server.ray_cluster import RayCluster
+from gradwire.server.scheduler import Scheduler
+from gradwire.server.states import JobState
+from gradwire.server.store import DEFAULT_URL, JobRecord, JobStore
+from gradwire.server.telemetry_sink import TelemetrySink, is_loopback
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Coordinator"]
+
+
+class Coordinator:
+    """Owns the job store, metrics, telemetry sink, Ray connection and scheduler of one coordinator.
+
+    ``database_url``: the job store's SQLAlchemy URL. ``ray_address``: a Ray cluster to join
+    (``None``: an embedded head on 127.0.0.1 with ``num_cpus`` / ``num_gpus``).
+    ``grpc_host`` / ``grpc_port``: where the telemetry sink listens (port 0: any free port; a host
+    beyond loopback needs ``allow_remote_telemetry``). ``telemetry_address``: the ``host:port``
+    the jobs' workers dial, when it differs from the sink's own address (a coordinator behind a
+    name or a NAT). ``data_dir``: where job specs are written for the Ray drivers (and the
+    embedded Ray's temp dir goes when its path is short enough).
+    """
+
+    def __init__(
+        self,
+        *,
+        database_url: str = DEFAULT_URL,
+        ray_address: str | None = None,
+        grpc_host: str = "127.0.0.1",
+        grpc_port: int = 0,
+        telemetry_address: str | None = None,
+        allow_remote_telemetry: bool = False,
+        data_dir: str | Path = ".gradwire",
+        num_cpus: float | None = None,
+        num_gpus: float | None = None,
+        ray_temp_dir: str | Path | None = None,
+        dashboard_address: str | None = None,
+        poll_s: float = 0.5,
+        python: str = sys.executable,
+        metrics_retention_s: float = 900.0,
+    ) -> None:
+        self.database_url = database_url
+        self.data_dir = Path(data_dir)
+        self._public_telemetry = telemetry_address
+        self._sink_args: dict[str, Any] = {
+            "host": grpc_host, "port": grpc_port, "allow_remote": allow_remote_telemetry,
+        }  # fmt: skip
+        self._ray_args: dict[str, Any] = {
+            "num_cpus": num_cpus, "num_gpus": num_gpus, "temp_dir": ray_temp_dir,
+            "dashboard_address": dashboard_address,
+        }  # fmt: skip
+        self.ray_address = ray_address
+        self._scheduler_args: dict[str, Any] = {"poll_s": poll_s, "python": python}
+        self._metrics_retention_s = metrics_retention_s
+        self.store: JobStore | None = None
+        self.metrics: CoordinatorMetrics | None = None
+        self.sink: TelemetrySink | None = None
+        self.cluster: RayCluster | None = None
+        self.scheduler: Scheduler | None = None
+        self._listening = False
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> Coordinator:
+        """A coordinator for :class:`gradwire.server.settings.Settings` (``database_url``,
+        ``ray_address``, ``grpc_host``, ``grpc_port``, ``telemetry_public_address``,
+        ``metrics_retention_s``); ``overrides`` set any other argument (``data_dir``, ``num_cpus``...)."""
+        arguments: dict[str, Any] = {
+            "database_url": settings.database_url,
+            "ray_address": settings.ray_address,
+            "grpc_host": settings.grpc_host,
+            "grpc_port": settings.grpc_port,
+            "telemetry_address": settings.telemetry_public_address,
+            # Settings refuses a non-loopback sink without tokens, so exposing it here was asked for
+            "allow_remote_telemetry": not is_loopback(settings.grpc_host),
+            "metrics_retention_s": settings.metrics_retention_s,
+        }
+        return cls(**{**arguments, **overrides})
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> Coordinator:
+        """Start every part (see the module docstring); on a failure, what started is stopped."""
+        if self.scheduler is not None:
+            return self
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(self.database_url)
+        self.metrics = CoordinatorMetrics(retention_s=self._metrics_retention_s)
+        self.store.add_listener(self._on_transition)
+        self._listening = True
+        self.metrics.set_job_counts(self.store.counts_by_state())
+
+        self.cluster = RayCluster(self.ray_address, **self._ray_args)
+        # made before the sink starts, so reports arriving at once (jobs that outlived a previous
+        # coordinator) have somewhere to go; its telemetry address is known once the sink is bound
+        scheduler = Scheduler(
+            self.store, self.cluster, self.metrics, telemetry_address=None,
+            spec_dir=self.data_dir / "specs", **self._scheduler_args,
+        )  # fmt: skip
+        self.sink = TelemetrySink(scheduler.on_reports, **self._sink_args)
+        self.sink.start()
+        scheduler.telemetry_address = self._public_telemetry or self.sink.address
+
+        self.cluster.start()
+        scheduler.reconcile()
+        self.scheduler = scheduler.start()
+        log.info(
+            "coordinator ready: store %s, telemetry %s, Ray Jobs API %s",
+            self.store.engine.url.render_as_string(hide_password=True),
+            scheduler.telemetry_address,
+            self.cluster.dashboard_url,
+        )
+
+    def stop(self) -> None:
+        """Stop every part that was started, in reverse order. Safe to call twice."""
+        scheduler, self.scheduler = self.scheduler, None
+        if scheduler is not None:
+            scheduler.stop()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+            self.cluster = None
+        if self.sink is not None:
+            self.sink.stop()
+            self.sink = None
+        if self.store is not None:
+            if self._listening:
+                self.store.remove_listener(self._on_transition)
+                self._listening = False
+            self.store.close()
+            self.store = None
+
+    def __enter__(self) -> Coordinator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------- what the app needs
+
+    @property
+    def control(self) -> Scheduler:
+        """The job control for ``create_app(..., control=...)``: the scheduler."""
+        if self.scheduler is None:
+            raise RuntimeError("the coordinator is not started")
+        return self.scheduler
+
+    @property
+    def telemetry_address(self) -> str:
+        """The ``host:port`` jobs send their step reports to."""
+        if self.scheduler is None or self.scheduler.telemetry_address is None:
+            raise RuntimeError("the coordinator is not started")
+        return self.scheduler.telemetry_address
+
+    # ---------------------------------------------------------------- metrics of the state machine
+
+    def _on_transition(
+        self, job: JobRecord, from_state: JobState | None, to_state: JobState, reason: str
+    ) -> None:
+        """Store listener: count the move, refresh the per-state gauge, and start a finished
+        job's metrics retention. (The sink keeps its few bytes of de-duplication state per rank:
+        a worker still flushing after its job was cancelled must not have its re-sent reports
+        counted twice.)
+
+        Restarts are counted by the scheduler (``worker_restarted``), so the move is observed
+        without ``job=`` here, which would count them a second time.
+        """
+        metrics, store = self.metrics, self.store
+        if metrics is None or store is None:
+            return
+        metrics.observe_transition(from_state, to_state)
+        metrics.set_job_counts(store.counts_by_state())
+        if to_state.terminal:
+            metrics.job_ended(job.id)
