@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo compare test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# the coordinator on 127.0.0.1 with an embedded Ray; one digits job submitted over REST, followed to the end
 demo: setup
+	$(PY) examples/service_demo.py
+
+# six compressors side by side on 2 local gloo ranks (no Ray)
+compare: setup
 	$(PY) examples/demo.py
 
 lint: setup

@@ -73,33 +73,41 @@ class TelemetryProgress:
 
 
 def summary(name: str, metrics: dict[str, Any]) -> Table:
-    """The end-of-job table: steps, loss and accuracy, time per phase, bytes and their ratio."""
+    """The end-of-job table: steps, loss and accuracy, time per phase, bytes and their ratio.
+
+    Rows whose metric is absent (a coordinator's time series has no checkpoint path, say) are left out.
+    """
     sent, plain = metrics.get("bytes_sent", 0), metrics.get("bytes_uncompressed", 0)
-    telemetry = f"{metrics.get('telemetry_sent', 0)} / {metrics.get('telemetry_dropped', 0)}"
-    rows = [
-        ("steps", f"{metrics.get('step', 0)}"),
-        ("resumed from step", f"{metrics.get('start_step', 0)}"),
-        ("final loss", f"{metrics.get('loss', float('nan')):.4f}"),
-        ("test loss", f"{metrics.get('eval_loss', float('nan')):.4f}"),
-        ("test accuracy", f"{metrics.get('accuracy', float('nan')):.4f}"),
-        ("wall time (train loop)", f"{metrics.get('wall_seconds', 0.0):.2f} s"),
-        ("compute time", f"{metrics.get('compute_seconds', 0.0):.3f} s"),
-        ("compress time", f"{metrics.get('compress_seconds', 0.0):.3f} s"),
-        ("communicate time", f"{metrics.get('communicate_seconds', 0.0):.3f} s"),
-        ("straggler wait time", f"{metrics.get('wait_seconds', 0.0):.3f} s"),
-        ("stragglers left out", f"{metrics.get('stragglers', 0)}"),
-        ("bytes sent (rank 0)", f"{sent:,}"),
-        ("bytes uncompressed", f"{plain:,}"),
-        ("compression ratio", f"{plain / sent:.2f}x" if sent else "n/a"),
-        ("telemetry sent / dropped", telemetry),
-        ("checkpoint", str(metrics.get("checkpoint", "-"))),
+    rows: list[tuple[str, str, Any]] = [
+        ("steps", "step", "{}"),
+        ("resumed from step", "start_step", "{}"),
+        ("final loss", "loss", "{:.4f}"),
+        ("test loss", "eval_loss", "{:.4f}"),
+        ("test accuracy", "accuracy", "{:.4f}"),
+        ("wall time (train loop)", "wall_seconds", "{:.2f} s"),
+        ("compute time", "compute_seconds", "{:.3f} s"),
+        ("compress time", "compress_seconds", "{:.3f} s"),
+        ("communicate time", "communicate_seconds", "{:.3f} s"),
+        ("straggler wait time", "wait_seconds", "{:.3f} s"),
+        ("stragglers left out", "stragglers", "{}"),
+        ("bytes sent (rank 0)", "bytes_sent", "{:,}"),
+        ("bytes uncompressed", "bytes_uncompressed", "{:,}"),
     ]
     stopped = metrics.get("stopped")
     table = Table(title=f"{name} — {'STOPPED' if stopped else 'done'}", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right", overflow="fold")
-    for row in rows:
-        table.add_row(*row)
+    for label, key, form in rows:
+        if key in metrics:
+            table.add_row(label, form.format(metrics[key]))
+    if "bytes_sent" in metrics:
+        table.add_row("compression ratio", f"{plain / sent:.2f}x" if sent else "n/a")
+    if "telemetry_sent" in metrics:
+        table.add_row(
+            "telemetry sent / dropped", f"{metrics['telemetry_sent']} / {metrics.get('telemetry_dropped', 0)}"
+        )
+    if "checkpoint" in metrics:
+        table.add_row("checkpoint", str(metrics["checkpoint"]))
     if stopped:
         table.add_row("stopped because", str(stopped))
     return table
