@@ -8,7 +8,9 @@ parameter), never by bucket index, so DDP's bucket rebuild after the first step
 does not reset error buffers. Keys are stable across runs of the same model,
 which is what makes ``state_dict()`` resumable.
 
-The hook runs its collectives to completion before returning a finished future:
+Compressor ``none`` without feedback returns the all-reduce's own future, as DDP's default hook
+does (a single collective per bucket cannot deadlock). Every other configuration
+runs its collectives to completion before returning a finished future:
 it never launches a collective from inside a future callback, which is what
 deadlocks torch's ``powerSGD_hook`` on gloo with more than one bucket (gloo's
 worker threads block in the callbacks waiting for the nested all-reduce). The
@@ -69,6 +71,8 @@ def _bucket_views(bucket: dist.GradBucket) -> list[torch.Tensor]:
 
 
 def reducer_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    if state.reducer.passthrough:  # 'none': one asynchronous all-reduce of the bucket, like DDP's own
+        return state.reducer.reduce_flat_async(bucket.buffer(), advance=bucket.is_last())
     views = _bucket_views(bucket)
     keys = [state.key_for(p) for p in bucket.parameters()]
     state.reducer.reduce(views, keys=keys, advance=bucket.is_last(), out=views)

@@ -121,13 +121,51 @@ class Reducer:
         self.compress_seconds += time.perf_counter() - done
         return outputs  # type: ignore[return-value]
 
+    @property
+    def passthrough(self) -> bool:
+        """``none`` without feedback: the bucket is all-reduced as it is, as DDP's own hook does."""
+        return self.compressor.identity and self.feedback.name == "none"
+
+    def reduce_flat_async(self, flat: torch.Tensor, advance: bool = True) -> torch.futures.Future:
+        """Mean of the 1-D ``flat`` over ranks, in place, as a future (only when :attr:`passthrough`).
+
+        What DDP's default hook does, plus the ledger and the non-finite check: the all-reduce runs
+        while backward goes on, and the check (a float64 sum, no collective) runs in the future's
+        callback. ``communicate_seconds`` counts from launch to completion.
+        """
+        if not self.passthrough:
+            raise RuntimeError(f"reduce_flat_async needs 'none' without feedback, not {self.name!r}")
+        nbytes = flat.numel() * flat.element_size()
+        self.comm.ledger.record_uncompressed(nbytes, self.comm.world_size)
+        launched = time.perf_counter()
+        pending = self.comm.all_reduce_mean(flat)
+        work = pending._work
+        if work is None:  # not distributed: done already
+            future: torch.futures.Future = torch.futures.Future()
+            future.set_result([flat])
+        else:
+            future = work.get_future()
+
+        def finish(done: torch.futures.Future) -> torch.Tensor:
+            done.value()  # re-raises a failed collective
+            self.communicate_seconds += time.perf_counter() - launched
+            if not torch.isfinite(flat.sum(dtype=torch.float64)).item():
+                self._nonfinite([flat], advance, [flat])  # raises with nonfinite="raise"
+                return flat
+            if advance:
+                self.step += 1
+            return flat
+
+        return future.then(finish)
+
     def _partition(self, tensors: list[torch.Tensor], keys: list[int]) -> tuple[list[int], list[int]]:
         """Indices to compress and indices to send plain this step."""
         if self.compressor.identity and self.feedback.name == "none":
             return [], list(range(len(tensors)))  # nothing to encode: one plain all-reduce for all
         warm = self.step < self.config.start_iter
         compress = [
-            i for i, t in enumerate(tensors)
+            i
+            for i, t in enumerate(tensors)
             if not warm
             and not self.feedback.needs_dense_init(keys[i])
             and self.compressor.should_compress(t, self.config.min_compression_rate)

@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: what NonFiniteGradientError says, also when DDP re-raises it from a hook's future
+NONFINITE_MESSAGE = "held NaN or Inf"
+
 #: one partition's (inputs, targets)
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -102,7 +105,9 @@ class DdpStep:
         self._straggle(step, time.perf_counter() - started)
         try:
             loss.backward()  # the hook compresses and averages the gradients here
-        except NonFiniteGradientError as err:  # nonfinite="raise": raised on every rank at once
+        except (NonFiniteGradientError, RuntimeError) as err:  # nonfinite="raise": on every rank at once
+            if not isinstance(err, NonFiniteGradientError) and NONFINITE_MESSAGE not in str(err):
+                raise  # (DDP re-raises an error from an asynchronous hook's future as a RuntimeError)
             message = f"step {step}: non-finite gradients ({err}); loss here {float(loss):.4g}"
             raise NonFiniteStep(message) from err
         elapsed = time.perf_counter() - started
