@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup demo compare test lint bench clean
+.PHONY: setup system-deps demo compare test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,16 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# Debian packages some tests use (a real Prometheus and promtool, docker-compose to validate the
+# compose file): installed when missing and we are root with apt-get (a Prometheus the package may
+# have started on every interface is stopped; tests start their own on 127.0.0.1); otherwise they skip
+system-deps:
+	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null \
+	      && { pkill -x prometheus 2>/dev/null || true; }; \
+	  else echo "promtool or docker-compose missing and no root apt-get: their tests will be skipped"; fi; fi
 
 # the coordinator on 127.0.0.1 with an embedded Ray; one digits job submitted over REST, followed to the end
 demo: setup
@@ -26,7 +36,7 @@ compare: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: lint
+test: lint system-deps
 	$(PY) -m pytest
 
 bench: setup
