@@ -169,11 +169,16 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
+        # an app may be started again after a shutdown: its listener comes back with it
         if listener is not None:
-            store.remove_listener(listener)
-        if owns_store:
-            store.close()
+            store.add_listener(listener)
+        try:
+            yield
+        finally:
+            if listener is not None:
+                store.remove_listener(listener)
+            if owns_store:
+                store.close()
 
     app = FastAPI(
         title="gradwire coordinator",

@@ -163,7 +163,7 @@ class JobPointRow(Base):
     rank: Mapped[int]
     step: Mapped[int] = mapped_column(BigInteger)
     wall_time: Mapped[float] = mapped_column(Float)
-    loss: Mapped[float] = mapped_column(Float)
+    loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     accuracy: Mapped[float | None] = mapped_column(Float)
     compute_s: Mapped[float] = mapped_column(Float, default=0.0)
     compress_s: Mapped[float] = mapped_column(Float, default=0.0)

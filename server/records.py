@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from datetime import datetime
 from typing import Any
@@ -87,7 +88,7 @@ class JobPoint(_Record):
     rank: int = Field(ge=0)
     step: int = Field(ge=0)
     wall_time: float
-    loss: float
+    loss: float | None = Field(None, description="None without a finite loss (a dropped straggler, NaN)")
     accuracy: float | None = None
     compute_s: float = 0.0
     compress_s: float = 0.0
@@ -96,6 +97,14 @@ class JobPoint(_Record):
     bytes_sent: int = Field(0, ge=0)
     bytes_uncompressed: int = Field(0, ge=0)
     stragglers: int = Field(0, ge=0)
+
+    @field_validator("loss", "accuracy", mode="before")
+    @classmethod
+    def _finite_or_none(cls, value: Any) -> Any:
+        # JSON has no NaN or Inf: a non-finite value is stored and served as null
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            return None
+        return value
 
     @field_validator("wall_time", mode="before")
     @classmethod

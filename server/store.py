@@ -137,11 +137,14 @@ class JobStore:
         is logged and does not reach the caller, whose change is already stored.
         """
         with self._listeners_lock:
-            self._listeners.append(listener)
+            if listener not in self._listeners:  # adding one twice would count every change twice
+                self._listeners.append(listener)
 
     def remove_listener(self, listener: Listener) -> None:
+        """Stop calling ``listener``; removing one that is not registered does nothing."""
         with self._listeners_lock:
-            self._listeners.remove(listener)
+            if listener in self._listeners:
+                self._listeners.remove(listener)
 
     def _notify(self, job: JobRecord, from_state: JobState | None, to_state: JobState, reason: str) -> None:
         with self._listeners_lock:
