@@ -26,8 +26,8 @@ REALM = "gradwire"
 bearer_scheme = HTTPBearer(auto_error=False, description="a token from GRADWIRE_TOKENS")
 
 
-def get_services(request: Request) -> Services:
-    """The services of the app serving this request."""
+async def get_services(request: Request) -> Services:
+    """The services of the app serving this request (async: no I/O, so no thread-pool hop)."""
     services: Services = request.app.state.services
     return services
 
@@ -40,12 +40,15 @@ def _token_matches(given: str, services: Services) -> bool:
     return matched
 
 
-def require_token(
+async def require_token(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> None:
-    """Let the request through only with a configured bearer token (when any are configured)."""
-    services = get_services(request)
+    """Let the request through only with a configured bearer token (when any are configured).
+
+    ``async`` although it does no I/O: FastAPI runs sync dependencies in a thread pool, and this
+    one runs on every /v1 request."""
+    services: Services = request.app.state.services
     if not services.settings.auth_enabled:
         return
     if credentials is None or credentials.scheme.lower() != "bearer":
