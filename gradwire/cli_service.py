@@ -6,6 +6,7 @@ http://127.0.0.1:8000) and the bearer token from ``--token`` or ``GRADWIRE_TOKEN
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -73,7 +74,9 @@ def serve(
         server = uvicorn.Server(
             uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")
         )
-        server.run()  # returns on Ctrl-C / SIGTERM; the with-block then stops scheduler, Ray, sink, store
+        # returns on Ctrl-C / SIGTERM (uvicorn then re-raises Ctrl-C); the with-block stops the rest
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run()
     console.print("gradwire coordinator stopped")
 
 

@@ -65,6 +65,10 @@ from gradwire.spec import JobSpec, SpecError
 
 log = logging.getLogger(__name__)
 
+#: submit_job tries while Ray answers "No available agent" (its job agent is still starting)
+SUBMIT_ATTEMPTS = 6
+SUBMIT_BACKOFF_S = 1.0
+
 __all__ = ["Demand", "RestartTracker", "Scheduler", "failure_reason", "submission_id"]
 
 SUBMISSION_PREFIX = "gradwire-"
@@ -551,19 +555,25 @@ class Scheduler:
             if started is None:
                 return
             env = {"PYTHONUNBUFFERED": "1", **self._cluster.job_env()}
-            try:
-                self._cluster.jobs_client().submit_job(
-                    entrypoint=entrypoint,
-                    submission_id=sid,
-                    runtime_env={"env_vars": env},
-                    metadata={"gradwire_job": job.id},
-                )
-            except Exception as err:
-                if "already exists" in str(err):  # submitted before (another coordinator?): follow it
-                    log.warning("scheduler: Ray job %s already existed; following it", sid)
+            for attempt in range(SUBMIT_ATTEMPTS):
+                try:
+                    self._cluster.jobs_client().submit_job(
+                        entrypoint=entrypoint,
+                        submission_id=sid,
+                        runtime_env={"env_vars": env},
+                        metadata={"gradwire_job": job.id},
+                    )
+                    break
+                except Exception as err:
+                    if "already exists" in str(err):  # submitted before (another coordinator? a retry)
+                        log.warning("scheduler: Ray job %s already existed; following it", sid)
+                        return
+                    if "No available agent" in str(err) and attempt + 1 < SUBMIT_ATTEMPTS:
+                        # a Ray head that just started answers this until its job agent is up
+                        time.sleep(SUBMIT_BACKOFF_S * (attempt + 1))
+                        continue
+                    self._move(started, JobState.FAILED, f"could not submit the Ray job {sid}: {err}")
                     return
-                self._move(started, JobState.FAILED, f"could not submit the Ray job {sid}: {err}")
-                return
         log.info("scheduler: launched %s as Ray job %s (%s)", job.id, sid, demand)
 
     def _move_launch(self, job: JobRecord, sid: str, demand: Demand) -> JobRecord | None:

@@ -133,6 +133,7 @@ class Coordinator:
             spec_dir=self.data_dir / "specs", **self._scheduler_args,
         )  # fmt: skip
         self.sink = TelemetrySink(scheduler.on_reports, **self._sink_args)
+        self._resume_telemetry(self.sink)
         self.sink.start()
         scheduler.telemetry_address = self._public_telemetry or self.sink.address
 
@@ -145,6 +146,16 @@ class Coordinator:
             scheduler.telemetry_address,
             self.cluster.dashboard_url,
         )
+
+    def _resume_telemetry(self, sink: TelemetrySink) -> None:
+        """Workers of jobs that outlived a previous coordinator re-send every report that one had
+        not acknowledged, stored or not (at-least-once); tell the sink where each rank's stored
+        telemetry stands, so those reports are dropped as duplicates rather than counted a second
+        time in the metrics (the store already skips their points)."""
+        assert self.store is not None
+        for job in self.store.non_terminal():
+            for rank, point in self.store.last_points(job.id).items():
+                sink.remember(job.id, rank, point.step, point.wall_time)
 
     def stop(self) -> None:
         """Stop every part that was started, in reverse order. Safe to call twice."""

@@ -372,6 +372,25 @@ class JobStore:
             values = [{"job_id": job_id, **p.model_dump()} for p in unique.values()]
             return insert_new_points(session, job_id, values)
 
+    def last_points(self, job_id: str) -> dict[int, JobPoint]:
+        """Each rank's point with the highest step (``{}`` before any telemetry): where the job's
+        stored telemetry stands, which a restarted coordinator's sink needs to recognise reports
+        its workers re-send. Raises :class:`JobNotFound` for an unknown job."""
+        top = (
+            select(JobPointRow.rank, func.max(JobPointRow.step).label("step"))
+            .where(JobPointRow.job_id == job_id)
+            .group_by(JobPointRow.rank)
+            .subquery()
+        )
+        query = (
+            select(JobPointRow)
+            .join(top, (JobPointRow.rank == top.c.rank) & (JobPointRow.step == top.c.step))
+            .where(JobPointRow.job_id == job_id)
+        )
+        with self._read() as session:
+            _row(session, job_id)
+            return {row.rank: JobPoint.model_validate(row) for row in session.scalars(query)}
+
     def points(
         self, job_id: str, *, rank: int | None = None, max_points: int | None = None
     ) -> builtins.list[JobPoint]:

@@ -51,6 +51,7 @@ MAX_JOB_ID_CHARS = 256
 #: Ranks must lie in ``[0, MAX_RANK)``.
 MAX_RANK = 1 << 16
 _DURATIONS = ("compute_s", "compress_s", "communicate_s", "wait_s")
+_WALL_SLACK_NS = 1_000_000  # see TelemetrySink.remember
 
 
 def is_loopback(host: str) -> bool:
@@ -204,6 +205,18 @@ class TelemetrySink:
         """Batches whose ``on_reports`` call raised."""
         with self._lock:
             return self._callback_errors
+
+    def remember(self, job_id: str, rank: int, step: int, wall_time: float) -> None:
+        """Seed the de-duplication state of ``(job_id, rank)`` with a report accepted before this
+        sink started (a previous coordinator process stored it), so that the worker's re-sent
+        reports up to it are dropped as duplicates instead of being counted again. ``wall_time``
+        is unix seconds as the job store keeps it; it is rounded up by a millisecond, since a float
+        of seconds does not keep every nanosecond (a step run again after a restore from a
+        checkpoint comes seconds later, and is still accepted). A rank the sink already has an
+        entry for is left alone."""
+        wall = round(wall_time * 1e9) + _WALL_SLACK_NS
+        with self._lock:
+            self._last.setdefault((job_id, int(rank)), (int(step), wall))
 
     def forget_job(self, job_id: str) -> None:
         """Drop the de-duplication state of a finished job."""

@@ -88,9 +88,7 @@ def digits_data(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def digits_mlp() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)
-    )
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
 def _shard(n: int, rank: int, world: int, seed: int) -> torch.Tensor:
@@ -164,12 +162,16 @@ def train_digits(
 def _print_table(results: dict[str, dict]) -> None:
     base = results[BASELINE]["accuracy"]
     print()
-    print(f"{'config':<22} {'test acc %':>10} {'vs none':>8} {'train loss':>10} "
-          f"{'sent/uncompressed':>18} {'train s':>8}")
+    print(
+        f"{'config':<22} {'test acc %':>10} {'vs none':>8} {'train loss':>10} "
+        f"{'sent/uncompressed':>18} {'train s':>8}"
+    )
     for label, r in results.items():
         ratio = r["bytes_sent"] / r["bytes_uncompressed"]
-        print(f"{label:<22} {r['accuracy']:>10.2f} {r['accuracy'] - base:>+8.2f} "
-              f"{r['train_loss']:>10.4f} {ratio:>18.4f} {r['seconds']:>8.1f}")
+        print(
+            f"{label:<22} {r['accuracy']:>10.2f} {r['accuracy'] - base:>+8.2f} "
+            f"{r['train_loss']:>10.4f} {ratio:>18.4f} {r['seconds']:>8.1f}"
+        )
 
 
 def test_compressed_accuracy_matches_uncompressed():
@@ -201,7 +203,10 @@ def test_compressed_accuracy_matches_uncompressed():
     for label, _, _ in CONFIGS:
         for r, other in enumerate(per_rank[1:], start=1):
             torch.testing.assert_close(
-                other[label]["params"], results[label]["params"], rtol=0, atol=0,
+                other[label]["params"],
+                results[label]["params"],
+                rtol=0,
+                atol=0,
                 msg=lambda m, label=label, r=r: f"{label}: rank {r} differs from rank 0\n{m}",
             )
             assert other[label]["accuracy"] == results[label]["accuracy"]
@@ -229,7 +234,8 @@ def test_compressed_accuracy_matches_uncompressed():
         f"not {NO_FEEDBACK_GAP_POINTS} points below {base['accuracy']:.2f} %"
     )
     assert worse["train_loss"] >= NO_FEEDBACK_LOSS_FACTOR * base["train_loss"], (
-        worse["train_loss"], base["train_loss"]
+        worse["train_loss"],
+        base["train_loss"],
     )
 
 
@@ -332,7 +338,10 @@ def test_multi_bucket_ddp_keeps_ranks_identical_and_state_per_parameter():
 
         for r, other in enumerate(per_rank[1:], start=1):
             torch.testing.assert_close(
-                other[label]["params"], ours["params"], rtol=0, atol=0,
+                other[label]["params"],
+                ours["params"],
+                rtol=0,
+                atol=0,
                 msg=lambda m, label=label, r=r: f"{label}: rank {r} differs from rank 0\n{m}",
             )
         assert ours["steps"] == BUCKET_STEPS, f"{label}: the reducer counted {ours['steps']} steps"
@@ -370,7 +379,10 @@ def test_multi_bucket_ddp_keeps_ranks_identical_and_state_per_parameter():
             single = ours["one bucket"]
             assert all(len(calls) == 1 for calls in single["buckets"]), single["buckets"]
             torch.testing.assert_close(
-                ours["params"], single["params"], rtol=0, atol=1e-6,
+                ours["params"],
+                single["params"],
+                rtol=0,
+                atol=1e-6,
                 msg=lambda m, label=label: f"{label}: several buckets vs one bucket\n{m}",
             )
 
@@ -409,7 +421,8 @@ def test_none_hook_matches_plain_ddp():
     for rank, got in enumerate(per_rank):
         assert not torch.equal(got["plain ddp"], got["initial"])  # the steps did something
         torch.testing.assert_close(
-            got["gradwire none"], got["plain ddp"],
+            got["gradwire none"],
+            got["plain ddp"],
             msg=lambda m, rank=rank: f"rank {rank}: none hook differs from plain DDP\n{m}",
         )
     torch.testing.assert_close(per_rank[1]["gradwire none"], per_rank[0]["gradwire none"])

@@ -119,8 +119,14 @@ def test_inf_raises_when_asked():
         r.reduce(bad)
 
 
-RANKED = [("topk", {"ratio": 0.1, "feedback": "ef21"}), ("powersgd", {"min_compression_rate": 0}),
-          ("randk", {"ratio": 0.1}), ("qsgd", {}), ("sign", {}), ("fp16", {})]
+RANKED = [
+    ("topk", {"ratio": 0.1, "feedback": "ef21"}),
+    ("powersgd", {"min_compression_rate": 0}),
+    ("randk", {"ratio": 0.1}),
+    ("qsgd", {}),
+    ("sign", {}),
+    ("fp16", {}),
+]
 
 
 def _nonfinite_on_rank_one(rank, world):

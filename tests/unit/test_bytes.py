@@ -37,6 +37,7 @@ def powersgd_bytes(r):
     def rule(s):
         a, b = matrix(s)
         return F32 * min(r, a, b) * (a + b)
+
     return rule
 
 
@@ -73,7 +74,7 @@ def test_powersgd_rank2_formula_spelled_out():
     # 4·r·Σ(a+b) over compressed matrices + 4·d_unc
     reducer = make_reducer("powersgd", rank=2)
     reducer.reduce([torch.randn(s) for s in SHAPES])
-    compressed = [(16, 9), (32, 144), (10, 512)]   # (4, 3) fails min_compression_rate=2
+    compressed = [(16, 9), (32, 144), (10, 512)]  # (4, 3) fails min_compression_rate=2
     d_unc = 16 + 32 + 10 + 12
     assert reducer.stats()["bytes_sent"] == 4 * 2 * sum(a + b for a, b in compressed) + 4 * d_unc
 

@@ -26,12 +26,9 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "topk-all": ("topk", {"ratio": 1.0, "feedback": "ef", "min_compression_rate": 0}),
     "identity-ef21": ("none", {"feedback": "ef21", "min_compression_rate": 0}),
     "ef21": ("topk", {"ratio": 0.1, "feedback": "ef21", "min_compression_rate": 0}),
-    "econtrol-0": ("topk", {"ratio": 0.1, "feedback": "econtrol", "eta": 0.0,
-                            "min_compression_rate": 0}),
-    "econtrol-0.5": ("topk", {"ratio": 0.1, "feedback": "econtrol", "eta": 0.5,
-                              "min_compression_rate": 0}),
-    "ef21-sgdm": ("topk", {"ratio": 0.1, "feedback": "ef21-sgdm", "eta": 0.3,
-                           "min_compression_rate": 0}),
+    "econtrol-0": ("topk", {"ratio": 0.1, "feedback": "econtrol", "eta": 0.0, "min_compression_rate": 0}),
+    "econtrol-0.5": ("topk", {"ratio": 0.1, "feedback": "econtrol", "eta": 0.5, "min_compression_rate": 0}),
+    "ef21-sgdm": ("topk", {"ratio": 0.1, "feedback": "ef21-sgdm", "eta": 0.3, "min_compression_rate": 0}),
     "warmup-topk": ("topk", {"ratio": 0.05, "start_iter": 3, "min_compression_rate": 0}),
     "warmup-powersgd": ("powersgd", {"rank": 1, "start_iter": 3, "min_compression_rate": 0}),
 }
@@ -62,8 +59,9 @@ def trajectories(rank: int, world: int) -> dict[str, list[dict]]:
             g = gradients(rank, step)
             before = _snapshot(reducer.feedback.state)
             result = reducer.reduce(g)
-            steps.append({"g": g, "out": result, "before": before,
-                          "after": _snapshot(reducer.feedback.state)})
+            steps.append(
+                {"g": g, "out": result, "before": before, "after": _snapshot(reducer.feedback.state)}
+            )
         out[label] = steps
     return out
 
@@ -122,6 +120,7 @@ def test_econtrol_with_feedback_strength_differs_from_ef21():
     # guards the η = 0 check above against a rule that ignores η
     run = trajectories(0, 1)
     last = STEPS - 1
-    diff = max((a - b).abs().max().item()
-               for a, b in zip(run["econtrol-0.5"][last]["out"], run["ef21"][last]["out"]))
+    diff = max(
+        (a - b).abs().max().item() for a, b in zip(run["econtrol-0.5"][last]["out"], run["ef21"][last]["out"])
+    )
     assert diff > 1e-6
