@@ -125,11 +125,10 @@ def test_cyclic_code_with_stragglers_matches_uncoded(local_ray, tmp_path):
         "workers.count=4",
         "workers.cpus_per_worker=0.5",
         "checkpoint.every_steps=null",
+        "stragglers.inject.slowdown=20",
     ]
     base = JobSpec.from_file(EXAMPLES / "breast-cancer-coded.yaml")
-    coded_spec = base.with_overrides(
-        [*common, f"checkpoint.storage={tmp_path / 'coded'}", "stragglers.inject.slowdown=20"]
-    )
+    coded_spec = base.with_overrides([*common, f"checkpoint.storage={tmp_path / 'coded'}"])
     assert coded_spec.stragglers.code == "cyclic" and coded_spec.stragglers.s == 1
     # the uncoded baseline keeps the injected stragglers and waits for them (code 'none')
     plain_spec = base.with_overrides(
