@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.sections import write_section  # noqa: E402
 from gradwire.spec import JobSpec  # noqa: E402
 
 BEGIN, END = "<!-- overhead:begin -->", "<!-- overhead:end -->"
@@ -177,14 +178,7 @@ def render(rows: list[dict[str, Any]], steps: int, repeats: int) -> str:
 
 
 def write(out: Path, section: str) -> None:
-    text = out.read_text() if out.exists() else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    out.write_text(text)
+    write_section(out, section, BEGIN, END)
 
 
 def main() -> None:

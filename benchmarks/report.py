@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.sections import write_section as replace_section
 from benchmarks.workloads import MODELS, PSGD_RANKS, TORCH_START_ITER, numel
 
 BEGIN = "<!-- compressors:begin -->"
@@ -244,19 +245,4 @@ def interpretation(results: dict[str, Any], topk_rows: list[dict[str, Any]]) -> 
 
 
 def write_section(path: Path, section: str) -> None:
-    if path.exists():
-        text = path.read_text()
-    else:
-        text = (
-            "# Benchmarks\n\n"
-            "Measured numbers for gradwire. Each section is written by the script named in "
-            "it; rerun the script to refresh its section (other sections are kept).\n\n"
-        )
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    replace_section(path, section, BEGIN, END)

@@ -24,7 +24,6 @@ import argparse
 import datetime as dt
 import os
 import platform
-import re
 import subprocess
 import sys
 import threading
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.sections import write_section  # noqa: E402
 from gradwire.compressors import make_reducer  # noqa: E402
 from gradwire.compressors.coding import (  # noqa: E402
     Bernoulli,
@@ -312,14 +312,7 @@ def interpretation(table: dict) -> str:
 
 
 def write(out: Path, section: str) -> None:
-    text = out.read_text() if out.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = re.sub(
-            re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", lambda _: section, text, flags=re.S
-        )
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    out.write_text(text)
+    write_section(out, section, BEGIN, END)
 
 
 def main() -> None:
