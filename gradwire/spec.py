@@ -45,9 +45,9 @@ from gradwire.spec_io import (
     SpecError,
     _apply_override,
     _read_source,
-    _unique_json_object,
     _UniqueKeyLoader,
     blame,
+    unique_json_object,
 )
 
 #: Compressors whose payloads add up (encode(a) + encode(b) decodes to a + b, up to rounding), so
@@ -375,7 +375,7 @@ class JobSpec(_Section):
         """From JSON text, or from a file (a ``Path``, or a one-line string naming a .json file)."""
         text = _read_source(source, (".json",))
         try:
-            data = json.loads(text, object_pairs_hook=_unique_json_object)
+            data = json.loads(text, object_pairs_hook=unique_json_object)
         except ValueError as err:
             raise SpecError([Problem("", f"not valid JSON: {err}")]) from err
         return cls.from_dict(data)

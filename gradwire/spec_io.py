@@ -80,7 +80,8 @@ _UniqueKeyLoader.add_implicit_resolver(
 )
 
 
-def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A ``json.loads`` object hook that refuses duplicate keys (the REST API uses it too)."""
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:

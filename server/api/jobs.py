@@ -29,6 +29,7 @@ from gradwire.server.problems import FieldError, ProblemError, problem_responses
 from gradwire.server.states import JobState
 from gradwire.server.store import JobEvent, JobPoint, JobRecord
 from gradwire.spec import JobSpec
+from gradwire.spec_io import unique_json_object
 
 __all__ = ["JobEvents", "JobLinks", "JobList", "JobMetrics", "JobResource", "router"]
 
@@ -97,15 +98,6 @@ class JobMetrics(BaseModel):
 # --- submission --------------------------------------------------------------------------------
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
 def _finite(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):  # 1e999 parses as inf, which JSON cannot carry back out
@@ -139,7 +131,7 @@ async def _spec_document(request: Request) -> Any:
     raw = await request.body()
     try:
         document = json.loads(
-            raw, object_pairs_hook=_unique_keys, parse_float=_finite, parse_constant=_no_constant
+            raw, object_pairs_hook=unique_json_object, parse_float=_finite, parse_constant=_no_constant
         )
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
         raise ProblemError(400, f"the body is not valid JSON: {err}", kind="malformed-json") from None
