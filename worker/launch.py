@@ -17,44 +17,23 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from gradwire.ray_env import apply_local_ray_env, local_ray_env, ray_temp_dir  # noqa: F401 - re-exported
 from gradwire.spec import JobSpec, Problem, SpecError
 
 #: restarts of the worker group after a worker dies (Ray Train's FailureConfig)
 MAX_FAILURES = 2
-
-# Unix socket paths are limited to ~107 bytes and Ray nests session folders inside its
-# temp dir, so the project folder is used only when its path is short.
-_MAX_TEMP_DIR_CHARS = 48
 
 
 class NotEnoughResourcesError(RuntimeError):
     """The cluster cannot host the worker group the spec asks for."""
 
 
-def local_ray_env() -> dict[str, str]:
-    """Environment for a loopback-only Ray without authentication or usage reporting."""
-    return {
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-
-
-def ray_temp_dir() -> str:
-    inside = Path(".gradwire/ray").resolve()
-    if len(str(inside)) <= _MAX_TEMP_DIR_CHARS:
-        return str(inside)
-    return str(Path(tempfile.gettempdir()) / f"gw-ray-{os.getuid()}")
-
-
 def start_local_ray(num_cpus: int | None = None) -> None:
     """``ray.init`` on 127.0.0.1 only, without the dashboard."""
-    for key, value in local_ray_env().items():
-        os.environ.setdefault(key, value)
+    apply_local_ray_env()
     import ray
 
     temp_dir = ray_temp_dir()
