@@ -13,6 +13,8 @@ Besides the routers, the app has:
 - OpenAPI at ``/openapi.json`` with Swagger UI at ``/docs`` and ReDoc at ``/redoc``, their
   scripts and styles served from the ``fastapi-offline`` package, so the pages work without
   internet access;
+- request metrics (:mod:`gradwire.server.request_metrics`): every answer counted by route
+  template, method and status, and timed;
 - when the app makes its own metrics, a job-store listener counting each state change in
   ``gradwire_job_transitions_total``; ``gradwire_jobs`` is recounted at each scrape of ``/metrics``.
 """
@@ -38,6 +40,7 @@ from gradwire.server.api import open_router, v1_router
 from gradwire.server.control import JobControl, NullControl, Services
 from gradwire.server.metrics import CoordinatorMetrics
 from gradwire.server.problems import FieldError, Problem, install_problem_handlers, problem_response
+from gradwire.server.request_metrics import RequestMetrics
 from gradwire.server.settings import Settings
 from gradwire.server.states import JobState
 from gradwire.server.store import JobRecord, JobStore, Listener
@@ -199,6 +202,7 @@ def create_app(
 
     app.add_exception_handler(BodyTooLarge, body_too_large)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # added last: outermost, so it sees every answer
     app.include_router(v1_router())
     app.include_router(open_router())
     _add_docs(app)

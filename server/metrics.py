@@ -15,6 +15,10 @@ exactly the families of the metrics contract in ``ARCHITECTURE.md``::
     gradwire_jobs{state}                                     gauge
     gradwire_job_transitions_total{from,to}                  counter
     gradwire_worker_restarts_total{job}                      counter
+    gradwire_http_requests_total{route,method,status}        counter (route: the path template)
+    gradwire_http_request_duration_seconds{route,method}     histogram
+    gradwire_telemetry_reports_received_total                counter
+    gradwire_telemetry_reports_dropped_total{reason}         counter (reason: DROP_REASONS)
 
 How step reports become series (:meth:`CoordinatorMetrics.observe_report`):
 
@@ -66,7 +70,7 @@ from prometheus_client.metrics_core import Metric
 from gradwire import telemetry_pb2 as pb
 from gradwire.server.states import TERMINAL_STATES, JobState
 
-__all__ = ["PHASES", "STEP_SECONDS_BUCKETS", "CoordinatorMetrics"]
+__all__ = ["DROP_REASONS", "HTTP_SECONDS_BUCKETS", "PHASES", "STEP_SECONDS_BUCKETS", "CoordinatorMetrics"]
 
 #: Step phases of ``gradwire_step_seconds`` and the StepReport field each one is read from.
 PHASES: Mapping[str, str] = {
@@ -80,6 +84,15 @@ PHASES: Mapping[str, str] = {
 STEP_SECONDS_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
+
+#: REST latency buckets in seconds, 5 ms to 10 s.
+HTTP_SECONDS_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+#: Why a telemetry report was dropped: it failed validation; its job is unknown (refused by the
+#: sink or not in the job store); it was a re-sent copy; or the code storing it raised.
+DROP_REASONS: tuple[str, ...] = ("invalid", "unknown_job", "duplicate", "callback_error")
 
 #: Label value used when a report names no compressor.
 UNKNOWN_COMPRESSOR = "unknown"
@@ -191,6 +204,24 @@ class CoordinatorMetrics:
         self.worker_restarts = Counter(
             "gradwire_worker_restarts", "Worker-group restarts.", ["job"], registry=r
         )
+        self.http_requests = Counter(
+            "gradwire_http_requests", "REST requests answered, by route template, method and status.",
+            ["route", "method", "status"], registry=r,
+        )  # fmt: skip
+        self.http_seconds = Histogram(
+            "gradwire_http_request_duration_seconds", "Seconds from a REST request's arrival to its answer.",
+            ["route", "method"], buckets=HTTP_SECONDS_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.telemetry_received = Counter(
+            "gradwire_telemetry_reports_received", "Worker step reports the telemetry sink accepted.",
+            registry=r,
+        )  # fmt: skip
+        self.telemetry_dropped = Counter(
+            "gradwire_telemetry_reports_dropped", "Worker step reports dropped, by reason.", ["reason"],
+            registry=r,
+        )  # fmt: skip
+        for reason in DROP_REASONS:  # present at 0, so rates and alerts see every reason from the start
+            self.telemetry_dropped.labels(reason)
         for state in sorted(self._states):
             self.jobs.labels(state).set(0)
 
@@ -231,6 +262,23 @@ class CoordinatorMetrics:
         """:meth:`observe_report` for each report, in order (fits ``TelemetrySink(on_reports=...)``)."""
         for report in reports:
             self.observe_report(report)
+
+    # ---------------------------------------------------------------- the service itself
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one answered REST request (``route`` is the path template, never the raw path)."""
+        self.http_requests.labels(route, method, str(status)).inc()
+        self.http_seconds.labels(route, method).observe(_finite_nonneg(seconds))
+
+    def reports_received(self, count: int) -> None:
+        """``count`` step reports were accepted by the telemetry sink."""
+        self.telemetry_received.inc(count)
+
+    def reports_dropped(self, reason: str, count: int) -> None:
+        """``count`` step reports were dropped for ``reason`` (one of :data:`DROP_REASONS`)."""
+        if reason not in DROP_REASONS:
+            raise ValueError(f"unknown drop reason {reason!r}; expected one of {', '.join(DROP_REASONS)}")
+        self.telemetry_dropped.labels(reason).inc(count)
 
     # ---------------------------------------------------------------- job lifecycle
 

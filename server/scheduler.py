@@ -445,10 +445,8 @@ class Scheduler:
     # ---------------------------------------------------------------- telemetry
 
     def on_reports(self, reports: list[pb.StepReport]) -> None:
-        """The telemetry sink's callback: store the points, feed the metrics, spot restarts.
-
-        Reports of jobs the store does not have are dropped (no metric series for them).
-        """
+        """The telemetry sink's callback: store the points, feed the metrics, spot restarts. Reports of
+        jobs the store does not have are dropped (counted as ``unknown_job``, no series of their own)."""
         by_job: dict[str, list[pb.StepReport]] = {}
         for report in reports:
             by_job.setdefault(report.job_id, []).append(report)
@@ -457,9 +455,11 @@ class Scheduler:
                 self.store.add_points(job_id, [report_point(r) for r in batch])
             except JobNotFound:
                 log.debug("telemetry for unknown job %s dropped (%d reports)", job_id, len(batch))
+                self.metrics.reports_dropped("unknown_job", len(batch))
                 continue
             except Exception:
                 log.exception("could not store %d telemetry points of %s", len(batch), job_id)
+                self.metrics.reports_dropped("callback_error", len(batch))
             self.metrics.observe_reports(batch)
             self._placed(job_id)
             for report in batch:

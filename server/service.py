@@ -132,7 +132,7 @@ class Coordinator:
             self.store, self.cluster, self.metrics, telemetry_address=None,
             spec_dir=self.data_dir / "specs", **self._scheduler_args,
         )  # fmt: skip
-        self.sink = TelemetrySink(scheduler.on_reports, **self._sink_args)
+        self.sink = TelemetrySink(scheduler.on_reports, on_counts=self._count_reports, **self._sink_args)
         self._resume_telemetry(self.sink)
         self.sink.start()
         scheduler.telemetry_address = self._public_telemetry or self.sink.address
@@ -146,6 +146,14 @@ class Coordinator:
             scheduler.telemetry_address,
             self.cluster.dashboard_url,
         )
+
+    def _count_reports(self, what: str, count: int) -> None:
+        if self.metrics is None:
+            return
+        if what == "received":
+            self.metrics.reports_received(count)
+        else:
+            self.metrics.reports_dropped(what, count)
 
     def _resume_telemetry(self, sink: TelemetrySink) -> None:
         """Workers of jobs that outlived a previous coordinator re-send every report that one had

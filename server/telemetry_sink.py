@@ -24,6 +24,11 @@ raises, the error is logged, counted in ``callback_errors`` and the stream goes 
 not stall a worker, and re-sending would not help since those reports are already marked as seen.
 Such reports are not counted as received, so the worker's client logs the shortfall.
 
+Counts. ``on_counts(what, n)``, when given, hears about every report as it is settled: ``what`` is
+``"received"`` or a drop reason (``invalid``, ``unknown_job``, ``duplicate``, ``callback_error``);
+the coordinator feeds its Prometheus counters from it. The same numbers are kept in the sink
+(:attr:`received`, :meth:`dropped`).
+
 Security. The sink binds 127.0.0.1 unless ``allow_remote=True``; it has no authentication of its
 own, so reaching it from other hosts needs a trusted network (as a Ray cluster's is).
 """
@@ -108,6 +113,7 @@ class TelemetrySink:
         max_receive_message_length: int = 4 * 1024 * 1024,
         allow_remote: bool = False,
         accept_job: Callable[[str], bool] | None = None,
+        on_counts: Callable[[str, int], None] | None = None,
     ) -> None:
         if not allow_remote and not is_loopback(host):
             raise ValueError(
@@ -122,13 +128,16 @@ class TelemetrySink:
         self.max_workers = int(max_workers)
         self.max_receive_message_length = int(max_receive_message_length)
         self.accept_job = accept_job
+        self.on_counts = on_counts
         self._lock = threading.Lock()  # counters and de-duplication state
         self._deliver = threading.Lock()  # serialises on_reports
         self._last: dict[tuple[str, int], tuple[int, int]] = {}  # (job, rank) -> (step, wall_time ns)
         self._received = 0
         self._duplicates = 0
-        self._rejected = 0
+        self._invalid = 0
+        self._unknown_job = 0
         self._callback_errors = 0
+        self._callback_lost = 0
         self._server: grpc.Server | None = None
         self._bound: int | None = None
 
@@ -198,7 +207,25 @@ class TelemetrySink:
     def rejected(self) -> int:
         """Invalid reports, and reports for jobs ``accept_job`` refused."""
         with self._lock:
-            return self._rejected
+            return self._invalid + self._unknown_job
+
+    def dropped(self) -> dict[str, int]:
+        """Reports dropped so far by reason: ``invalid``, ``unknown_job``, ``duplicate`` and
+        ``callback_error`` (reports in batches whose ``on_reports`` call raised)."""
+        with self._lock:
+            return {
+                "invalid": self._invalid, "unknown_job": self._unknown_job,
+                "duplicate": self._duplicates, "callback_error": self._callback_lost,
+            }  # fmt: skip
+
+    def _count(self, what: str, n: int) -> None:
+        """Tell ``on_counts`` (the coordinator's metrics) about ``n`` reports received or dropped."""
+        if self.on_counts is None or n == 0:
+            return
+        try:
+            self.on_counts(what, n)
+        except Exception:
+            log.exception("telemetry counting callback failed")
 
     @property
     def callback_errors(self) -> int:
@@ -252,8 +279,13 @@ class TelemetrySink:
                         reason = refused = f"unknown job {report.job_id!r}"
                 if reason is not None:
                     log.debug("rejected telemetry report (%s) from %s", reason, context.peer())
+                    kind = "unknown_job" if reason is refused else "invalid"
                     with self._lock:
-                        self._rejected += 1
+                        if kind == "invalid":
+                            self._invalid += 1
+                        else:
+                            self._unknown_job += 1
+                    self._count(kind, 1)
                     continue
                 valid.append(report)
             accepted += self._deliver_new(valid)
@@ -269,6 +301,7 @@ class TelemetrySink:
             with self._lock:
                 fresh = [r for r in reports if self._is_new(r)]
                 self._duplicates += len(reports) - len(fresh)
+            self._count("duplicate", len(reports) - len(fresh))
             if not fresh:
                 return 0
             try:
@@ -277,9 +310,12 @@ class TelemetrySink:
                 log.exception("telemetry callback failed on %d report(s); they are dropped", len(fresh))
                 with self._lock:
                     self._callback_errors += 1
+                    self._callback_lost += len(fresh)
+                self._count("callback_error", len(fresh))
                 return 0
         with self._lock:
             self._received += len(fresh)
+        self._count("received", len(fresh))
         return len(fresh)
 
 

@@ -24,6 +24,10 @@ CONTRACT = {
     "gradwire_jobs": ("gauge", {"state"}),
     "gradwire_job_transitions": ("counter", {"from", "to"}),
     "gradwire_worker_restarts": ("counter", {"job"}),
+    "gradwire_http_requests": ("counter", {"route", "method", "status"}),
+    "gradwire_http_request_duration_seconds": ("histogram", {"route", "method"}),
+    "gradwire_telemetry_reports_received": ("counter", set()),
+    "gradwire_telemetry_reports_dropped": ("counter", {"reason"}),
 }
 
 
@@ -57,6 +61,7 @@ def test_exactly_the_contract_families() -> None:
     m.observe_report(report("a", 0, 0, 10, 40, accuracy=0.5, stragglers=[1]))
     m.observe_transition("QUEUED", "STARTING")
     m.worker_restarted("a")
+    m.observe_request("/v1/jobs", "GET", 200, 0.01)
     body, _ = m.render()
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     assert set(families) == set(CONTRACT)

@@ -1,0 +1,64 @@
+"""ASGI middleware counting every REST request in ``gradwire_http_requests_total`` and timing it in
+``gradwire_http_request_duration_seconds``.
+
+It sits outermost in the app, so a request refused by an inner middleware (413 for a body over the
+limit) and one that fails with an unhandled error (500) are counted like any other. The ``route``
+label is the matched route's path template (``/v1/jobs/{job_id}``), which the router leaves in the
+ASGI scope; requests that match no route, and those refused before routing (413), are labelled
+``unmatched``, so a scan of random paths cannot grow the number of series.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gradwire.server.metrics import CoordinatorMetrics
+
+__all__ = ["UNMATCHED", "RequestMetrics"]
+
+UNMATCHED = "unmatched"
+
+
+def route_template(scope: Scope) -> str:
+    """The full path template of the route that answered, e.g. ``/v1/jobs/{job_id}``.
+
+    The router leaves the matched route in the scope, but a route of an included router knows only
+    its own part of the path (``/jobs/{job_id}`` under the ``/v1`` prefix). The prefix is what comes
+    before the part the route's pattern matches at the end of the request path; prefixes are the
+    routers' own constants, so no part of a raw path can reach the label.
+    """
+    route = scope.get("route")
+    regex, template = getattr(route, "path_regex", None), getattr(route, "path_format", None)
+    if regex is None or not isinstance(template, str):
+        return UNMATCHED
+    path = scope.get("root_path", "") + scope["path"]
+    found = re.search(regex.pattern.removeprefix("^"), path)
+    return (path[: found.start()] + template) if found else template
+
+
+class RequestMetrics:
+    def __init__(self, app: ASGIApp, metrics: CoordinatorMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the client sees if the app raises before answering
+
+        async def noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_status)
+        finally:
+            self.metrics.observe_request(
+                route_template(scope), scope["method"], status, time.perf_counter() - started
+            )
