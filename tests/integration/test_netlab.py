@@ -209,7 +209,8 @@ def test_timeout_and_orphaned_daemons_are_killed_and_two_labs_coexist():
 
 def _start_cli(*args: str) -> tuple[subprocess.Popen, str, list[int]]:
     """Start the CLI with 2 sleeping ranks; returns it, its lab id and the ranks' pids once both run."""
-    rank = "import os, time; print('ready', os.getpid(), flush=True); time.sleep(60)"
+    # one write(2) per line: the two ranks share the CLI's stdout pipe, and print() may split a line
+    rank = "import os, time; os.write(1, f'ready {os.getpid()}\\n'.encode()); time.sleep(60)"
     cli = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.netlab", "--workers", "2", *args, "--", sys.executable, "-c",
          rank],
