@@ -174,27 +174,46 @@ class CoordinatorMetrics:
 
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.bytes_uncompressed = Counter(
-            "gradwire_grad_bytes_uncompressed", "Bytes a plain all-reduce of the gradients would have sent.",
+            "gradwire_grad_bytes_uncompressed",
+            "Gradient payload bytes a plain all-reduce of the same gradients would have handed to its "
+            "collectives, summed over ranks (payload, not wire traffic).",
             ["job", "compressor"], registry=r,
         )  # fmt: skip
         self.bytes_sent = Counter(
-            "gradwire_grad_bytes_sent", "Gradient bytes the workers actually put on the wire.",
+            "gradwire_grad_bytes_sent",
+            "Gradient payload bytes the workers handed to their collectives, summed over ranks (payload, "
+            "not wire traffic: a ring all-reduce moves 2(n-1)/n times it, an all-gather (n-1) times).",
             ["job", "compressor"], registry=r,
         )  # fmt: skip
         self.step_seconds = Histogram(
-            "gradwire_step_seconds", "Seconds per training step and phase, one sample per rank and step.",
+            "gradwire_step_seconds",
+            "Seconds per training step and phase, one sample per rank and step. Decoding counts as "
+            "communicate; wait comes from gradient-coded jobs only; the optimizer step is not included.",
             ["job", "phase"], buckets=STEP_SECONDS_BUCKETS, registry=r,
         )  # fmt: skip
-        self.train_steps = Counter("gradwire_train_steps", "Optimizer steps taken.", ["job"], registry=r)
-        self.train_loss = Gauge("gradwire_train_loss", "Latest training loss (rank 0).", ["job"], registry=r)
+        self.train_steps = Counter(
+            "gradwire_train_steps",
+            "Step reports from rank 0 since the coordinator started (re-run steps count again).",
+            ["job"], registry=r,
+        )  # fmt: skip
+        self.train_loss = Gauge(
+            "gradwire_train_loss",
+            "Loss of rank 0's own batch at its latest step, not a mean over ranks (NaN when rank 0 was "
+            "left out of a coded round before finishing a batch).",
+            ["job"], registry=r,
+        )  # fmt: skip
         self.eval_accuracy = Gauge(
             "gradwire_eval_accuracy", "Latest accuracy reported by rank 0, in [0, 1].", ["job"], registry=r
         )
         self.stragglers = Counter(
-            "gradwire_stragglers", "Workers left out of a coded gradient round.", ["job"], registry=r
-        )
+            "gradwire_stragglers",
+            "Workers left out of coded gradient rounds, from rank 0's reports: exactly s per round.",
+            ["job"], registry=r,
+        )  # fmt: skip
         self.straggler_wait = Counter(
-            "gradwire_straggler_wait_seconds", "Seconds spent waiting for the slowest needed worker.",
+            "gradwire_straggler_wait_seconds",
+            "Seconds rank 0 reported as wait: from the end of its own computation (the round's start when "
+            "it was left out) until the coded round's survivors were known.",
             ["job"], registry=r,
         )  # fmt: skip
         self.jobs = Gauge("gradwire_jobs", "Jobs per state.", ["state"], registry=r)
@@ -213,7 +232,9 @@ class CoordinatorMetrics:
             ["route", "method"], buckets=HTTP_SECONDS_BUCKETS, registry=r,
         )  # fmt: skip
         self.telemetry_received = Counter(
-            "gradwire_telemetry_reports_received", "Worker step reports the telemetry sink accepted.",
+            "gradwire_telemetry_reports_received",
+            "Worker step reports the telemetry sink accepted and handed on without error (including ones "
+            "the coordinator then dropped as unknown_job or callback_error).",
             registry=r,
         )  # fmt: skip
         self.telemetry_dropped = Counter(
