@@ -71,7 +71,7 @@ class Plan:
 
 
 FULL = Plan(4000, 4000, 1500, 10, 40, (1, 2, 4, 8), 100, 10)
-QUICK = Plan(1500, 800, 800, 10, 0, (1, 4), 30, 10)
+QUICK = Plan(1500, 800, 800, 10, 0, (1, 4), 60, 20)
 
 # label → (compressor, its parameters); the Top-k budget is the same for every compressed method
 METHODS: dict[str, tuple[str, dict]] = {
