@@ -59,8 +59,23 @@ def make_reducer(name: str, process_group: Any = None, **params: Any) -> Reducer
     return Reducer(config, compressor, process_group)
 
 
-def make_hook(name: str, process_group: Any = None, **params: Any) -> tuple[HookState, Any]:
-    """``(state, hook)`` for ``ddp.register_comm_hook(state, hook)``."""
+def make_hook(
+    name: str, process_group: Any = None, *, overlap: bool = False, **params: Any
+) -> tuple[HookState, Any]:
+    """``(state, hook)`` for ``ddp.register_comm_hook(state, hook)``.
+
+    ``overlap=True``: buckets are reduced by a background thread while backward goes on (see
+    ``gradwire.compressors.hook``); with more than one rank this makes a process group of the same
+    ranks for the hook's collectives, so call ``make_hook`` on every rank, as DDP setup does. It pays
+    when buckets are large and the link is the bottleneck; on latency-bound links every extra bucket
+    adds collectives, and one bucket without overlap is faster (docs/benchmarks.md, links).
+    """
+    import torch.distributed as dist
+
     from gradwire.compressors.hook import HookState, reducer_hook
 
-    return HookState(make_reducer(name, process_group, **params)), reducer_hook
+    if overlap and dist.is_available() and dist.is_initialized():
+        ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
+        if dist.get_world_size(process_group) > 1:
+            process_group = dist.new_group(ranks)
+    return HookState(make_reducer(name, process_group, **params), overlap=overlap), reducer_hook

@@ -42,6 +42,8 @@ class Exchanged:
     probe: torch.Tensor | None = None
     #: the aggregates live in buffers the compressor reuses next step (copy them out)
     reused: bool = False
+    #: the mean of the ``plain`` buffer a ``fuses_plain`` compressor carried in its first round
+    plain: torch.Tensor | None = None
 
 
 class Compressor(ABC):
@@ -51,6 +53,9 @@ class Compressor(ABC):
     reveals_nonfinite: ClassVar[bool] = False
     #: sends tensors unchanged (``none``): without feedback every tensor joins the plain all-reduce
     identity: ClassVar[bool] = False
+    #: ``exchange(..., plain=flat)`` all-reduces the reducer's uncompressed tensors inside its first
+    #: all-reduce (one collective fewer per step) and returns their mean as ``Exchanged.plain``
+    fuses_plain: ClassVar[bool] = False
 
     def setup(self, rank: int, world_size: int) -> None:
         """Called once by the reducer with this rank's place in the group."""

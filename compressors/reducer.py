@@ -5,7 +5,8 @@
 * tensors that are 1-D, too small to gain from compression, new to an estimate
   rule (its dense first round), or in warm-up (``step < start_iter``) travel
   uncompressed in **one** batched all-reduce, in flight while the compressed
-  tensors are exchanged;
+  tensors are exchanged (or, for a compressor that ``fuses_plain`` such as PowerSGD,
+  inside its first all-reduce: one collective fewer);
 * a NaN or Inf in any rank's input shows in what every rank receives: the plain
   all-reduce, and the compressed payloads of every compressor that declares
   ``reveals_nonfinite`` (Top-k keeps it, PowerSGD's P carries it, QSGD's norms and
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from gradwire.compressors.communicator import Communicator, Pending
+from gradwire.compressors.communicator import Communicator
 from gradwire.compressors.compressor import Compressor
 from gradwire.compressors.config import CompressorConfig
 from gradwire.compressors.feedback import make_feedback
@@ -79,16 +80,22 @@ class Reducer:
             sum(t.numel() * t.element_size() for t in tensors), self.comm.world_size
         )
         compress, plain = self._partition(tensors, keys)
-        pending_plain = self._launch_plain(tensors, plain)
+        plain_flat = self._plain_flat(tensors, plain)
+        fused = self.compressor.fuses_plain and plain_flat is not None
+        pending_plain = None if plain_flat is None or fused else self.comm.all_reduce_mean(plain_flat)
         inputs = [self.feedback.prepare(keys[i], tensors[i]) for i in compress]
-        pending = self.compressor.exchange(
-            inputs, [keys[i] for i in compress], self.step, self.comm, self.feedback.needs_local
+        compressed_keys = [keys[i] for i in compress]
+        args = (inputs, compressed_keys, self.step, self.comm, self.feedback.needs_local)
+        pending = (
+            self.compressor.exchange(*args, plain=plain_flat) if fused else self.compressor.exchange(*args)
         )
         self.compress_seconds += time.perf_counter() - started
 
         waited = time.perf_counter()
         plain_out = pending_plain.wait() if pending_plain is not None else None
         exchanged = pending.wait()
+        if fused:
+            plain_out = exchanged.plain
         done = time.perf_counter()
         self.communicate_seconds += done - waited  # includes PowerSGD's Q-round math
 
@@ -173,15 +180,16 @@ class Reducer:
         chosen = set(compress)
         return compress, [i for i in range(len(tensors)) if i not in chosen]
 
-    def _launch_plain(self, tensors: list[torch.Tensor], plain: list[int]) -> Pending | None:
-        """One all-reduce for every uncompressed tensor (plus the non-finite flag if needed)."""
+    def _plain_flat(self, tensors: list[torch.Tensor], plain: list[int]) -> torch.Tensor | None:
+        """Every uncompressed tensor (plus the non-finite flag if needed) in one flat buffer, for one
+        all-reduce of its own or a ride in the compressor's first one (``fuses_plain``)."""
         parts = [tensors[i].reshape(-1) for i in plain]
         if not self.compressor.reveals_nonfinite:
             # 0, or NaN if any element is non-finite (Inf·0 = NaN); summed by the all-reduce.
             # Sums run in float64 so that large finite gradients never overflow into a false alarm.
             flag = torch.stack([t.sum(dtype=torch.float64) for t in tensors]).sum() * 0.0
             parts.append(flag.to(tensors[0].dtype).reshape(1))
-        return self.comm.all_reduce_mean(torch.cat(parts)) if parts else None
+        return torch.cat(parts) if parts else None
 
     def _nonfinite(
         self, tensors: list[torch.Tensor], advance: bool, out: Sequence[torch.Tensor] | None

@@ -1,0 +1,261 @@
+#!/usr/bin/env python
+"""One rank of a data-parallel training run for the link benchmarks (run once per rank).
+
+Every rank reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (and GLOO_SOCKET_IFNAME) from the
+environment, as ``benchmarks.netlab.Lab.run_ranks`` sets them, trains ``--model`` with DDP over
+gloo and the gradient reduction ``--method``, and rank 0 writes ``--out`` (JSON):
+
+    {"model", "method", "workers", "params", "step_seconds": [slowest rank's time, per timed step],
+     "bytes_per_step", "wire_bytes_per_step", "evals": [{"step", "wall_seconds", "test_accuracy",
+     "test_loss"}], "compute_seconds": [...], ...}
+
+Methods: ``allreduce`` (DDP's own), ``compute-only`` (no communication at all: the floor),
+``torch-powersgd:R`` (torch's ``powerSGD_hook``; one bucket, with several it deadlocks on gloo; gradwire
+hooks get the same one bucket unless ``--overlap``),
+and gradwire's ``fp16``, ``bf16``, ``powersgd:R``, ``topk:ef``, ``topk:ef21``, ``topk:econtrol``
+(1 %), ``qsgd``, ``none``. Evaluation pauses the clock: ``wall_seconds`` is training time only.
+
+    python -m benchmarks.netlab --workers 4 --rate 100mbit --topology shared -- \\
+        python benchmarks/linkrun.py --model digits_cnn --method powersgd:2 --steps 30 --out /tmp/r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_psgd
+from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from gradwire.compressors import make_hook
+from gradwire.compressors.ledger import ring_all_reduce_bytes
+from gradwire.worker.datasets import Dataset, get_dataset
+from gradwire.worker.models import build_model
+
+
+class DigitsCNN(nn.Module):
+    """1.07 M parameters: two 3×3 convs (32, 64 channels) on the 8×8 image, then a 4096→256→10 MLP.
+    Most parameters sit in the first linear layer, whose gradient is ready early in backward, while
+    most of backward's compute is in the convolutions that follow it."""
+
+    def __init__(self, num_features: int = 64, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU()
+        )
+        self.classifier = nn.Sequential(nn.Linear(64 * 64, 256), nn.ReLU(), nn.Linear(256, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x.reshape(-1, 1, 8, 8)).flatten(1))
+
+
+#: The two workloads: a 1.07 M-parameter CNN on 8×8 digits (SGD) and a small causal transformer
+#: LM on tiny_text (Adam). Sizes chosen so that communication matters on a 100 Mbit/s link.
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "digits_cnn": {
+        "dataset": ("digits", {}),
+        "model": (DigitsCNN, {}),
+        "optimizer": ("sgd", 0.05),
+        "target": 0.95,
+    },
+    "tiny_lm": {
+        "dataset": ("tiny_text", {"context": 32, "num_sequences": 4096}),
+        "model": ("transformer_lm", {"d_model": 128, "layers": 4, "heads": 4}),
+        "optimizer": ("adam", 0.003),
+        "target": 0.60,
+    },
+}
+
+#: gradwire methods: registry name and parameters.
+GRADWIRE: dict[str, tuple[str, dict[str, Any]]] = {
+    "none": ("none", {}),
+    "fp16": ("fp16", {}),
+    "bf16": ("bf16", {}),
+    "topk:ef": ("topk", {"ratio": 0.01, "feedback": "ef"}),
+    "topk:ef21": ("topk", {"ratio": 0.01, "feedback": "ef21"}),
+    "topk:econtrol": ("topk", {"ratio": 0.01, "feedback": "econtrol"}),
+    "qsgd": ("qsgd", {}),
+}
+TORCH_START_ITER = 2  # torch's hook needs > 1 with error feedback or warm start
+ONE_BUCKET_MB = 1024.0
+
+
+def parse_method(method: str) -> tuple[str, dict[str, Any]]:
+    """``(kind, params)``: kind is allreduce, compute-only, torch-powersgd or a registry name."""
+    if method in ("allreduce", "compute-only"):
+        return method, {}
+    if method in GRADWIRE:
+        return GRADWIRE[method]
+    name, _, rank = method.partition(":")
+    if name in ("powersgd", "torch-powersgd") and rank.isdigit() and int(rank) >= 1:
+        return name, {"rank": int(rank)}
+    known = ["allreduce", "compute-only", "torch-powersgd:R", "powersgd:R", *GRADWIRE]
+    raise ValueError(f"unknown method {method!r}; expected one of {', '.join(known)}")
+
+
+def torch_psgd_bytes(model: nn.Module, rank: int) -> int:
+    """Payload bytes torch's hook sends per step after warm-up, by its own rule: a matrix is
+    compressed when ``a·b > 2·r·(a+b)`` (min_compression_rate 2), the rest is all-reduced."""
+    total = 0
+    for p in model.parameters():
+        a = p.shape[0]
+        b = p.numel() // a
+        if p.ndim > 1 and a * b > 2 * min(rank, a, b) * (a + b):
+            total += 4 * min(rank, a, b) * (a + b)
+        else:
+            total += 4 * p.numel()
+    return total
+
+
+def attach(ddp: DistributedDataParallel, kind: str, params: dict[str, Any], overlap: bool = False) -> Any:
+    """Register the method's comm hook; returns gradwire's hook state (or None)."""
+    if kind == "compute-only":
+        ddp.register_comm_hook(None, noop_hook)
+    elif kind == "torch-powersgd":
+        state = torch_psgd.PowerSGDState(
+            process_group=None, matrix_approximation_rank=params["rank"],
+            start_powerSGD_iter=TORCH_START_ITER, use_error_feedback=True, warm_start=True,
+        )  # fmt: skip
+        ddp.register_comm_hook(state, torch_psgd.powerSGD_hook)
+    elif kind != "allreduce":
+        state, hook = make_hook(kind, overlap=overlap, **params)
+        ddp.register_comm_hook(state, hook)
+        return state
+    return None
+
+
+def loss_and_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    logits = model(x)
+    if logits.ndim == 3:  # language model: per next token
+        logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+    loss = F.cross_entropy(logits, y)
+    return loss, int((logits.argmax(-1) == y).sum()), int(y.numel())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset) -> tuple[float, float]:
+    model.eval()
+    loss, correct, count = loss_and_correct(model, data.x_test, data.y_test)
+    model.train()
+    return correct / count, float(loss)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=dt.timedelta(seconds=300))
+    work = WORKLOADS[args.model]
+    kind, params = parse_method(args.method)
+    data_name, data_params = work["dataset"]
+    data = get_dataset(data_name, seed=args.seed, **data_params)
+    torch.manual_seed(args.seed)  # the same initial model on every rank
+    model_name, model_params = work["model"]
+    if isinstance(model_name, str):
+        model = build_model(model_name, data.num_features, data.num_classes, **model_params)
+    else:
+        model = model_name(data.num_features, data.num_classes, **model_params)
+    # torch's hook deadlocks on gloo with several buckets; gradwire's hooks get the same one bucket
+    # (fewest collectives per step) unless --overlap or --bucket-mb say otherwise
+    one_bucket = (kind != "allreduce" and not args.overlap) or args.bucket_mb is not None
+    cap = (args.bucket_mb or ONE_BUCKET_MB) if one_bucket else None
+    ddp = DistributedDataParallel(model, bucket_cap_mb=cap)
+    state = attach(ddp, kind, params, args.overlap)
+    opt_name, lr = work["optimizer"]
+    lr = args.lr or lr
+    opt = (torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9) if opt_name == "sgd"
+           else torch.optim.Adam(ddp.parameters(), lr=lr))  # fmt: skip
+
+    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own batches
+    n_train = len(data.y_train)
+    step_times: list[float] = []
+    evals: list[dict[str, float]] = []
+    wall = 0.0
+    bytes_before = None
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup and state is not None:
+            bytes_before = state.stats()
+        idx = torch.randint(n_train, (args.batch,), generator=gen)
+        started = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss, _, _ = loss_and_correct(ddp, data.x_train[idx], data.y_train[idx])
+        loss.backward()
+        opt.step()
+        elapsed = time.perf_counter() - started
+        if step >= args.warmup:
+            step_times.append(elapsed)
+        wall += elapsed
+        done = step + 1
+        if args.eval_every and (done % args.eval_every == 0 or done == args.warmup + args.steps):
+            accuracy, test_loss = evaluate(model, data)
+            evals.append(
+                {"step": done, "wall_seconds": wall, "test_accuracy": accuracy, "test_loss": test_loss}
+            )
+            dist.barrier()  # every rank evaluated; the clock starts again together
+
+    per_rank: list[list[float] | None] = [None] * world
+    dist.all_gather_object(per_rank, step_times)
+    slowest = [max(times) for times in zip(*per_rank)]  # type: ignore[arg-type]
+    numel = sum(p.numel() for p in model.parameters())
+    if state is not None:
+        after = state.stats()
+        payload = (after["bytes_sent"] - bytes_before["bytes_sent"]) / args.steps
+        wire = (after["wire_bytes_sent"] - bytes_before["wire_bytes_sent"]) / args.steps
+    elif kind == "compute-only":
+        payload = wire = 0.0
+    else:
+        payload = float(torch_psgd_bytes(model, params["rank"]) if kind == "torch-powersgd" else 4 * numel)
+        wire = ring_all_reduce_bytes(int(payload), world)
+    dist.destroy_process_group()
+    if rank != 0:
+        return None
+    return {
+        "model": args.model, "method": args.method, "workers": world, "params": numel,
+        "batch_per_rank": args.batch, "warmup": args.warmup, "steps": args.steps,
+        "step_seconds": slowest, "bytes_per_step": payload, "wire_bytes_per_step": wire,
+        "evals": evals, "target_accuracy": work["target"],
+    }  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(WORKLOADS), default="digits_cnn")
+    parser.add_argument("--method", default="allreduce")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=32, help="examples per rank and step")
+    parser.add_argument("--eval-every", type=int, default=0, help="0: no evaluation")
+    parser.add_argument("--lr", type=float, default=None, help="default: the workload's")
+    parser.add_argument("--bucket-mb", type=float, default=None, help="DDP bucket cap (default: DDP's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overlap", action="store_true", help="gradwire: reduce buckets in a thread")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    parse_method(args.method)  # fail before any rank connects
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.threads < 1:
+        parser.error("--steps, --batch and --threads must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    result = run(args)
+    if result is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
