@@ -16,14 +16,14 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # Debian packages some tests use (a real Prometheus and promtool, docker-compose to validate the
-# compose file): installed when missing and we are root with apt-get (a Prometheus the package may
+# compose file, iproute2's ip and tc for the shaped-link harness): installed when missing and we are root with apt-get (a Prometheus the package may
 # have started on every interface is stopped; tests start their own on 127.0.0.1); otherwise they skip
 system-deps:
-	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null; then \
+	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null || ! command -v tc >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus docker-compose iproute2 >/dev/null \
 	      && { pkill -x prometheus 2>/dev/null || true; }; \
-	  else echo "promtool or docker-compose missing and no root apt-get: their tests will be skipped"; fi; fi
+	  else echo "promtool, docker-compose or tc missing and no root apt-get: their tests will be skipped"; fi; fi
 
 # the coordinator on 127.0.0.1 with an embedded Ray; one digits job submitted over REST, followed to the end
 demo: setup
@@ -39,8 +39,12 @@ lint: setup
 test: lint system-deps
 	$(PY) -m pytest
 
+# the quick set of every benchmark (~20 minutes on 2 cores; the link benchmarks need root)
 bench: setup
-	$(PY) benchmarks/compressors.py
+	$(PY) benchmarks/compressors.py --quick
+	$(PY) benchmarks/links.py --quick
+	$(PY) benchmarks/convergence.py --quick
+	$(PY) benchmarks/costmodel.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
