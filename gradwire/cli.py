@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gradwire.cli_plan import register as register_plan_command
 from gradwire.cli_service import register as register_service_commands
 from gradwire.console import TelemetryProgress, summary
 
@@ -101,6 +102,7 @@ def train(
 
 
 register_service_commands(app)
+register_plan_command(app)
 
 
 def main() -> None:
