@@ -1,0 +1,218 @@
+#!/usr/bin/env python
+"""Time to accuracy on shaped links: 4 gloo ranks behind a 100 Mbit/s or 1 Gbit/s link (netlab),
+plain all-reduce, torch's ``powerSGD_hook`` and gradwire's compressors side by side.
+
+Two measurements per model, combined into time to accuracy:
+
+1. **Step time on each link**: ``--timed`` steps of every method inside a shaped lab (median, p95
+   of the slowest rank per step), and the bytes each rank sends per step.
+2. **Accuracy per step**: every method trained ``--train-steps`` steps in an unshaped lab,
+   evaluated every ``--eval-every`` steps. With the same seeds, the accuracy after step t does not
+   depend on how fast the link is, only the wall time of step t does.
+
+Time to a target accuracy on a link = the first evaluated step reaching it × that link's median
+step time for the method; the plots draw accuracy against step × median step time. Needs root
+(network namespaces); writes the ``links`` section of docs/benchmarks.md and docs/img/links-*.png.
+
+    python benchmarks/links.py --quick            # digits CNN, 6 methods, both rates (~10 min)
+    python benchmarks/links.py                    # both models, every method (~40 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.netlab import Lab, support_problem
+from benchmarks.sections import write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+LINKRUN = ROOT / "benchmarks" / "linkrun.py"
+BEGIN, END = "<!-- links:begin -->", "<!-- links:end -->"
+ALL_METHODS = [
+    "compute-only", "allreduce", "torch-powersgd:2", "torch-powersgd:4", "fp16", "powersgd:2",
+    "powersgd:4", "topk:ef", "topk:ef21", "topk:econtrol", "qsgd",
+]  # fmt: skip
+QUICK_METHODS = ["compute-only", "allreduce", "torch-powersgd:2", "powersgd:2", "fp16", "topk:ef"]
+TARGETS = {"digits_cnn": 0.95, "tiny_lm": 0.55}
+
+
+def run_ranks(lab: Lab, model: str, method: str, extra: list[str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="links-") as tmp:
+        out = Path(tmp) / "r.json"
+        argv = [sys.executable, str(LINKRUN), "--model", model, "--method", method, "--out", str(out), *extra]
+        lab.run_ranks(argv, timeout=1800)
+        return json.loads(out.read_text())
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"curves": {}, "steps": {}}
+    for model in args.models:
+        with Lab(workers=args.workers, rate=None, topology=args.topology) as lab:
+            for method in args.methods:
+                if method == "compute-only":
+                    continue
+                extra = ["--steps", str(args.train_steps), "--warmup", "0"]
+                extra += ["--eval-every", str(args.eval_every)]
+                found = run_ranks(lab, model, method, extra)
+                results["curves"][f"{model}|{method}"] = found["evals"]
+                final = found["evals"][-1]["test_accuracy"]
+                print(f"{model:10s} {method:18s} accuracy {final:.3f}", flush=True)
+        for rate in args.rates:
+            with Lab(workers=args.workers, rate=rate, topology=args.topology) as lab:
+                for method in args.methods:
+                    timed = args.timed if method != "allreduce" or rate != "100mbit" else args.timed_slow
+                    found = run_ranks(lab, model, method, ["--steps", str(timed), "--warmup", "3"])
+                    times = found["step_seconds"]
+                    median = 1000 * statistics.median(times)
+                    results["steps"][f"{model}|{rate}|{method}"] = {
+                        "median_ms": median, "p95_ms": 1000 * percentile(times, 0.95),
+                        "bytes": found["bytes_per_step"], "params": found["params"],
+                    }  # fmt: skip
+                    print(f"{model:10s} {rate:8s} {method:18s} {median:8.1f} ms/step", flush=True)
+    return results
+
+
+def time_to(curve: list[dict[str, float]], target: float, step_ms: float) -> float | None:
+    for point in curve:
+        if point["test_accuracy"] >= target:
+            return point["step"] * step_ms / 1000
+    return None
+
+
+def plot(results: dict[str, Any], args: argparse.Namespace, img_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    for model in args.models:
+        for rate in args.rates:
+            fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=90)
+            for method in args.methods:
+                curve = results["curves"].get(f"{model}|{method}")
+                step = results["steps"].get(f"{model}|{rate}|{method}")
+                if not curve or not step:
+                    continue
+                ax.plot([p["step"] * step["median_ms"] / 1000 for p in curve],
+                        [p["test_accuracy"] for p in curve], marker=".", label=method)  # fmt: skip
+            ax.axhline(TARGETS[model], color="grey", linestyle=":", linewidth=1)
+            ax.set_xscale("log")
+            ax.set_xlabel("training wall time, s (log)")
+            ax.set_ylabel("test accuracy")
+            ax.set_title(f"{model}, {args.workers} ranks, {rate} {args.topology} link")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            name = f"links-{model}-{rate}.png"
+            fig.savefig(img_dir / name)
+            plt.close(fig)
+            names.append(name)
+    return names
+
+
+def render(results: dict[str, Any], args: argparse.Namespace, images: list[str], command: str) -> str:
+    lines = [
+        BEGIN, "## Time to accuracy on shaped links (`benchmarks/links.py`)", "",
+        f"Command: `{command}` — run {dt.date.today().isoformat()} on {platform.machine()}, "
+        f"{platform.python_version()}, 2 shared cores, {args.workers} gloo ranks (1 thread each) "
+        f"in a netlab `{args.topology}` topology (docs/netlab.md). Step times: median and p95 of the "
+        f"slowest rank over {args.timed} timed steps ({args.timed_slow} for all-reduce at 100 Mbit/s) "
+        f"after 3 warm-up steps. Accuracy: {args.train_steps} steps per method in an unshaped lab, "
+        f"evaluated every {args.eval_every}; time to target = first step at the target × the link's "
+        "median step time (accuracy per step does not depend on the link).", "",
+    ]  # fmt: skip
+    for model in args.models:
+        target = TARGETS[model]
+        for rate in args.rates:
+            lines += [f"**{model}, {rate}** (target test accuracy {target:.2f})", "",
+                      "| method | step median ms | p95 ms | bytes/step/rank | time to target s | final acc |",
+                      "|:--|--:|--:|--:|--:|--:|"]  # fmt: skip
+            for method in args.methods:
+                step = results["steps"].get(f"{model}|{rate}|{method}")
+                curve = results["curves"].get(f"{model}|{method}", [])
+                if step is None:
+                    continue
+                tta = time_to(curve, target, step["median_ms"]) if curve else None
+                final = f"{curve[-1]['test_accuracy']:.3f}" if curve else "–"
+                tta_s = "–" if method == "compute-only" else ("not reached" if tta is None else f"{tta:.1f}")
+                lines.append(f"| {method} | {step['median_ms']:.1f} | {step['p95_ms']:.1f} | "
+                             f"{step['bytes']:,.0f} | {tta_s} | {final} |")  # fmt: skip
+            lines += ["", *verdicts(results, model, rate), ""]
+    lines += [f"![{name}](img/{name})" for name in images]
+    lines += ["", END]
+    return "\n".join(lines) + "\n"
+
+
+def verdicts(results: dict[str, Any], model: str, rate: str) -> list[str]:
+    out = []
+    steps, curves = results["steps"], results["curves"]
+    for r in (2, 4):
+        ours = steps.get(f"{model}|{rate}|powersgd:{r}")
+        theirs = steps.get(f"{model}|{rate}|torch-powersgd:{r}")
+        if not ours or not theirs:
+            continue
+        ratio = ours["median_ms"] / theirs["median_ms"]
+        verdict = "met" if ratio <= 0.75 else "missed"
+        out.append(f"- PowerSGD r={r}: gradwire {ours['median_ms']:.1f} ms vs torch's hook "
+                   f"{theirs['median_ms']:.1f} ms per step = {ratio:.2f}× (target ≤ 0.75×: {verdict}).")
+        target = TARGETS[model]
+        tta_ours = time_to(curves.get(f"{model}|powersgd:{r}", []), target, ours["median_ms"])
+        tta_theirs = time_to(curves.get(f"{model}|torch-powersgd:{r}", []), target, theirs["median_ms"])
+        if tta_ours and tta_theirs:
+            ratio = tta_ours / tta_theirs
+            out.append(f"- Time to {target:.2f}: {tta_ours:.1f} s vs {tta_theirs:.1f} s = {ratio:.2f}× "
+                       f"(target ≤ 0.8×: {'met' if ratio <= 0.8 else 'missed'}).")
+        base, mine = curves.get(f"{model}|allreduce"), curves.get(f"{model}|powersgd:{r}")
+        if base and mine:
+            gap = 100 * (base[-1]["test_accuracy"] - mine[-1]["test_accuracy"])
+            out.append(f"- Final accuracy vs uncompressed: {gap:+.1f} points below "
+                       f"(target ≤ 0.5: {'met' if gap <= 0.5 else 'missed'}).")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--topology", choices=["shared", "switch"], default="shared")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--img-dir", type=Path, default=ROOT / "docs" / "img")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    args = parser.parse_args(argv)
+    problem = support_problem()
+    if problem:
+        parser.exit(2, f"links.py: {problem}\n")
+    args.models = ["digits_cnn"] if args.quick else ["digits_cnn", "tiny_lm"]
+    args.methods = QUICK_METHODS if args.quick else ALL_METHODS
+    args.rates = ["100mbit", "1gbit"]
+    args.timed, args.timed_slow = (15, 6) if args.quick else (30, 10)
+    args.train_steps, args.eval_every = (150, 10) if args.quick else (300, 20)
+    results = measure(args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    args.img_dir.mkdir(parents=True, exist_ok=True)
+    images = plot(results, args, args.img_dir)
+    command = "python benchmarks/links.py" + (" --quick" if args.quick else "")
+    if args.topology != "shared":
+        command += f" --topology {args.topology}"
+    section = render(results, args, images, command)
+    print(section)
+    write_section(args.out, section, BEGIN, END)
+
+
+if __name__ == "__main__":
+    main()
