@@ -238,7 +238,8 @@ def test_positive_cases_conform(target: Target) -> None:
     assert not found, "\n\n".join(found)
     assert target.requests >= 250, target.requests
     # the steering worked: the run reached the success paths, not only 404 and 422
-    assert {202, 200} <= target.statuses["POST /v1/jobs"], target.statuses
+    # (202: created; an idempotent replay's 200 is not always drawn, test_server_api.py checks it)
+    assert 202 in target.statuses["POST /v1/jobs"], target.statuses
     assert 200 in target.statuses["GET /v1/jobs/{job_id}"], target.statuses
     assert 200 in target.statuses["GET /v1/jobs/{job_id}/metrics"], target.statuses
     assert 204 in target.statuses["DELETE /v1/jobs/{job_id}"], target.statuses
