@@ -7,7 +7,7 @@ gloo and the gradient reduction ``--method``, and rank 0 writes ``--out`` (JSON)
 
     {"model", "method", "workers", "params", "step_seconds": [slowest rank's time, per timed step],
      "bytes_per_step", "wire_bytes_per_step", "evals": [{"step", "wall_seconds", "test_accuracy",
-     "test_loss"}], "compute_seconds": [...], ...}
+     "test_loss"}], "target_accuracy", ...}
 
 Methods: ``allreduce`` (DDP's own), ``compute-only`` (no communication at all: the floor),
 ``torch-powersgd:R`` (torch's ``powerSGD_hook``; one bucket, with several it deadlocks on gloo; gradwire
