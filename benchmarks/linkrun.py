@@ -7,7 +7,7 @@ gloo and the gradient reduction ``--method``, and rank 0 writes ``--out`` (JSON)
 
     {"model", "method", "workers", "params", "step_seconds": [slowest rank's time, per timed step],
      "bytes_per_step", "wire_bytes_per_step", "evals": [{"step", "wall_seconds", "test_accuracy",
-     "test_loss"}], "target_accuracy", ...}
+     "test_loss"}], "target_accuracy", "compress_seconds_per_step", "communicate_seconds_per_step"}
 
 Methods: ``allreduce`` (DDP's own), ``compute-only`` (no communication at all: the floor),
 ``torch-powersgd:R`` (torch's ``powerSGD_hook``; one bucket, with several it deadlocks on gloo; gradwire
@@ -208,15 +208,20 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     dist.all_gather_object(per_rank, step_times)
     slowest = [max(times) for times in zip(*per_rank)]  # type: ignore[arg-type]
     numel = sum(p.numel() for p in model.parameters())
+    hook_seconds = {"compress_seconds": 0.0, "communicate_seconds": 0.0}
     if state is not None:
         after = state.stats()
         payload = (after["bytes_sent"] - bytes_before["bytes_sent"]) / args.steps
         wire = (after["wire_bytes_sent"] - bytes_before["wire_bytes_sent"]) / args.steps
+        for key in ("compress_seconds", "communicate_seconds"):
+            hook_seconds[key] = (after[key] - bytes_before[key]) / args.steps
     elif kind == "compute-only":
         payload = wire = 0.0
     else:
         payload = float(torch_psgd_bytes(model, params["rank"]) if kind == "torch-powersgd" else 4 * numel)
         wire = ring_all_reduce_bytes(int(payload), world)
+    ranks_hook: list[dict[str, float] | None] = [None] * world
+    dist.all_gather_object(ranks_hook, hook_seconds)
     dist.destroy_process_group()
     if rank != 0:
         return None
@@ -225,6 +230,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         "batch_per_rank": args.batch, "warmup": args.warmup, "steps": args.steps,
         "step_seconds": slowest, "bytes_per_step": payload, "wire_bytes_per_step": wire,
         "evals": evals, "target_accuracy": work["target"],
+        # gradwire hooks: per step and rank (mean over ranks): compression math, and launch to
+        # completion of the collectives (PowerSGD's Q-round math included)
+        **{f"{key}_per_step": sum(h[key] for h in ranks_hook) / world for key in hook_seconds},  # type: ignore[index]
     }  # fmt: skip
 
 
