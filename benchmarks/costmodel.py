@@ -10,10 +10,11 @@
     linkrun's ledger. (d) Predictions for n = 8 … 1024 at 1/10/100 Gbit/s: which compressor wins where.
 
     python benchmarks/costmodel.py [--quick] [--out docs/benchmarks.md] \
-        [--calibration gradwire/calibration.json] [--json results.json]
+        [--calibration gradwire/calibration.json] [--json results.json] [--replay results.json]
 
-Needs root. ``--quick`` (< 5 min): digits CNN, 100 Mbit/s, switch. Full (< 20 min on an idle machine):
-100 Mbit/s and 1 Gbit/s, both topologies, the LM on the switch; ``--calibration``: every example spec.
+Needs root (not ``--replay``: it refits and revalidates a ``--json`` file's labs). ``--quick`` (< 5 min):
+digits CNN, 100 Mbit/s, switch. Full (< 20 min idle): 100 Mbit/s and 1 Gbit/s, both topologies, the LM
+on the switch; ``--calibration``: every example spec.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.costmodel_report import BEGIN, END, TARGET, machine, render  # noqa: E402
+from benchmarks.netlab import Lab, parse_rate  # noqa: E402
 from benchmarks.sections import write_section  # noqa: E402
 from gradwire.compressors.registry import parse_config  # noqa: E402
 from gradwire.costmodel import (  # noqa: E402
@@ -50,14 +53,13 @@ from gradwire.costmodel import (  # noqa: E402
     step_traffic,
 )
 
-BEGIN, END = "<!-- costmodel:begin -->", "<!-- costmodel:end -->"
-TARGET = 0.15
 METHODS = {"none": ("none", {}), "fp16": ("fp16", {}), "powersgd:2": ("powersgd", {"rank": 2}),
            "topk:ef": ("topk", {"ratio": 0.01, "feedback": "ef"})}
 SCALE_N, SCALE_RATES = (8, 32, 128, 1024), ("1gbit", "10gbit", "100gbit")
 STORE_PORTS = 21000  # in the lab's fresh namespaces nothing else listens there
 PROBE_SECONDS = 0.15  # largest probe collective: about this long at the nominal rate
 TIMES = ("compute", "comm", "exposed", "step")
+ONE_BUCKET = {"first_bucket_bytes": 1 << 30, "bucket_bytes": 1 << 30}  # linkrun.ONE_BUCKET_MB
 
 
 # --- inside the lab: one process per rank ------------------------------------------------------
@@ -148,7 +150,6 @@ def _probe(plan: dict, folder: Path) -> None:
 
 def probe_sizes(rate: str | None, n: int, topology: str) -> dict[str, list[int]]:
     """Message sizes up to about PROBE_SECONDS at the nominal rate (8 MiB unshaped)."""
-    from benchmarks.netlab import parse_rate
 
     bits = parse_rate(rate)
     out = {}
@@ -160,7 +161,6 @@ def probe_sizes(rate: str | None, n: int, topology: str) -> dict[str, list[int]]
 
 
 def run_lab(rate: str | None, topology: str, n: int, runs: list[dict], tmp: Path, reps: int = 9) -> dict:
-    from benchmarks.netlab import Lab
 
     folder = tmp / f"{rate}-{topology}-{n}"
     folder.mkdir()
@@ -306,14 +306,13 @@ def fit_rates(models: dict[str, dict]) -> dict[str, dict[str, float]]:
 # --- validation and predictions ------------------------------------------------------------------
 
 
-def validate(labs: list[dict], fits: dict, works: dict[str, dict], cal_models: dict) -> list[dict]:
+def validate(labs: list[dict], fits: dict, works: dict[str, dict]) -> list[dict]:
     """Predicted vs measured step of every run. This machine's n ranks share its cores, so compute is
     the lab's own ``compute-only`` step, compression what the n ranks measured at once, and it cannot
-    hide behind backward (no spare core); bucket ready times: one-process fractions of compute."""
+    hide behind backward (no spare core); one bucket, handed over when backward ends (as linkrun runs)."""
     rows = []
     for lab in labs:
-        n = lab["n"]
-        pooled: dict[str, list[float]] = {}
+        n, pooled = lab["n"], {}
         for r in lab["runs"]:
             if r["method"] == "compute-only":
                 pooled.setdefault(r["model"], []).extend(r["step_seconds"])
@@ -324,11 +323,10 @@ def validate(labs: list[dict], fits: dict, works: dict[str, dict], cal_models: d
             config = parse_config(*METHODS[run["method"]])
             c = lab["compress"][f"{run['model']} {run['method']}"]
             compress = CompressTime(c["base_s"], c["per_rank_s"]).seconds(n)
-            traffic = step_traffic(ddp_buckets(works[run["model"]]["shapes"]), config)
+            traffic = step_traffic(ddp_buckets(works[run["model"]]["shapes"], **ONE_BUCKET), config)
             fit = fits[(lab["rate"], lab["topology"])]
             link = Link(fit["bandwidth"], fit["alpha_s"][n], lab["topology"], lab["burst"])
-            windows = [f * compute[run["model"]] for f in cal_models[works[run["model"]]["key"]]["windows"]]
-            got = predict_step(traffic, n, link, compute[run["model"]], compress, windows, spare_cores=False)
+            got = predict_step(traffic, n, link, compute[run["model"]], compress, None, spare_cores=False)
             measured = statistics.median(run["step_seconds"])
             error = got.step_s / measured - 1
             rows.append({"model": run["model"], "n": n, "rate": lab["rate"], "topology": lab["topology"],
@@ -340,7 +338,6 @@ def validate(labs: list[dict], fits: dict, works: dict[str, dict], cal_models: d
 
 
 def predictions(work: dict, entry: dict, alpha: float, efficiency: float) -> list[dict]:
-    from benchmarks.netlab import parse_rate
     from gradwire.cli_plan import DEFAULT_CONFIGS
 
     rows = []
@@ -362,92 +359,31 @@ def predictions(work: dict, entry: dict, alpha: float, efficiency: float) -> lis
     return rows
 
 
-# --- the report -----------------------------------------------------------------------------------
-
-
-def machine() -> str:
-    import platform
-
-    import torch
-
-    return f"{os.cpu_count()} CPU cores, {platform.platform()}, torch {torch.__version__}"
-
-
-def render(args, fits: dict, rows: list[dict], scale: dict[str, list[dict]], cal: dict, seconds: float,
-           loads: tuple[float, float]) -> str:
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    cmd = "python benchmarks/costmodel.py" + (" --quick" if args.quick else "")
-    passed = sum(r["pass"] for r in rows)
-    out = [BEGIN, "## Cost model: α–β fit, validation on shaped links, predictions at scale", "",
-           f"Produced by `{cmd}` on {now} in {seconds / 60:.1f} min. Machine: {machine()}; 1-minute load "
-           f"average {loads[0]:.1f} before, {loads[1]:.1f} after (other work shared the cores). Model and "
-           "derivations: `gradwire/costmodel.py`, docs/plan.md.", "",
-           "**Fit** (back-to-back gloo collectives in netlab; one B per link, α per n; tbf burst "
-           "modelled):", "",
-           "| link | topology | α µs, n = 2 | α µs, n = 4 | fitted B Mbit/s | goodput | rms error | points |",
-           "|:---|:---|---:|---:|---:|---:|---:|---:|"]
-    from benchmarks.netlab import parse_rate
-
-    for (rate, topology), f in fits.items():
-        nominal = parse_rate(rate)
-        goodput = "-" if nominal is None else f"{f['bandwidth'] * 8 / nominal:.0%}"
-        alphas = " | ".join(f"{f['alpha_s'].get(n, math.nan) * 1e6:.0f}" for n in (2, 4))
-        out.append(f"| {rate or 'unshaped'} | {topology} | {alphas} | "
-                   f"{f['bandwidth'] * 8 / 1e6:,.0f} | {goodput} | {f['rms_error']:.0%} | {f['points']} |")
-    out += ["", f"**Validation**: linkrun median step time vs prediction, target within {TARGET:.0%}: "
-            f"{passed} of {len(rows)} PASS. Compute = linkrun's `compute-only` step in the same lab; "
-            "compression = the reducer's step over the model's DDP buckets timed on all n ranks at once in "
-            "that lab (no communication; gather decoding of n payloads included); comm = the α–β model of "
-            "the bytes derived for the method, with the lab's fitted α, B and tbf burst; exposed = what "
-            "backward does not hide (compression in full: no spare core here; communication after each "
-            "bucket's measured ready time); predicted = compute + exposed; bytes = the model's payload "
-            "per step vs linkrun's ledger. Times in ms, medians over the timed steps.", "",
-            "| model | n | link | topology | method | compute | compress | comm | exposed | predicted ms "
-            "| measured ms | error | result | bytes model / ledger |",
-            "|:---|---:|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|:---|---:|"]
-    for r in rows:
-        same = "=" if r["model_bytes"] == round(r["ledger_bytes"]) else f"≠ {r['ledger_bytes']:,.0f}"
-        out.append(f"| {r['model']} | {r['n']} | {r['rate']} | {r['topology']} | {r['method']} | "
-                   f"{r['compute_ms']:.0f} | {r['compress_ms']:.0f} | {r['comm_ms']:.0f} | "
-                   f"{r['exposed_ms']:.0f} | {r['step_ms']:.0f} | {r['measured_ms']:.0f} | "
-                   f"{r['error']:+.0%} | {'PASS' if r['pass'] else 'FAIL'} | {r['model_bytes']:,} {same} |")
-    out += ["", "**Predictions** (switch topology, "
-            f"α = {cal['latency_s'] * 1e6:.0f} µs from the unshaped n = 2 probes' lower quartiles, "
-            f"goodput {cal['efficiency']:.0%} of the nominal rate, compute and compression measured on one "
-            "process here, gather decoding growing with n). Step ms per compressor; **bold** = best:", ""]
-    for name, table in scale.items():
-        labels = list(table[0]["ms"])
-        out += [f"*{name}*", "", "| link | n | " + " | ".join(labels) + " | best vs none |",
-                "|:---|---:|" + "---:|" * len(labels) + "---:|"]
-        for row in table:
-            best = min(row["ms"], key=row["ms"].get)
-            cells = [f"**{v:,.0f}**" if k == best else f"{v:,.0f}" for k, v in row["ms"].items()]
-            speed = row["ms"]["none"] / row["ms"][best]
-            out.append(f"| {row['rate']} | {row['n']} | " + " | ".join(cells) + f" | {best}, {speed:.1f}× |")
-        out.append("")
-    out.append(END)
-    return "\n".join(out) + "\n"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits CNN, switch topology, fewer steps")
     parser.add_argument("--out", type=Path, default=None, help="write the section into this markdown file")
     parser.add_argument("--calibration", type=Path, default=None, help="write the calibration file here")
     parser.add_argument("--json", type=Path, default=None, help="write every measurement here")
+    parser.add_argument("--replay", type=Path, default=None, help="reuse the labs of an earlier --json")
     parser.add_argument("--rank", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank is not None:
         return rank_main(args.rank)
+    if args.replay is not None and not args.replay.is_file():
+        parser.error(f"--replay {args.replay}: no such file")
+    saved = json.loads(args.replay.read_text()) if args.replay else {"labs": [], "measured": None}
+    if not {"labs", "measured"} <= saved.keys():
+        parser.error(f"--replay {args.replay}: not a --json file of this benchmark (no labs or 'measured')")
     from gradwire.cli_plan import DEFAULT_CONFIGS
 
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     rates = ["100mbit"] if args.quick else ["100mbit", "1gbit"]
     topologies = ["switch"] if args.quick else ["switch", "shared"]
     steps, warmup = (4, 1) if args.quick else (6, 2)
-    labs = []
+    labs, args.measured = saved["labs"], saved["measured"]
     with tempfile.TemporaryDirectory(prefix="costmodel-") as tmp:
-        for n in (2, 4):
+        for n in () if args.replay else (2, 4):
             labs.append(run_lab(None, "switch", n, [], Path(tmp), reps=25))  # probes only: α, B unshaped
             for rate in rates:
                 for topology in topologies:
@@ -459,7 +395,6 @@ def main() -> None:
     settings = sorted({(lab["rate"], lab["topology"]) for lab in labs}, key=lambda s: (s[0] or "", s[1]))
     fits = {s: fit_link([lab for lab in labs if (lab["rate"], lab["topology"]) == s]) for s in settings}
     works = {m: workload(m) for m in ["digits_cnn", "tiny_lm"]}
-    from benchmarks.netlab import parse_rate
 
     shaped = [f["bandwidth"] * 8 / parse_rate(r) for (r, _), f in fits.items() if r is not None]
     # α for plan: two ranks, unshaped, each probe's lower quartile (what the machine does when not disturbed)
@@ -470,7 +405,7 @@ def main() -> None:
         x, y = w["data"].x_train[:32], w["data"].y_train[:32]
         entry = calibrate(w["shapes"], w["model"], x, y, w["optimizer"], DEFAULT_CONFIGS, 10)
         cal_models[w["key"]] = {"spec": f"linkrun {name}", "shapes": w["shapes"], **entry}
-    rows = validate([lab for lab in labs if lab["runs"]], fits, works, cal_models)
+    rows = validate([lab for lab in labs if lab["runs"]], fits, works)
     scale = {f"{name} ({sum(map(numel, w['shapes'])):,} parameters)":
              predictions(w, cal_models[w["key"]], cal["latency_s"], cal["efficiency"])
              for name, w in works.items()}
@@ -482,11 +417,13 @@ def main() -> None:
                    f"{dt.date.today().isoformat()}, {machine()}")
         args.calibration.write_text(json.dumps(cal, indent=1, sort_keys=True) + "\n")
         print(f"wrote {args.calibration}")
-    section = render(args, fits, rows, scale, cal, time.perf_counter() - started,
-                     (load_before, os.getloadavg()[0]))
+    if not args.replay:
+        args.measured = {"finished": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                         "seconds": time.perf_counter() - started, "loads": [load_before, os.getloadavg()[0]]}
+    section = render(args, fits, rows, scale, cal, args.measured["seconds"], args.measured["loads"])
     print(section)
     if args.json is not None:
-        args.json.write_text(json.dumps({"labs": labs, "validation": rows,
+        args.json.write_text(json.dumps({"labs": labs, "validation": rows, "measured": args.measured,
                                          "fits": {f"{r}/{t}": f for (r, t), f in fits.items()}}, indent=1))
     if args.out is not None:
         write_section(args.out, section, BEGIN, END)

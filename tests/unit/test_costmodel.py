@@ -246,3 +246,37 @@ def test_buckets_handed_over_early_hide_their_work_behind_backward():
     assert predict_step(traffic, 1, link, 1.0, 0.1, windows=[10.0, 0.0]).exposed_s == pytest.approx(0.1)
     busy = predict_step(traffic, 2, link, 1.0, 0.1, windows=[10.0, 0.0], spare_cores=False)
     assert busy.exposed_s == pytest.approx(0.1 + hidden.transfer_s * 200 / 200200)  # compression not hidden
+
+
+def test_the_validation_models_linkruns_single_bucket():
+    """linkrun gives every hook one bucket (ready when backward ends); the benchmark's validation must
+    predict that run, not DDP's default two buckets of this model (which would double the collectives)."""
+    from benchmarks import costmodel as bench
+    from benchmarks.linkrun import ONE_BUCKET_MB, DigitsCNN
+
+    assert bench.ONE_BUCKET["bucket_bytes"] == int(ONE_BUCKET_MB * 2**20)
+    shapes = [tuple(p.shape) for p in DigitsCNN().parameters()]
+    assert len(ddp_buckets(shapes)) == 2 and len(ddp_buckets(shapes, **bench.ONE_BUCKET)) == 1
+    run = {"model": "digits_cnn", "method": "powersgd:2", "step_seconds": [0.2], "bytes_per_step": 41536}
+    compute = {"model": "digits_cnn", "method": "compute-only", "step_seconds": [0.05]}
+    lab = {"n": 4, "rate": "1gbit", "topology": "switch", "burst": 0, "runs": [compute, run],
+           "compress": {"digits_cnn powersgd:2": {"base_s": 0.01, "per_rank_s": 0.0}}}  # fmt: skip
+    alpha = 1e-3
+    fits = {("1gbit", "switch"): {"bandwidth": 1.25e8, "alpha_s": {4: alpha}}}
+    (row,) = bench.validate([lab], fits, {"digits_cnn": {"shapes": shapes}})
+    one = step_traffic(ddp_buckets(shapes, **bench.ONE_BUCKET), parse_config("powersgd", {"rank": 2}))
+    expected = predict_step(one, 4, Link(1.25e8, alpha, "switch", 0), 0.05, 0.01, None, spare_cores=False)
+    assert row["step_ms"] == pytest.approx(expected.step_s * 1e3)
+    assert row["exposed_ms"] == pytest.approx(10 + expected.comm_s * 1e3)  # nothing hidden
+    assert row["model_bytes"] == 41536 and row["measured_ms"] == pytest.approx(200)
+
+
+def test_costmodel_replay_refuses_a_missing_file(tmp_path, capsys, monkeypatch):
+    from benchmarks import costmodel as bench
+
+    monkeypatch.setattr("sys.argv", ["costmodel.py", "--replay", str(tmp_path / "nope.json")])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--replay" in err and "nope.json: no such file" in err
