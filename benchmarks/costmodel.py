@@ -380,7 +380,7 @@ def main() -> None:
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     rates = ["100mbit"] if args.quick else ["100mbit", "1gbit"]
     topologies = ["switch"] if args.quick else ["switch", "shared"]
-    steps, warmup = (4, 1) if args.quick else (6, 2)
+    steps, warmup = (4, 1) if args.quick else (10, 2)
     labs, args.measured = saved["labs"], saved["measured"]
     with tempfile.TemporaryDirectory(prefix="costmodel-") as tmp:
         for n in () if args.replay else (2, 4):
