@@ -372,8 +372,11 @@ def main() -> None:
         return rank_main(args.rank)
     if args.replay is not None and not args.replay.is_file():
         parser.error(f"--replay {args.replay}: no such file")
-    saved = json.loads(args.replay.read_text()) if args.replay else {"labs": [], "measured": None}
-    if not {"labs", "measured"} <= saved.keys():
+    try:
+        saved = json.loads(args.replay.read_text()) if args.replay else {"labs": [], "measured": None}
+    except ValueError as err:
+        parser.error(f"--replay {args.replay}: not JSON ({err})")
+    if not isinstance(saved, dict) or not {"labs", "measured"} <= saved.keys():
         parser.error(f"--replay {args.replay}: not a --json file of this benchmark (no labs or 'measured')")
     from gradwire.cli_plan import DEFAULT_CONFIGS
 

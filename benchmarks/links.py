@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.linkrun import WORKLOADS
 from benchmarks.netlab import Lab, NetlabError, support_problem
 from benchmarks.sections import write_section
 
@@ -43,7 +44,7 @@ ALL_METHODS = [
     "powersgd:4", "topk:ef", "topk:ef21", "topk:econtrol", "qsgd",
 ]  # fmt: skip
 QUICK_METHODS = ["compute-only", "allreduce", "torch-powersgd:2", "powersgd:2", "fp16", "topk:ef"]
-TARGETS = {"digits_cnn": 0.95, "tiny_lm": 0.55}
+TARGETS = {model: work["target"] for model, work in WORKLOADS.items()}
 
 
 def run_ranks(lab: Lab, model: str, method: str, extra: list[str]) -> dict[str, Any]:
@@ -76,11 +77,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def load_saved(path: Path) -> dict[str, Any]:
+    """The runs a ``--json`` file kept (for ``--resume``); a file that is not one says so."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"links.py: --json {path} cannot be resumed: {err}") from None
+    if not isinstance(saved, dict) or not {"curves", "runs"} <= saved.keys():
+        raise SystemExit(f"links.py: --json {path} cannot be resumed: not a file this script wrote")
+    return {"curves": saved["curves"], "runs": saved["runs"]}
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Every measurement; with ``--json`` each is saved as it finishes and ``--resume`` skips those saved."""
-    results: dict[str, Any] = {"curves": {}, "steps": {}, "runs": {}}
-    if args.resume and args.json is not None and args.json.exists():
-        results.update(json.loads(args.json.read_text()))
+    results: dict[str, Any] = {"curves": {}, "runs": {}}
+    if args.resume and args.json.exists():
+        results = load_saved(args.json)
     for model in args.models:
         with Lab(workers=args.workers, rate=None, topology=args.topology) as lab:
             for method in args.methods:
@@ -94,7 +106,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 final = found["evals"][-1]["test_accuracy"]
                 print(f"{model:10s} {method:18s} accuracy {final:.3f}", flush=True)
         for rate in args.rates:
-            pooled: dict[str, list[float]] = {}
             with Lab(workers=args.workers, rate=rate, topology=args.topology) as lab:
                 # the methods take turns, --reps rounds: drift of a shared machine falls on all alike
                 for rep in range(args.reps):
@@ -108,18 +119,27 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                             found.pop("evals", None)
                             results["runs"][key] = found
                         found = results["runs"][key]
-                        pooled.setdefault(method, []).extend(found["step_seconds"])
-                        hook_ms = 1000 * found.get("compress_seconds_per_step", 0.0)
-                        results["steps"][f"{model}|{rate}|{method}"] = {
-                            "median_ms": 1000 * statistics.median(pooled[method]),
-                            "p95_ms": 1000 * percentile(pooled[method], 0.95), "steps": len(pooled[method]),
-                            "bytes": found["bytes_per_step"], "params": found["params"],
-                            "compress_ms": hook_ms,
-                        }  # fmt: skip
                         checkpoint(results, args.json)
                         median = 1000 * statistics.median(found["step_seconds"])
                         print(f"{model:10s} {rate:8s} {method:18s} {median:8.1f} ms/step", flush=True)
     return results
+
+
+def step_summary(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per model, rate and method: step times pooled over the rounds (median, p95), bytes and the
+    hook's compression time per step (mean over the rounds)."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for key, run in runs.items():
+        grouped.setdefault(key.rpartition("|")[0], []).append(run)
+    summary = {}
+    for key, group in grouped.items():
+        times = [t for run in group for t in run["step_seconds"]]
+        summary[key] = {
+            "median_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 0.95),
+            "steps": len(times), "bytes": group[0]["bytes_per_step"], "params": group[0]["params"],
+            "compress_ms": 1000 * statistics.mean(r.get("compress_seconds_per_step", 0.0) for r in group),
+        }  # fmt: skip
+    return summary
 
 
 def time_to(curve: list[dict[str, float]], target: float, step_ms: float) -> float | None:
@@ -168,7 +188,8 @@ def render(results: dict[str, Any], args: argparse.Namespace, images: list[str],
         f"in a netlab `{args.topology}` topology (docs/netlab.md). Step times: median and p95 of the "
         f"slowest rank over {args.reps} × {args.timed} timed steps ({args.reps} × {args.timed_slow} for "
         f"all-reduce at 100 Mbit/s), each run after 3 warm-up steps, the methods taking turns. "
-        "*compress ms*: gradwire's compression math per step and rank (the hook's own clock). "
+        "*compress ms*: gradwire's compression math per step and rank (the hook's own clock, mean "
+        "over the rounds). "
         "Accuracy: " + ", ".join(f"{args.train_steps[m]} steps ({m})" for m in args.models)
         + " per method in an unshaped lab, "
         f"evaluated every {args.eval_every}; time to target = first step at the target × the link's "
@@ -270,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = {"digits_cnn": 150, "tiny_lm": 400} if args.quick else {"digits_cnn": 200, "tiny_lm": 400}
     args.train_steps, args.eval_every = steps, (10 if args.quick else 20)
     results = measure(args)
+    results["steps"] = step_summary(results["runs"])
     args.img_dir.mkdir(parents=True, exist_ok=True)
     images = plot(results, args, args.img_dir)
     command = "python benchmarks/links.py" + (" --quick" if args.quick else "")

@@ -280,3 +280,15 @@ def test_costmodel_replay_refuses_a_missing_file(tmp_path, capsys, monkeypatch):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--replay" in err and "nope.json: no such file" in err
+
+
+def test_costmodel_replay_refuses_a_file_that_is_not_its_json(tmp_path, capsys, monkeypatch):
+    from benchmarks import costmodel as bench
+
+    for text, why in (("{oops", "not JSON"), ('{"runs": []}', "not a --json file of this benchmark")):
+        path = tmp_path / "saved.json"
+        path.write_text(text)
+        monkeypatch.setattr("sys.argv", ["costmodel.py", "--replay", str(path)])
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main()
+        assert exit_info.value.code == 2 and why in capsys.readouterr().err
