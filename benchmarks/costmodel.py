@@ -66,7 +66,9 @@ ONE_BUCKET = {"first_bucket_bytes": 1 << 30, "bucket_bytes": 1 << 30}  # linkrun
 
 
 def rank_main(plan_path: Path) -> None:
-    """Probe collectives, then run linkrun once per entry of the plan. Each job runs in a forked child
+    """Probe collectives, then run linkrun once per job of the plan (one model, its methods taking turns
+    a few steps at a time, so that the compute-only floor and every method see the same load). Each
+    job runs in a forked child
     (imports paid once) that ends with ``os._exit``: tearing down a finished run's DDP and process
     group in a process that goes on to start another one hangs in gloo's destructors."""
     import torch
@@ -75,17 +77,18 @@ def rank_main(plan_path: Path) -> None:
 
     plan = json.loads(plan_path.read_text())
     torch.set_num_threads(1)
-    for model in {run["model"] for run in plan["runs"]}:  # datasets cached in the parent
+    for model in {job["model"] for job in plan["jobs"]}:  # datasets cached in the parent
         name, params = linkrun.WORKLOADS[model]["dataset"]
         linkrun.get_dataset(name, seed=0, **params)
     _forked(lambda: _probe(plan, plan_path.parent))
     if plan.get("compress"):
         _forked(lambda: _compress(plan, plan_path.parent))
-    for i, run in enumerate(plan["runs"]):
-        # a fresh store per run, on a port below the ephemeral range (gloo's own sockets take those)
+    for i, job in enumerate(plan["jobs"]):
+        # a fresh store per job, on a port below the ephemeral range (gloo's own sockets take those)
         os.environ["MASTER_PORT"] = str(STORE_PORTS + i)
-        argv = ["--model", run["model"], "--method", run["method"], "--steps", str(run["steps"]),
-                "--warmup", str(run["warmup"]), "--out", str(plan_path.parent / f"run{i}.json")]
+        argv = ["--model", job["model"], "--methods", ",".join(job["methods"]), "--steps", str(job["steps"]),
+                "--warmup", str(job["warmup"]), "--turn", str(job["turn"]),
+                "--out", str(plan_path.parent / f"job{i}.json")]
         _forked(lambda argv=argv: linkrun.main(argv))
 
 
@@ -160,12 +163,12 @@ def probe_sizes(rate: str | None, n: int, topology: str) -> dict[str, list[int]]
     return out
 
 
-def run_lab(rate: str | None, topology: str, n: int, runs: list[dict], tmp: Path, reps: int = 9) -> dict:
-
+def run_lab(rate: str | None, topology: str, n: int, jobs: list[dict], tmp: Path, reps: int = 9) -> dict:
+    """Probes, compression times and the jobs' linkrun runs in one lab (``runs``: one record per method)."""
     folder = tmp / f"{rate}-{topology}-{n}"
     folder.mkdir()
-    models = sorted({run["model"] for run in runs})
-    plan = {"probe": probe_sizes(rate, n, topology), "reps": reps, "runs": runs, "compress": models,
+    models = sorted({job["model"] for job in jobs})
+    plan = {"probe": probe_sizes(rate, n, topology), "reps": reps, "jobs": jobs, "compress": models,
             "compress_steps": 5}
     (folder / "plan.json").write_text(json.dumps(plan))
     started = time.perf_counter()
@@ -173,8 +176,9 @@ def run_lab(rate: str | None, topology: str, n: int, runs: list[dict], tmp: Path
         burst = 0 if lab.shape is None else lab.shape.burst_bytes
         lab.run_ranks([sys.executable, str(Path(__file__).resolve()), "--rank", str(folder / "plan.json")],
                       timeout=900)
-    results = [json.loads((folder / f"run{i}.json").read_text()) for i in range(len(runs))]
-    ranks = [json.loads((folder / f"compress{r}.json").read_text()) for r in range(n)] if runs else [{}]
+    results = [run for i in range(len(jobs))
+               for run in json.loads((folder / f"job{i}.json").read_text())["runs"]]  # fmt: skip
+    ranks = [json.loads((folder / f"compress{r}.json").read_text()) for r in range(n)] if jobs else [{}]
     compress = {k: {f: max(c[k][f] for c in ranks) for f in ("base_s", "per_rank_s")} for k in ranks[0]}
     print(f"  {rate or 'unshaped'} {topology} n={n}: {time.perf_counter() - started:.0f} s", flush=True)
     return {"rate": rate, "topology": topology, "n": n, "burst": burst,
@@ -306,27 +310,55 @@ def fit_rates(models: dict[str, dict]) -> dict[str, dict[str, float]]:
 # --- validation and predictions ------------------------------------------------------------------
 
 
-def validate(labs: list[dict], fits: dict, works: dict[str, dict]) -> list[dict]:
-    """Predicted vs measured step of every run. This machine's n ranks share its cores, so compute is
-    the lab's own ``compute-only`` step, compression what the n ranks measured at once, and it cannot
-    hide behind backward (no spare core); one bucket, handed over when backward ends (as linkrun runs)."""
-    rows = []
+def _predict_run(lab: dict, run: dict, works: dict[str, dict], link: Any) -> tuple[Any, float]:
+    """(prediction, compression seconds) of one linkrun run in its lab: compute is the lab's own
+    ``compute-only`` steps of that model (taken in turn with the methods), compression what the n ranks
+    measured at once; the one bucket is handed over when backward ends and, with no spare core,
+    compression cannot hide behind it."""
+    n = lab["n"]
+    floor = [t for r in lab["runs"] if r["method"] == "compute-only" and r["model"] == run["model"]
+             for t in r["step_seconds"]]  # fmt: skip
+    c = lab["compress"][f"{run['model']} {run['method']}"]
+    compress = CompressTime(c["base_s"], c["per_rank_s"]).seconds(n)
+    traffic = step_traffic(ddp_buckets(works[run["model"]]["shapes"], **ONE_BUCKET),
+                           parse_config(*METHODS[run["method"]]))
+    got = predict_step(traffic, n, link, statistics.median(floor), compress, None, spare_cores=False)
+    return got, compress
+
+
+def fit_step_alpha(labs: list[dict], fits: dict, works: dict[str, dict]) -> dict[int, float]:
+    """α per n as training steps see it, from the unshaped labs' linkrun runs: per method, (measured
+    step − compute − compression − transfer time) / messages per step; the median over methods. With
+    n ranks on 2 cores a message often waits for its receiver to be scheduled, which back-to-back
+    probes (all ranks idle but for the collective) do not show."""
+    alphas = {}
     for lab in labs:
-        n, pooled = lab["n"], {}
-        for r in lab["runs"]:
-            if r["method"] == "compute-only":
-                pooled.setdefault(r["model"], []).extend(r["step_seconds"])
-        compute = {model: statistics.median(times) for model, times in pooled.items()}
+        if lab["rate"] is not None or not lab["runs"]:
+            continue
+        fit, estimates = fits[(None, lab["topology"])], []
         for run in lab["runs"]:
             if run["method"] not in METHODS:
                 continue
-            config = parse_config(*METHODS[run["method"]])
-            c = lab["compress"][f"{run['model']} {run['method']}"]
-            compress = CompressTime(c["base_s"], c["per_rank_s"]).seconds(n)
-            traffic = step_traffic(ddp_buckets(works[run["model"]]["shapes"], **ONE_BUCKET), config)
-            fit = fits[(lab["rate"], lab["topology"])]
-            link = Link(fit["bandwidth"], fit["alpha_s"][n], lab["topology"], lab["burst"])
-            got = predict_step(traffic, n, link, compute[run["model"]], compress, None, spare_cores=False)
+            base, _ = _predict_run(lab, run, works, Link(fit["bandwidth"], 0.0, lab["topology"], 0))
+            per, _ = _predict_run(lab, run, works, Link(fit["bandwidth"], 1.0, lab["topology"], 0))
+            estimates.append((statistics.median(run["step_seconds"]) - base.step_s) / per.latency_s)
+        alphas[lab["n"]] = max(0.0, statistics.median(estimates))
+    return alphas
+
+
+def validate(labs: list[dict], fits: dict, works: dict[str, dict],
+             step_alpha: dict[int, float] | None = None) -> list[dict]:
+    """Predicted vs measured step of every run in the shaped labs: B and the tbf burst from the lab's
+    probes, α from ``step_alpha`` (training steps, unshaped lab) where given, else the lab's probes."""
+    rows = []
+    for lab in labs:
+        n, fit = lab["n"], fits[(lab["rate"], lab["topology"])]
+        alpha = (step_alpha or {}).get(n, fit["alpha_s"][n])
+        link = Link(fit["bandwidth"], alpha, lab["topology"], lab["burst"])
+        for run in lab["runs"]:
+            if run["method"] not in METHODS:
+                continue
+            got, compress = _predict_run(lab, run, works, link)
             measured = statistics.median(run["step_seconds"])
             error = got.step_s / measured - 1
             rows.append({"model": run["model"], "n": n, "rate": lab["rate"], "topology": lab["topology"],
@@ -383,18 +415,22 @@ def main() -> None:
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     rates = ["100mbit"] if args.quick else ["100mbit", "1gbit"]
     topologies = ["switch"] if args.quick else ["switch", "shared"]
-    steps, warmup = (4, 1) if args.quick else (10, 2)
+    steps, warmup = (4, 1) if args.quick else (16, 2)
     labs, args.measured = saved["labs"], saved["measured"]
+    # compute-only and every method of a model in one job, taking turns 2 steps at a time
+    methods = ["compute-only", *METHODS]
     with tempfile.TemporaryDirectory(prefix="costmodel-") as tmp:
         for n in () if args.replay else (2, 4):
-            labs.append(run_lab(None, "switch", n, [], Path(tmp), reps=25))  # probes only: α, B unshaped
+            # unshaped: probes (α, B) and the digits CNN's runs (α as training steps see it)
+            jobs = [{"model": "digits_cnn", "methods": methods, "steps": steps, "warmup": warmup, "turn": 2}]
+            labs.append(run_lab(None, "switch", n, jobs, Path(tmp), reps=25))
             for rate in rates:
                 for topology in topologies:
-                    # the LM on the switch only (time); compute-only first and last: load drifts
+                    # the LM on the switch only (time)
                     models = ["digits_cnn"] + (["tiny_lm"] if topology == "switch" and not args.quick else [])
-                    runs = [{"model": m, "method": meth, "steps": steps, "warmup": warmup}
-                            for m in models for meth in ["compute-only", *METHODS, "compute-only"]]
-                    labs.append(run_lab(rate, topology, n, runs, Path(tmp)))
+                    jobs = [{"model": m, "methods": methods, "steps": steps, "warmup": warmup, "turn": 2}
+                            for m in models]
+                    labs.append(run_lab(rate, topology, n, jobs, Path(tmp)))
     settings = sorted({(lab["rate"], lab["topology"]) for lab in labs}, key=lambda s: (s[0] or "", s[1]))
     fits = {s: fit_link([lab for lab in labs if (lab["rate"], lab["topology"]) == s]) for s in settings}
     works = {m: workload(m) for m in ["digits_cnn", "tiny_lm"]}
@@ -408,7 +444,8 @@ def main() -> None:
         x, y = w["data"].x_train[:32], w["data"].y_train[:32]
         entry = calibrate(w["shapes"], w["model"], x, y, w["optimizer"], DEFAULT_CONFIGS, 10)
         cal_models[w["key"]] = {"spec": f"linkrun {name}", "shapes": w["shapes"], **entry}
-    rows = validate([lab for lab in labs if lab["runs"]], fits, works)
+    step_alpha = fit_step_alpha(labs, fits, works)
+    rows = validate([lab for lab in labs if lab["runs"] and lab["rate"] is not None], fits, works, step_alpha)
     scale = {f"{name} ({sum(map(numel, w['shapes'])):,} parameters)":
              predictions(w, cal_models[w["key"]], cal["latency_s"], cal["efficiency"])
              for name, w in works.items()}
@@ -423,10 +460,12 @@ def main() -> None:
     if not args.replay:
         args.measured = {"finished": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                          "seconds": time.perf_counter() - started, "loads": [load_before, os.getloadavg()[0]]}
-    section = render(args, fits, rows, scale, cal, args.measured["seconds"], args.measured["loads"])
+    section = render(args, fits, rows, scale, cal, args.measured["seconds"], args.measured["loads"],
+                     step_alpha)
     print(section)
     if args.json is not None:
         args.json.write_text(json.dumps({"labs": labs, "validation": rows, "measured": args.measured,
+                                         "step_alpha_s": step_alpha,
                                          "fits": {f"{r}/{t}": f for (r, t), f in fits.items()}}, indent=1))
     if args.out is not None:
         write_section(args.out, section, BEGIN, END)

@@ -22,7 +22,7 @@ def machine() -> str:
 
 
 def render(args, fits: dict, rows: list[dict], scale: dict[str, list[dict]], cal: dict, seconds: float,
-           loads: tuple[float, float]) -> str:
+           loads: tuple[float, float], step_alpha: dict[int, float] | None = None) -> str:
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "python benchmarks/costmodel.py" + (" --quick" if args.quick else "")
     passed = sum(r["pass"] for r in rows)
@@ -45,14 +45,22 @@ def render(args, fits: dict, rows: list[dict], scale: dict[str, list[dict]], cal
         alphas = " | ".join(f"{f['alpha_s'].get(n, math.nan) * 1e6:.0f}" for n in (2, 4))
         out.append(f"| {rate or 'unshaped'} | {topology} | {alphas} | "
                    f"{f['bandwidth'] * 8 / 1e6:,.0f} | {goodput} | {f['rms_error']:.0%} | {f['points']} |")
+    if step_alpha:
+        per_n = ", ".join(f"n = {n}: {a * 1e6:,.0f} µs" for n, a in sorted(step_alpha.items()))
+        out += ["", "**α in training steps** (unshaped lab, digits CNN: per method, measured step − compute "
+                f"− compression − transfer, divided by its collectives' messages; median over methods): "
+                f"{per_n}. With n ranks on 2 cores a message waits for its receiver to be scheduled, which "
+                "back-to-back probes do not show; the validation uses this α and the probes' B."]
+    alpha_from = "α in training steps (above)" if step_alpha else "the lab's probe α"
     out += ["", f"**Validation**: linkrun median step time vs prediction, target within {TARGET:.0%}: "
-            f"{passed} of {len(rows)} PASS. Compute = linkrun's `compute-only` step in the same lab; "
-            "compression = the reducer's step over the model's DDP buckets timed on all n ranks at once in "
-            "that lab (no communication; gather decoding of n payloads included); comm = the α–β model of "
-            "the bytes derived for the method (one bucket, as linkrun runs hooks), with the lab's fitted α, "
-            "B and tbf burst; exposed = compression + communication (one bucket is ready only when backward "
-            "ends; no spare core); predicted = compute + exposed; bytes = the model's payload per step vs "
-            "linkrun's ledger. Times in ms, medians over the timed steps.", "",
+            f"{passed} of {len(rows)} PASS. Compute = linkrun's `compute-only` steps in the same lab, taken "
+            "in turn with the methods (2 steps each per turn, one process per rank: drift falls on all "
+            "alike); compression = the reducer's step over the model's DDP buckets timed on all n ranks at "
+            "once in that lab (no communication; gather decoding of n payloads included); comm = the α–β "
+            "model of the bytes derived for the method (one bucket, as linkrun runs hooks), with the lab's "
+            f"fitted B and tbf burst and {alpha_from}; exposed = compression + communication (one bucket "
+            "is ready only when backward ends; no spare core); predicted = compute + exposed; bytes = the "
+            "model's payload per step vs linkrun's ledger. Times in ms, medians over the timed steps.", "",
             "| model | n | link | topology | method | compute | compress | comm | exposed | predicted ms "
             "| measured ms | error | result | bytes model / ledger |",
             "|:---|---:|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|:---|---:|"]

@@ -15,6 +15,11 @@ hooks get the same one bucket unless ``--overlap``),
 and gradwire's ``fp16``, ``bf16``, ``powersgd:R``, ``topk:ef``, ``topk:ef21``, ``topk:econtrol``
 (1 %), ``qsgd``, ``none``. Evaluation pauses the clock: ``wall_seconds`` is training time only.
 
+``--methods A,B,C`` trains one model per method in the same processes, the methods taking turns
+``--turn`` steps at a time (warm-up first), and writes ``{"runs": [one record per method]}``: every
+method, and the ``compute-only`` floor, then sees the same drift of a shared machine
+(``benchmarks/costmodel.py`` measures this way).
+
     python -m benchmarks.netlab --workers 4 --rate 100mbit --topology shared -- \\
         python benchmarks/linkrun.py --model digits_cnn --method powersgd:2 --steps 30 --out /tmp/r.json
 """
@@ -152,88 +157,119 @@ def evaluate(model: nn.Module, data: Dataset) -> tuple[float, float]:
     return correct / count, float(loss)
 
 
+class Trainer:
+    """One method's DDP model, hook and optimizer; ``step()`` trains one batch and returns its seconds."""
+
+    def __init__(self, args: argparse.Namespace, data: Dataset, method: str, rank: int) -> None:
+        work = WORKLOADS[args.model]
+        self.method, (self.kind, self.params) = method, parse_method(method)
+        self.data, self.batch = data, args.batch
+        torch.manual_seed(args.seed)  # the same initial model on every rank (and for every method)
+        model_name, model_params = work["model"]
+        if isinstance(model_name, str):
+            self.model = build_model(model_name, data.num_features, data.num_classes, **model_params)
+        else:
+            self.model = model_name(data.num_features, data.num_classes, **model_params)
+        # torch's hook deadlocks on gloo with several buckets; gradwire's hooks get the same one bucket
+        # (fewest collectives per step) unless --overlap or --bucket-mb say otherwise
+        one_bucket = (self.kind != "allreduce" and not args.overlap) or args.bucket_mb is not None
+        cap = (args.bucket_mb or ONE_BUCKET_MB) if one_bucket else None
+        self.ddp = DistributedDataParallel(self.model, bucket_cap_mb=cap)
+        self.state = attach(self.ddp, self.kind, self.params, args.overlap)
+        opt_name, lr = work["optimizer"]
+        lr = args.lr or lr
+        self.opt = (torch.optim.SGD(self.ddp.parameters(), lr=lr, momentum=0.9) if opt_name == "sgd"
+                    else torch.optim.Adam(self.ddp.parameters(), lr=lr))  # fmt: skip
+        self.gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own batches
+        self.step_times: list[float] = []
+        self.before: dict[str, float] | None = None  # hook counters when the timed steps began
+
+    def step(self) -> float:
+        idx = torch.randint(len(self.data.y_train), (self.batch,), generator=self.gen)
+        started = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        loss, _, _ = loss_and_correct(self.ddp, self.data.x_train[idx], self.data.y_train[idx])
+        loss.backward()
+        self.opt.step()
+        return time.perf_counter() - started
+
+    def start_timing(self) -> None:
+        if self.state is not None:
+            self.before = self.state.stats()
+
+    def record(self, args: argparse.Namespace, world: int, evals: list[dict[str, float]]) -> dict[str, Any]:
+        """The run's JSON record (a collective: every rank calls it, in the same order)."""
+        per_rank: list[list[float] | None] = [None] * world
+        dist.all_gather_object(per_rank, self.step_times)
+        slowest = [max(times) for times in zip(*per_rank)]  # type: ignore[arg-type]
+        numel = sum(p.numel() for p in self.model.parameters())
+        steps = len(self.step_times)
+        hook_seconds = {"compress_seconds": 0.0, "communicate_seconds": 0.0}
+        if self.state is not None:
+            after, before = self.state.stats(), self.before or {}
+            payload = (after["bytes_sent"] - before.get("bytes_sent", 0.0)) / steps
+            wire = (after["wire_bytes_sent"] - before.get("wire_bytes_sent", 0.0)) / steps
+            for key in hook_seconds:
+                hook_seconds[key] = (after[key] - before.get(key, 0.0)) / steps
+        elif self.kind == "compute-only":
+            payload = wire = 0.0
+        else:
+            payload = float(torch_psgd_bytes(self.model, self.params["rank"]) if self.kind == "torch-powersgd"
+                            else 4 * numel)  # fmt: skip
+            wire = ring_all_reduce_bytes(int(payload), world)
+        ranks_hook: list[dict[str, float] | None] = [None] * world
+        dist.all_gather_object(ranks_hook, hook_seconds)
+        return {
+            "model": args.model, "method": self.method, "workers": world, "params": numel,
+            "batch_per_rank": args.batch, "warmup": args.warmup, "steps": steps,
+            "step_seconds": slowest, "bytes_per_step": payload, "wire_bytes_per_step": wire,
+            "evals": evals, "target_accuracy": WORKLOADS[args.model]["target"],
+            # gradwire hooks: per step and rank (mean over ranks): compression math, and launch to
+            # completion of the collectives (PowerSGD's Q-round math included)
+            **{f"{key}_per_step": sum(h[key] for h in ranks_hook) / world for key in hook_seconds},  # type: ignore[index]
+        }  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Train ``--method`` (or, with ``--methods``, each method in turn ``--turn`` steps at a time: the
+    machine's drift falls on all of them alike). Rank 0 returns the record (``{"runs": [...]}`` with
+    ``--methods``)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=dt.timedelta(seconds=300))
-    work = WORKLOADS[args.model]
-    kind, params = parse_method(args.method)
-    data_name, data_params = work["dataset"]
+    data_name, data_params = WORKLOADS[args.model]["dataset"]
     data = get_dataset(data_name, seed=args.seed, **data_params)
-    torch.manual_seed(args.seed)  # the same initial model on every rank
-    model_name, model_params = work["model"]
-    if isinstance(model_name, str):
-        model = build_model(model_name, data.num_features, data.num_classes, **model_params)
-    else:
-        model = model_name(data.num_features, data.num_classes, **model_params)
-    # torch's hook deadlocks on gloo with several buckets; gradwire's hooks get the same one bucket
-    # (fewest collectives per step) unless --overlap or --bucket-mb say otherwise
-    one_bucket = (kind != "allreduce" and not args.overlap) or args.bucket_mb is not None
-    cap = (args.bucket_mb or ONE_BUCKET_MB) if one_bucket else None
-    ddp = DistributedDataParallel(model, bucket_cap_mb=cap)
-    state = attach(ddp, kind, params, args.overlap)
-    opt_name, lr = work["optimizer"]
-    lr = args.lr or lr
-    opt = (torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9) if opt_name == "sgd"
-           else torch.optim.Adam(ddp.parameters(), lr=lr))  # fmt: skip
-
-    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own batches
-    n_train = len(data.y_train)
-    step_times: list[float] = []
+    trainers = [Trainer(args, data, method, rank) for method in args.methods or [args.method]]
     evals: list[dict[str, float]] = []
-    wall = 0.0
-    bytes_before = None
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup and state is not None:
-            bytes_before = state.stats()
-        idx = torch.randint(n_train, (args.batch,), generator=gen)
-        started = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss, _, _ = loss_and_correct(ddp, data.x_train[idx], data.y_train[idx])
-        loss.backward()
-        opt.step()
-        elapsed = time.perf_counter() - started
-        if step >= args.warmup:
-            step_times.append(elapsed)
-        wall += elapsed
-        done = step + 1
-        if args.eval_every and (done % args.eval_every == 0 or done == args.warmup + args.steps):
-            accuracy, test_loss = evaluate(model, data)
-            evals.append(
-                {"step": done, "wall_seconds": wall, "test_accuracy": accuracy, "test_loss": test_loss}
-            )
-            dist.barrier()  # every rank evaluated; the clock starts again together
-
-    per_rank: list[list[float] | None] = [None] * world
-    dist.all_gather_object(per_rank, step_times)
-    slowest = [max(times) for times in zip(*per_rank)]  # type: ignore[arg-type]
-    numel = sum(p.numel() for p in model.parameters())
-    hook_seconds = {"compress_seconds": 0.0, "communicate_seconds": 0.0}
-    if state is not None:
-        after = state.stats()
-        payload = (after["bytes_sent"] - bytes_before["bytes_sent"]) / args.steps
-        wire = (after["wire_bytes_sent"] - bytes_before["wire_bytes_sent"]) / args.steps
-        for key in ("compress_seconds", "communicate_seconds"):
-            hook_seconds[key] = (after[key] - bytes_before[key]) / args.steps
-    elif kind == "compute-only":
-        payload = wire = 0.0
+    if args.methods:
+        for t in trainers:
+            for _ in range(args.warmup):
+                t.step()
+            t.start_timing()
+        for first in range(0, args.steps, args.turn):
+            for t in trainers:
+                t.step_times += [t.step() for _ in range(min(args.turn, args.steps - first))]
     else:
-        payload = float(torch_psgd_bytes(model, params["rank"]) if kind == "torch-powersgd" else 4 * numel)
-        wire = ring_all_reduce_bytes(int(payload), world)
-    ranks_hook: list[dict[str, float] | None] = [None] * world
-    dist.all_gather_object(ranks_hook, hook_seconds)
+        t, wall = trainers[0], 0.0
+        for step in range(args.warmup + args.steps):
+            if step == args.warmup:
+                t.start_timing()
+            elapsed = t.step()
+            if step >= args.warmup:
+                t.step_times.append(elapsed)
+            wall += elapsed
+            done = step + 1
+            if args.eval_every and (done % args.eval_every == 0 or done == args.warmup + args.steps):
+                accuracy, test_loss = evaluate(t.model, data)
+                evals.append(
+                    {"step": done, "wall_seconds": wall, "test_accuracy": accuracy, "test_loss": test_loss}
+                )
+                dist.barrier()  # every rank evaluated; the clock starts again together
+    records = [t.record(args, world, evals) for t in trainers]
     dist.destroy_process_group()
     if rank != 0:
         return None
-    return {
-        "model": args.model, "method": args.method, "workers": world, "params": numel,
-        "batch_per_rank": args.batch, "warmup": args.warmup, "steps": args.steps,
-        "step_seconds": slowest, "bytes_per_step": payload, "wire_bytes_per_step": wire,
-        "evals": evals, "target_accuracy": work["target"],
-        # gradwire hooks: per step and rank (mean over ranks): compression math, and launch to
-        # completion of the collectives (PowerSGD's Q-round math included)
-        **{f"{key}_per_step": sum(h[key] for h in ranks_hook) / world for key in hook_seconds},  # type: ignore[index]
-    }  # fmt: skip
+    return {"runs": records} if args.methods else records[0]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -249,11 +285,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overlap", action="store_true", help="gradwire: reduce buckets in a thread")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated: train these in turn, --turn steps each (no evaluation)")
+    parser.add_argument("--turn", type=int, default=2, help="--methods: steps per method and turn")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    parse_method(args.method)  # fail before any rank connects
-    if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.threads < 1:
-        parser.error("--steps, --batch and --threads must be >= 1 and --warmup >= 0")
+    args.methods = args.methods.split(",") if args.methods else None
+    for method in args.methods or [args.method]:
+        try:
+            parse_method(method)  # fail before any rank connects
+        except ValueError as err:
+            parser.error(str(err))
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.threads < 1 or args.turn < 1:
+        parser.error("--steps, --turn, --batch and --threads must be >= 1 and --warmup >= 0")
+    if args.methods and args.eval_every:
+        parser.error("--eval-every needs a single --method")
     return args
 
 

@@ -292,3 +292,35 @@ def test_costmodel_replay_refuses_a_file_that_is_not_its_json(tmp_path, capsys, 
         with pytest.raises(SystemExit) as exit_info:
             bench.main()
         assert exit_info.value.code == 2 and why in capsys.readouterr().err
+
+
+def test_alpha_of_training_steps_is_recovered_from_unshaped_runs_and_used_by_the_validation():
+    """Runs whose extra time is exactly 3 ms per message give α = 3 ms; the shaped labs' validation then
+    uses that α (not the probes') with the lab's own B."""
+    from benchmarks import costmodel as bench
+    from benchmarks.linkrun import DigitsCNN
+
+    shapes = [tuple(p.shape) for p in DigitsCNN().parameters()]
+    works = {"digits_cnn": {"shapes": shapes}}
+    compress = {f"digits_cnn {m}": {"base_s": 0.004, "per_rank_s": 0.0} for m in bench.METHODS}
+    bandwidth, alpha, compute = 2e8, 3e-3, 0.05
+
+    def lab(rate, b, a):  # every method's step exactly as the model says with B = b, α = a
+        link = Link(b, a, "switch", 0)
+        runs = [{"model": "digits_cnn", "method": "compute-only", "step_seconds": [compute]}]
+        for method, (name, params) in bench.METHODS.items():
+            one = step_traffic(ddp_buckets(shapes, **bench.ONE_BUCKET), parse_config(name, params))
+            step = predict_step(one, 4, link, compute, 0.004, None, spare_cores=False).step_s
+            times = [step * 1.01, step, step * 0.99]
+            runs.append({"model": "digits_cnn", "method": method, "step_seconds": times, "bytes_per_step": 0})
+        return {"n": 4, "rate": rate, "topology": "switch", "burst": 0, "runs": runs, "compress": compress}
+
+    fits = {(None, "switch"): {"bandwidth": bandwidth, "alpha_s": {4: 1e-5}},
+            ("100mbit", "switch"): {"bandwidth": 1.2e7, "alpha_s": {4: 1e-5}}}  # fmt: skip
+    step_alpha = bench.fit_step_alpha([lab(None, bandwidth, alpha)], fits, works)
+    assert step_alpha == {4: pytest.approx(alpha)}
+    shaped = lab("100mbit", 1.2e7, alpha)
+    rows = bench.validate([shaped], fits, works, step_alpha)
+    assert len(rows) == len(bench.METHODS) and all(abs(r["error"]) < 1e-9 for r in rows)
+    with_probe_alpha = bench.validate([shaped], fits, works)  # α of the probes: 300× smaller
+    assert all(r["error"] < 0 for r in with_probe_alpha)
