@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from concurrent import futures
 
@@ -10,6 +9,7 @@ import grpc
 
 from gradwire import telemetry_pb2 as pb
 from gradwire import telemetry_pb2_grpc as pb_grpc
+from tests.waiting import free_port  # noqa: F401  (re-exported: tests import it from here)
 
 
 class RecordingSink(pb_grpc.TelemetryServicer):
@@ -45,7 +45,3 @@ def start_sink(port: int = 0) -> tuple[grpc.Server, RecordingSink, int]:
     return server, sink, bound
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -38,6 +37,7 @@ from tests.unit.test_deploy_dashboards import (
     recording_rules,
     substitute,
 )
+from tests.waiting import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -47,22 +47,6 @@ SPEC = ROOT / "examples" / "specs" / "digits-powersgd.yaml"
 COORDINATOR_JOB = "gradwire-coordinator"
 STEPS = 300
 RATE_INTERVAL = "1m"  # Grafana's $__rate_interval for a 15 s scrape interval
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"{what}: not within {timeout:g} s")
 
 
 def prometheus_config(coordinator_port: int) -> dict[str, Any]:

@@ -37,11 +37,9 @@ import contextlib
 import ipaddress
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +49,7 @@ import pytest
 from gradwire.ray_env import local_ray_env
 from gradwire.remote import CoordinatorClient
 from gradwire.spec import JobSpec
+from tests.waiting import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -66,23 +65,6 @@ RANKS = (0, 1)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout:g} s")
-        time.sleep(every)
 
 
 def job_body(name: str, storage: Path) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from gradwire.server.service import Coordinator
 from gradwire.server.states import JobState
 from gradwire.server.store import JobRecord, JobStore
 from gradwire.spec import JobSpec
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -59,17 +60,6 @@ def spec(name: str, storage: Path, *overrides: str) -> dict[str, Any]:
     base = ["steps=30", "workers.count=2", "workers.cpus_per_worker=0.5", f"checkpoint.storage={storage}"]
     loaded = JobSpec.from_file(EXAMPLES / "digits-powersgd.yaml").with_overrides([*base, *overrides])
     return loaded.model_copy(update={"name": name}).model_dump(mode="json")
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout:g} s")
-        time.sleep(every)
 
 
 def ray_pids() -> set[int]:

@@ -8,9 +8,7 @@ which Ray must report its job STOPPED.
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,27 +17,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from gradwire.remote import CoordinatorClient
 from gradwire.spec import JobSpec
 from tests.e2e.test_train import powersgd_bytes_per_step
+from tests.waiting import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
 SPEC = Path(__file__).parents[2] / "examples" / "specs" / "digits-powersgd.yaml"
 STEPS = 30
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise TimeoutError(f"{what}: not within {timeout:g} s")
 
 
 @pytest.fixture(scope="module")

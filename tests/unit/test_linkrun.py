@@ -3,7 +3,6 @@ its own timed steps, bytes and hook clocks; bad method lists are refused before 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,18 +10,13 @@ from pathlib import Path
 import pytest
 
 from benchmarks import linkrun
+from tests.waiting import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_ranks(args: list[str], out: Path) -> dict:
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
     cmd = [sys.executable, str(ROOT / "benchmarks" / "linkrun.py"), *args, "--out", str(out)]
     procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
