@@ -105,7 +105,9 @@ def parse_method(method: str) -> tuple[str, dict[str, Any]]:
         return GRADWIRE[method]
     name, _, rank = method.partition(":")
     if name in ("powersgd", "torch-powersgd") and rank.isdigit() and int(rank) >= 1:
-        return name, {"rank": int(rank)}
+        # gradwire's PowerSGD starts as torch's hook must: TORCH_START_ITER plain all-reduced steps
+        # (with Adam, the LM's optimizer, starting compressed from step 0 slows learning markedly)
+        return name, {"rank": int(rank)} | ({"start_iter": TORCH_START_ITER} if name == "powersgd" else {})
     known = ["allreduce", "compute-only", "torch-powersgd:R", "powersgd:R", *GRADWIRE]
     raise ValueError(f"unknown method {method!r}; expected one of {', '.join(known)}")
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.linkrun import WORKLOADS
+from benchmarks.linkrun import TORCH_START_ITER, WORKLOADS
 from benchmarks.netlab import Lab, NetlabError, support_problem
 from benchmarks.sections import write_section
 
@@ -193,7 +193,10 @@ def render(results: dict[str, Any], args: argparse.Namespace, images: list[str],
         "Accuracy: " + ", ".join(f"{args.train_steps[m]} steps ({m})" for m in args.models)
         + " per method in an unshaped lab, "
         f"evaluated every {args.eval_every}; time to target = first step at the target × the link's "
-        "median step time (accuracy per step does not depend on the link).", "",
+        "median step time (accuracy per step does not depend on the link). Both PowerSGDs start with "
+        f"{TORCH_START_ITER} plain all-reduced steps (torch's hook needs at least 2 with error feedback; "
+        "gradwire's gets the same `start_iter`): without them Adam's moments start from low-rank "
+        "gradients and the LM learns far slower.", "",
     ]  # fmt: skip
     for model in args.models:
         target = TARGETS[model]

@@ -30,23 +30,30 @@ def _two_ranks(args: list[str], out: Path) -> dict:
 def test_methods_taking_turns_each_get_their_own_steps_bytes_and_clocks(tmp_path):
     methods = ["compute-only", "powersgd:2", "topk:ef"]
     got = _two_ranks(["--model", "digits_cnn", "--methods", ",".join(methods), "--steps", "3",
-                      "--warmup", "1", "--turn", "2"], tmp_path / "turns.json")  # fmt: skip
+                      "--warmup", "2", "--turn", "2"], tmp_path / "turns.json")  # fmt: skip
     runs = got["runs"]
     assert [r["method"] for r in runs] == methods
     assert all(len(r["step_seconds"]) == 3 and r["steps"] == 3 and r["workers"] == 2 for r in runs)
     assert all(t > 0 for r in runs for t in r["step_seconds"])
     floor, psgd, topk = runs
-    # the ledgers count the timed steps only (the warm-up step's bytes are left out)
+    # the ledgers count the timed steps only (the warm-up steps' bytes, PowerSGD's plain ones, are left out)
     assert floor["bytes_per_step"] == 0
     assert psgd["bytes_per_step"] == 41536 and topk["bytes_per_step"] == 87048
     assert floor["compress_seconds_per_step"] == 0
     assert psgd["compress_seconds_per_step"] > 0 and topk["communicate_seconds_per_step"] > 0
 
 
-def test_a_single_method_run_records_the_same_bytes(tmp_path):
-    got = _two_ranks(["--model", "digits_cnn", "--method", "powersgd:2", "--steps", "2", "--warmup", "1"],
+def test_a_single_method_run_records_the_same_bytes_after_powersgds_plain_start(tmp_path):
+    # gradwire's PowerSGD starts with the plain steps torch's hook needs: the same algorithm for both
+    start = linkrun.TORCH_START_ITER
+    assert linkrun.parse_method("powersgd:2") == ("powersgd", {"rank": 2, "start_iter": start})
+    assert linkrun.parse_method("torch-powersgd:4") == ("torch-powersgd", {"rank": 4})
+    got = _two_ranks(["--model", "digits_cnn", "--method", "powersgd:2", "--steps", "2", "--warmup", "2"],
                      tmp_path / "one.json")
     assert got["method"] == "powersgd:2" and got["bytes_per_step"] == 41536 and len(got["step_seconds"]) == 2
+    argv = ["--model", "digits_cnn", "--method", "powersgd:2", "--steps", str(start), "--warmup", "0"]
+    plain_start = _two_ranks(argv, tmp_path / "start.json")
+    assert plain_start["bytes_per_step"] == 4 * plain_start["params"]  # every timed step all-reduced plain
 
 
 @pytest.mark.parametrize(
