@@ -175,9 +175,11 @@ def powersgd_experiment(plan: Plan, work: Path) -> tuple[dict[str, dict], str]:
 
 
 def linkrun_args(plan: Plan, method: str) -> list[str]:
+    # PowerSGD compresses from the first step, as in the paper (SGD needs no plain start)
+    start = ["--psgd-start", "0"] if method.startswith("powersgd") else []
     return [
         "--model", "digits_cnn", "--method", method, "--steps", str(plan.psgd_steps), "--warmup", "0",
-        "--eval-every", str(plan.psgd_eval_every),
+        "--eval-every", str(plan.psgd_eval_every), *start,
     ]  # fmt: skip
 
 

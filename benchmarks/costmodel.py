@@ -327,23 +327,37 @@ def _predict_run(lab: dict, run: dict, works: dict[str, dict], link: Any) -> tup
 
 
 def fit_step_alpha(labs: list[dict], fits: dict, works: dict[str, dict]) -> dict[int, float]:
-    """α per n as training steps see it, from the unshaped labs' linkrun runs: per method, (measured
-    step − compute − compression − transfer time) / messages per step; the median over methods. With
-    n ranks on 2 cores a message often waits for its receiver to be scheduled, which back-to-back
-    probes (all ranks idle but for the collective) do not show."""
-    alphas = {}
+    """α per n as training steps see it, from these labs' linkrun runs: per run, (measured step −
+    compute − compression − transfer time, with the lab's B and burst) / messages per step; the median
+    over all runs with that n. With n ranks on 2 cores a message often waits for its receiver to be
+    scheduled, which back-to-back probes (all ranks idle but for the collective) do not show."""
+    estimates: dict[int, list[float]] = {}
     for lab in labs:
-        if lab["rate"] is not None or not lab["runs"]:
-            continue
-        fit, estimates = fits[(None, lab["topology"])], []
+        fit = fits[(lab["rate"], lab["topology"])]
+        zero, unit = (Link(fit["bandwidth"], a, lab["topology"], lab["burst"]) for a in (0.0, 1.0))
         for run in lab["runs"]:
             if run["method"] not in METHODS:
                 continue
-            base, _ = _predict_run(lab, run, works, Link(fit["bandwidth"], 0.0, lab["topology"], 0))
-            per, _ = _predict_run(lab, run, works, Link(fit["bandwidth"], 1.0, lab["topology"], 0))
-            estimates.append((statistics.median(run["step_seconds"]) - base.step_s) / per.latency_s)
-        alphas[lab["n"]] = max(0.0, statistics.median(estimates))
-    return alphas
+            base, _ = _predict_run(lab, run, works, zero)
+            per, _ = _predict_run(lab, run, works, unit)
+            excess = statistics.median(run["step_seconds"]) - base.step_s
+            estimates.setdefault(lab["n"], []).append(excess / per.latency_s)
+    return {n: max(0.0, statistics.median(e)) for n, e in estimates.items()}
+
+
+def validate_held_out(labs: list[dict], fits: dict, works: dict[str, dict]) -> tuple[list[dict], dict]:
+    """Every shaped lab's runs predicted with α fitted on every *other* lab's runs of the same n
+    (leave one lab out: a lab's own step times never enter its prediction). Returns the rows and the
+    α each lab got, by (rate, topology, n)."""
+    rows, used = [], {}
+    for lab in labs:
+        if lab["rate"] is None or not lab["runs"]:
+            continue
+        others = [o for o in labs if o is not lab and o["runs"]]
+        alpha = fit_step_alpha(others, fits, works).get(lab["n"])
+        used[(lab["rate"], lab["topology"], lab["n"])] = alpha
+        rows += validate([lab], fits, works, None if alpha is None else {lab["n"]: alpha})
+    return rows, used
 
 
 def validate(labs: list[dict], fits: dict, works: dict[str, dict],
@@ -444,8 +458,11 @@ def main() -> None:
         x, y = w["data"].x_train[:32], w["data"].y_train[:32]
         entry = calibrate(w["shapes"], w["model"], x, y, w["optimizer"], DEFAULT_CONFIGS, 10)
         cal_models[w["key"]] = {"spec": f"linkrun {name}", "shapes": w["shapes"], **entry}
-    step_alpha = fit_step_alpha(labs, fits, works)
-    rows = validate([lab for lab in labs if lab["runs"] and lab["rate"] is not None], fits, works, step_alpha)
+    rows, held_out = validate_held_out(labs, fits, works)
+    shaped = [lab for lab in labs if lab["runs"] and lab["rate"] is not None]
+    unshaped_alpha = fit_step_alpha([lab for lab in labs if lab["runs"] and lab["rate"] is None], fits, works)
+    step_alpha = {"held_out": held_out, "unshaped": unshaped_alpha,
+                  "unshaped_passed": sum(r["pass"] for r in validate(shaped, fits, works, unshaped_alpha))}
     scale = {f"{name} ({sum(map(numel, w['shapes'])):,} parameters)":
              predictions(w, cal_models[w["key"]], cal["latency_s"], cal["efficiency"])
              for name, w in works.items()}
@@ -465,7 +482,9 @@ def main() -> None:
     print(section)
     if args.json is not None:
         args.json.write_text(json.dumps({"labs": labs, "validation": rows, "measured": args.measured,
-                                         "step_alpha_s": step_alpha,
+                                         "step_alpha_s": {"unshaped": unshaped_alpha,
+                                                          "held_out": {"/".join(map(str, k)): v
+                                                                       for k, v in held_out.items()}},
                                          "fits": {f"{r}/{t}": f for (r, t), f in fits.items()}}, indent=1))
     if args.out is not None:
         write_section(args.out, section, BEGIN, END)

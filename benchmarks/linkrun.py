@@ -105,9 +105,7 @@ def parse_method(method: str) -> tuple[str, dict[str, Any]]:
         return GRADWIRE[method]
     name, _, rank = method.partition(":")
     if name in ("powersgd", "torch-powersgd") and rank.isdigit() and int(rank) >= 1:
-        # gradwire's PowerSGD starts as torch's hook must: TORCH_START_ITER plain all-reduced steps
-        # (with Adam, the LM's optimizer, starting compressed from step 0 slows learning markedly)
-        return name, {"rank": int(rank)} | ({"start_iter": TORCH_START_ITER} if name == "powersgd" else {})
+        return name, {"rank": int(rank)}
     known = ["allreduce", "compute-only", "torch-powersgd:R", "powersgd:R", *GRADWIRE]
     raise ValueError(f"unknown method {method!r}; expected one of {', '.join(known)}")
 
@@ -165,6 +163,10 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, data: Dataset, method: str, rank: int) -> None:
         work = WORKLOADS[args.model]
         self.method, (self.kind, self.params) = method, parse_method(method)
+        if self.kind == "powersgd":
+            # by default gradwire's PowerSGD starts as torch's hook must: TORCH_START_ITER plain steps
+            # (with Adam, the LM's optimizer, starting compressed from step 0 slows learning markedly)
+            self.params = {**self.params, "start_iter": args.psgd_start}
         self.data, self.batch = data, args.batch
         torch.manual_seed(args.seed)  # the same initial model on every rank (and for every method)
         model_name, model_params = work["model"]
@@ -287,6 +289,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overlap", action="store_true", help="gradwire: reduce buckets in a thread")
+    parser.add_argument("--psgd-start", type=int, default=TORCH_START_ITER,
+                        help="gradwire PowerSGD: plain all-reduced steps first (default: as torch's hook)")
     parser.add_argument("--methods", default=None,
                         help="comma-separated: train these in turn, --turn steps each (no evaluation)")
     parser.add_argument("--turn", type=int, default=2, help="--methods: steps per method and turn")
@@ -300,6 +304,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(str(err))
     if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.threads < 1 or args.turn < 1:
         parser.error("--steps, --turn, --batch and --threads must be >= 1 and --warmup >= 0")
+    if args.psgd_start < 0:
+        parser.error(f"--psgd-start must be >= 0, not {args.psgd_start}")
     if args.methods and args.eval_every:
         parser.error("--eval-every needs a single --method")
     return args

@@ -294,19 +294,23 @@ def test_costmodel_replay_refuses_a_file_that_is_not_its_json(tmp_path, capsys, 
         assert exit_info.value.code == 2 and why in capsys.readouterr().err
 
 
-def test_alpha_of_training_steps_is_recovered_from_unshaped_runs_and_used_by_the_validation():
-    """Runs whose extra time is exactly 3 ms per message give α = 3 ms; the shaped labs' validation then
-    uses that α (not the probes') with the lab's own B."""
+def test_alpha_of_training_steps_is_fitted_on_other_labs_and_used_by_the_validation():
+    """Runs whose extra time is exactly 3 ms per message give α = 3 ms. Each shaped lab is predicted with
+    the α of the *other* labs: a lab whose own runs took 10 ms per message is still predicted with 3 ms
+    (so it fails), and the labs with 3 ms runs are predicted exactly."""
     from benchmarks import costmodel as bench
     from benchmarks.linkrun import DigitsCNN
 
     shapes = [tuple(p.shape) for p in DigitsCNN().parameters()]
     works = {"digits_cnn": {"shapes": shapes}}
     compress = {f"digits_cnn {m}": {"base_s": 0.004, "per_rank_s": 0.0} for m in bench.METHODS}
-    bandwidth, alpha, compute = 2e8, 3e-3, 0.05
+    compute = 0.05
+    fits = {(None, "switch"): {"bandwidth": 2e8, "alpha_s": {4: 1e-5}},
+            ("100mbit", "switch"): {"bandwidth": 1.2e7, "alpha_s": {4: 1e-5}},
+            ("1gbit", "switch"): {"bandwidth": 1.1e8, "alpha_s": {4: 1e-5}}}  # fmt: skip
 
-    def lab(rate, b, a):  # every method's step exactly as the model says with B = b, α = a
-        link = Link(b, a, "switch", 0)
+    def lab(rate, alpha):  # every method's step exactly as the model says with the lab's B and this α
+        link = Link(fits[(rate, "switch")]["bandwidth"], alpha, "switch", 0)
         runs = [{"model": "digits_cnn", "method": "compute-only", "step_seconds": [compute]}]
         for method, (name, params) in bench.METHODS.items():
             one = step_traffic(ddp_buckets(shapes, **bench.ONE_BUCKET), parse_config(name, params))
@@ -315,12 +319,16 @@ def test_alpha_of_training_steps_is_recovered_from_unshaped_runs_and_used_by_the
             runs.append({"model": "digits_cnn", "method": method, "step_seconds": times, "bytes_per_step": 0})
         return {"n": 4, "rate": rate, "topology": "switch", "burst": 0, "runs": runs, "compress": compress}
 
-    fits = {(None, "switch"): {"bandwidth": bandwidth, "alpha_s": {4: 1e-5}},
-            ("100mbit", "switch"): {"bandwidth": 1.2e7, "alpha_s": {4: 1e-5}}}  # fmt: skip
-    step_alpha = bench.fit_step_alpha([lab(None, bandwidth, alpha)], fits, works)
-    assert step_alpha == {4: pytest.approx(alpha)}
-    shaped = lab("100mbit", 1.2e7, alpha)
-    rows = bench.validate([shaped], fits, works, step_alpha)
-    assert len(rows) == len(bench.METHODS) and all(abs(r["error"]) < 1e-9 for r in rows)
-    with_probe_alpha = bench.validate([shaped], fits, works)  # α of the probes: 300× smaller
+    unshaped, slow, fast = lab(None, 3e-3), lab("100mbit", 3e-3), lab("1gbit", 10e-3)
+    assert bench.fit_step_alpha([unshaped], fits, works) == {4: pytest.approx(3e-3)}
+    rows, used = bench.validate_held_out([unshaped, slow, fast], fits, works)
+    assert used[("100mbit", "switch", 4)] == pytest.approx(6.5e-3)  # median of 3 ms and 10 ms runs
+    assert used[("1gbit", "switch", 4)] == pytest.approx(3e-3)  # its own 10 ms runs left out
+    by_lab = {(r["rate"], r["method"]): r["error"] for r in rows}
+    assert len(rows) == 2 * len(bench.METHODS)
+    assert all(by_lab[("1gbit", m)] < -0.01 for m in bench.METHODS)  # predicted with 3 ms, took 10 ms
+    rows, used = bench.validate_held_out([unshaped, slow], fits, works)
+    assert all(abs(r["error"]) < 1e-9 for r in rows)
+    assert used == {("100mbit", "switch", 4): pytest.approx(3e-3)}
+    with_probe_alpha = bench.validate([slow], fits, works)  # α of the probes: 300× smaller
     assert all(r["error"] < 0 for r in with_probe_alpha)

@@ -46,14 +46,16 @@ def test_methods_taking_turns_each_get_their_own_steps_bytes_and_clocks(tmp_path
 def test_a_single_method_run_records_the_same_bytes_after_powersgds_plain_start(tmp_path):
     # gradwire's PowerSGD starts with the plain steps torch's hook needs: the same algorithm for both
     start = linkrun.TORCH_START_ITER
-    assert linkrun.parse_method("powersgd:2") == ("powersgd", {"rank": 2, "start_iter": start})
-    assert linkrun.parse_method("torch-powersgd:4") == ("torch-powersgd", {"rank": 4})
+    defaults = linkrun.parse_args(["--method", "powersgd:2", "--out", str(tmp_path / "x.json")])
+    assert defaults.psgd_start == start
     got = _two_ranks(["--model", "digits_cnn", "--method", "powersgd:2", "--steps", "2", "--warmup", "2"],
                      tmp_path / "one.json")
     assert got["method"] == "powersgd:2" and got["bytes_per_step"] == 41536 and len(got["step_seconds"]) == 2
     argv = ["--model", "digits_cnn", "--method", "powersgd:2", "--steps", str(start), "--warmup", "0"]
     plain_start = _two_ranks(argv, tmp_path / "start.json")
     assert plain_start["bytes_per_step"] == 4 * plain_start["params"]  # every timed step all-reduced plain
+    compressed_start = _two_ranks([*argv, "--psgd-start", "0"], tmp_path / "no-start.json")
+    assert compressed_start["bytes_per_step"] == 41536
 
 
 @pytest.mark.parametrize(
@@ -62,6 +64,7 @@ def test_a_single_method_run_records_the_same_bytes_after_powersgds_plain_start(
         (["--methods", "powersgd:2,bogus"], "unknown method 'bogus'"),
         (["--methods", "fp16,qsgd", "--eval-every", "5"], "--eval-every needs a single --method"),
         (["--methods", "fp16", "--turn", "0"], "--turn"),
+        (["--method", "powersgd:2", "--psgd-start", "-1"], "--psgd-start must be >= 0"),
     ],
 )
 def test_bad_method_lists_are_refused_by_name(argv, why, tmp_path, capsys):
