@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# pin torch first: an unpinned torch pulls a multi-GB CUDA build (see docs/install.md)
+	# pin torch first: an unpinned torch pulls a multi-GB CUDA build (README, quick start)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,examples]'
 	touch $@
