@@ -429,7 +429,7 @@ def main() -> None:
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     rates = ["100mbit"] if args.quick else ["100mbit", "1gbit"]
     topologies = ["switch"] if args.quick else ["switch", "shared"]
-    steps, warmup = (4, 1) if args.quick else (16, 2)
+    steps, warmup = (4, 2) if args.quick else (16, 2)  # PowerSGD: 2 plain steps (linkrun --psgd-start)
     labs, args.measured = saved["labs"], saved["measured"]
     # compute-only and every method of a model in one job, taking turns 2 steps at a time
     methods = ["compute-only", *METHODS]
