@@ -16,7 +16,7 @@ step time for the method; the plots draw accuracy against step × median step ti
 
     python benchmarks/links.py --quick            # digits CNN, 6 methods, both rates (~10 min)
     python benchmarks/links.py --models digits_cnn  # every method (28 min here, idle)
-    python benchmarks/links.py --json F --resume  # both models (~70 min); F keeps each finished run
+    python benchmarks/links.py --json F --resume  # both models (~85 min); F keeps each finished run
 """
 
 from __future__ import annotations
