@@ -68,9 +68,9 @@ ONE_BUCKET = {"first_bucket_bytes": 1 << 30, "bucket_bytes": 1 << 30}  # linkrun
 def rank_main(plan_path: Path) -> None:
     """Probe collectives, then run linkrun once per job of the plan (one model, its methods taking turns
     a few steps at a time, so that the compute-only floor and every method see the same load). Each
-    job runs in a forked child
-    (imports paid once) that ends with ``os._exit``: tearing down a finished run's DDP and process
-    group in a process that goes on to start another one hangs in gloo's destructors."""
+    job runs in a forked child (imports paid once) that ends with ``os._exit``: tearing down a finished
+    run's DDP and process group in a process that goes on to start another one hangs in gloo's
+    destructors."""
     import torch
 
     from benchmarks import linkrun
@@ -362,8 +362,8 @@ def validate_held_out(labs: list[dict], fits: dict, works: dict[str, dict]) -> t
 
 def validate(labs: list[dict], fits: dict, works: dict[str, dict],
              step_alpha: dict[int, float] | None = None) -> list[dict]:
-    """Predicted vs measured step of every run in the shaped labs: B and the tbf burst from the lab's
-    probes, α from ``step_alpha`` (training steps, unshaped lab) where given, else the lab's probes."""
+    """Predicted vs measured step of every run in these labs: B and the tbf burst from the lab's
+    probes, α from ``step_alpha`` (per n, fitted on training steps) where given, else the lab's probes."""
     rows = []
     for lab in labs:
         n, fit = lab["n"], fits[(lab["rate"], lab["topology"])]

@@ -60,8 +60,8 @@ def render(args, fits: dict, rows: list[dict], scale: dict[str, list[dict]], cal
                 f"never enter its prediction): {per_n} across the labs. With α from the unshaped lab's "
                 f"runs alone ({unshaped or 'none'}), {step_alpha['unshaped_passed']} of {len(rows)} "
                 "would pass."]
-    alpha_from = "held-out α in training steps (above)" if step_alpha and step_alpha["held_out"] else \
-        "the lab's probe α"
+    held_out = bool(step_alpha and step_alpha["held_out"])
+    alpha_from = "held-out α in training steps (above)" if held_out else "the lab's probe α"
     out += ["", f"**Validation**: linkrun median step time vs prediction, target within {TARGET:.0%}: "
             f"{passed} of {len(rows)} PASS. Compute = linkrun's `compute-only` steps in the same lab, taken "
             "in turn with the methods (2 steps each per turn, one process per rank: drift falls on all "
