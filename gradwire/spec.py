@@ -43,10 +43,10 @@ from gradwire.compressors.registry import UnknownCompressorError, parse_config
 from gradwire.spec_io import (
     Problem,
     SpecError,
-    _apply_override,
-    _read_source,
-    _UniqueKeyLoader,
+    UniqueKeyLoader,
+    apply_override,
     blame,
+    read_source,
     unique_json_object,
 )
 
@@ -358,14 +358,14 @@ class JobSpec(_Section):
         try:
             return cls.model_validate(dict(data))
         except ValidationError as err:
-            raise SpecError.from_validation_error(err) from err
+            raise _spec_error(err) from err
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> JobSpec:
         """From YAML text, or from a file (a ``Path``, or a one-line string naming a .yaml/.yml file)."""
-        text = _read_source(source, (".yaml", ".yml"))
+        text = read_source(source, (".yaml", ".yml"))
         try:
-            data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+            data = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass
         except yaml.YAMLError as err:
             raise SpecError([Problem("", f"not valid YAML: {err}")]) from err
         return cls.from_dict(data)
@@ -373,7 +373,7 @@ class JobSpec(_Section):
     @classmethod
     def from_json(cls, source: str | Path) -> JobSpec:
         """From JSON text, or from a file (a ``Path``, or a one-line string naming a .json file)."""
-        text = _read_source(source, (".json",))
+        text = read_source(source, (".json",))
         try:
             data = json.loads(text, object_pairs_hook=unique_json_object)
         except ValueError as err:
@@ -404,13 +404,19 @@ class JobSpec(_Section):
         data = self.model_dump(mode="python", exclude_unset=True)
         applied: list[tuple[str, str]] = []
         for text in overrides:
-            key = _apply_override(data, text)
+            key = apply_override(data, text)
             applied.append((key, text))
         try:
             return type(self).model_validate(data)
         except ValidationError as err:
-            problems = [blame(p, applied) for p in SpecError.from_validation_error(err).problems]
+            problems = [blame(p, applied) for p in _spec_error(err).problems]
             raise SpecError(problems, err) from err
+
+
+def _spec_error(err: ValidationError) -> SpecError:
+    """A JobSpec validation error as a SpecError (paths walk through JobSpec's sections; the
+    compression section's fields are the compressor's, listed by `gradwire compressors`)."""
+    return SpecError.from_validation_error(err, JobSpec, (CompressionSpec,))
 
 
 def _straggler_problems(st: RepetitionCodeSpec | SequentialCodeSpec, n: int, compressor: str) -> Found:

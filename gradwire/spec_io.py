@@ -40,13 +40,17 @@ class SpecError(ValueError):
         return self.validation_error.errors() if self.validation_error is not None else []
 
     @classmethod
-    def from_validation_error(cls, err: ValidationError) -> SpecError:
-        from gradwire.spec import CompressionSpec, JobSpec  # the sections a path walks through
+    def from_validation_error(
+        cls, err: ValidationError, root: type[BaseModel], free_form: tuple[type, ...] = ()
+    ) -> SpecError:
+        """Pydantic's errors of validating ``root`` as problems with the paths users type;
+        ``free_form``: sections whose fields a registry checks (see :func:`describe`)."""
+        return cls([describe(e, root, free_form) for e in err.errors()], err)
 
-        return cls([describe(e, JobSpec, (CompressionSpec,)) for e in err.errors()], err)
 
-
-def _read_source(source: str | Path, suffixes: tuple[str, ...]) -> str:
+def read_source(source: str | Path, suffixes: tuple[str, ...]) -> str:
+    """The text of a spec: ``source`` itself, or the file it names (a ``Path``, or a one-line
+    string ending in one of ``suffixes``)."""
     if isinstance(source, Path):
         return source.read_text(encoding="utf-8")
     if "\n" not in source and source.strip().lower().endswith(suffixes):
@@ -54,7 +58,7 @@ def _read_source(source: str | Path, suffixes: tuple[str, ...]) -> str:
     return source
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last silently)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -69,11 +73,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping
+UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, UniqueKeyLoader.construct_mapping
 )
 # YAML 1.1 (PyYAML) reads 1e-3 as a string; YAML 1.2 and every user read it as a number
-_UniqueKeyLoader.add_implicit_resolver(
+UniqueKeyLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
@@ -90,7 +94,7 @@ def unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _apply_override(data: dict[str, Any], text: str) -> str:
+def apply_override(data: dict[str, Any], text: str) -> str:
     """Set one dotted ``key=value`` in ``data``; returns the key."""
     key, sep, raw = text.partition("=")
     key = key.strip()
@@ -98,7 +102,7 @@ def _apply_override(data: dict[str, Any], text: str) -> str:
     if not sep or not all(parts):
         raise SpecError([Problem("", f"override {text!r} is not of the form dotted.key=value")])
     try:
-        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else None
     except yaml.YAMLError as err:
         raise SpecError([Problem(key, f"value of override {text!r} is not valid YAML: {err}")]) from err
     node = data
