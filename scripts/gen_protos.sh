@@ -1,6 +1,6 @@
 #!/usr/bin/env sh
-# Regenerate gradwire/telemetry_pb2.py and gradwire/telemetry_pb2_grpc.py from protos/.
-# Uses the project venv when present; needs grpcio-tools (see pyproject dev extra).
+# Regenerate protos/*_pb2.py and protos/*_pb2_grpc.py (package gradwire.protos) from protos/*.proto
+# with the pinned grpcio-tools (see scripts/gen_protos.py; it fetches that wheel once if needed).
 set -eu
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"

@@ -67,7 +67,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import Metric
 
-from gradwire import telemetry_pb2 as pb
+from gradwire.protos import telemetry_pb2 as pb
 from gradwire.server.states import TERMINAL_STATES, JobState
 
 __all__ = ["DROP_REASONS", "HTTP_SECONDS_BUCKETS", "PHASES", "STEP_SECONDS_BUCKETS", "CoordinatorMetrics"]

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gradwire import telemetry_pb2 as pb
+from gradwire.protos import telemetry_pb2 as pb
 from gradwire.server.states import JobState
 from gradwire.spec import JobSpec
 

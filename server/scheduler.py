@@ -52,7 +52,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gradwire import telemetry_pb2 as pb
+from gradwire.protos import telemetry_pb2 as pb
 from gradwire.server.control import ClusterUnavailable
 from gradwire.server.metrics import CoordinatorMetrics
 from gradwire.server.ray_cluster import RayCluster, RayUnavailable, is_not_found

@@ -1,6 +1,6 @@
 """The coordinator's gRPC telemetry sink: ``gradwire.v1.Telemetry/StreamReports``.
 
-Each worker rank streams ``ReportBatch`` messages (see ``protos/gradwire/v1/telemetry.proto`` and
+Each worker rank streams ``ReportBatch`` messages (see ``protos/telemetry.proto`` and
 the client in ``worker/telemetry.py``); the sink validates the reports, drops duplicates, hands each
 batch's new reports to one callback, and answers with a ``StreamSummary`` when the worker closes
 its stream.
@@ -44,8 +44,8 @@ from concurrent import futures
 
 import grpc
 
-from gradwire import telemetry_pb2 as pb
-from gradwire import telemetry_pb2_grpc as pb_grpc
+from gradwire.protos import telemetry_pb2 as pb
+from gradwire.protos import telemetry_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

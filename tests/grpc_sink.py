@@ -7,8 +7,8 @@ from concurrent import futures
 
 import grpc
 
-from gradwire import telemetry_pb2 as pb
-from gradwire import telemetry_pb2_grpc as pb_grpc
+from gradwire.protos import telemetry_pb2 as pb
+from gradwire.protos import telemetry_pb2_grpc as pb_grpc
 from tests.waiting import free_port  # noqa: F401  (re-exported: tests import it from here)
 
 

@@ -250,7 +250,7 @@ def step_report(
     epoch: int,
     evaluation: tuple[float, float] | None,
 ) -> dict[str, Any]:
-    """One ``StepReport`` (protos/gradwire/v1/telemetry.proto); byte counters are running totals."""
+    """One ``StepReport`` (protos/telemetry.proto); byte counters are running totals."""
     return {
         "step": step,
         "loss": times.loss,

@@ -4,7 +4,7 @@ Two sinks with the same surface (``report``, ``close``, ``sent``, ``dropped``):
 
 * :class:`TelemetryClient` streams :class:`StepReport` messages to the
   coordinator's gRPC sink (``gradwire.v1.Telemetry/StreamReports``, see
-  ``protos/gradwire/v1/telemetry.proto``). ``report()`` only converts the
+  ``protos/telemetry.proto``). ``report()`` only converts the
   report and appends it to a bounded buffer; a daemon thread batches the
   buffer onto a client stream, reconnects with capped exponential backoff
   while the sink is down, and re-sends what an interrupted stream may not
@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gradwire import telemetry_pb2 as pb
+from gradwire.protos import telemetry_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class TelemetryClient:
     def _run(self) -> None:
         import grpc
 
-        from gradwire import telemetry_pb2_grpc as pb_grpc
+        from gradwire.protos import telemetry_pb2_grpc as pb_grpc
 
         backoff = self.backoff_initial_s
         while self._has_work():

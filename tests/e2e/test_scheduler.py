@@ -39,7 +39,7 @@ if importlib.util.find_spec("ray") is None or importlib.util.find_spec("sqlalche
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from gradwire import telemetry_pb2 as pb
+from gradwire.protos import telemetry_pb2 as pb
 from gradwire.server.metrics import CoordinatorMetrics
 from gradwire.server.ray_cluster import RayCluster
 from gradwire.server.scheduler import Scheduler, submission_id

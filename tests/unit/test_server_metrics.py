@@ -8,7 +8,7 @@ pytest.importorskip("prometheus_client")
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from gradwire import telemetry_pb2 as pb
+from gradwire.protos import telemetry_pb2 as pb
 from gradwire.server.metrics import PHASES, CoordinatorMetrics
 from gradwire.server.states import JobState
 

@@ -12,8 +12,8 @@ import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from gradwire import telemetry_pb2 as pb
-from gradwire import telemetry_pb2_grpc as pb_grpc
+from gradwire.protos import telemetry_pb2 as pb
+from gradwire.protos import telemetry_pb2_grpc as pb_grpc
 from gradwire.server.app import create_app
 from gradwire.server.metrics import DROP_REASONS, CoordinatorMetrics
 from gradwire.server.settings import Settings

@@ -8,8 +8,8 @@ import time
 import grpc
 import pytest
 
-from gradwire import telemetry_pb2 as pb
-from gradwire import telemetry_pb2_grpc as pb_grpc
+from gradwire.protos import telemetry_pb2 as pb
+from gradwire.protos import telemetry_pb2_grpc as pb_grpc
 from gradwire.server.telemetry_sink import TelemetrySink, is_loopback
 from gradwire.worker.telemetry import TelemetryClient, to_proto
 

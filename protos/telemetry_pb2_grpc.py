@@ -3,9 +3,9 @@
 import grpc
 import warnings
 
-from . import telemetry_pb2 as gradwire_dot_v1_dot_telemetry__pb2
+from gradwire.protos import telemetry_pb2 as gradwire_dot_protos_dot_telemetry__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in gradwire/v1/telemetry_pb2_grpc.py depends on'
+        + f' but the generated code in gradwire/protos/telemetry_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class TelemetryStub:
+class TelemetryStub(object):
     """Telemetry sink run by the coordinator (gradwire.server).
     """
 
@@ -37,12 +37,12 @@ class TelemetryStub:
         """
         self.StreamReports = channel.stream_unary(
                 '/gradwire.v1.Telemetry/StreamReports',
-                request_serializer=gradwire_dot_v1_dot_telemetry__pb2.ReportBatch.SerializeToString,
-                response_deserializer=gradwire_dot_v1_dot_telemetry__pb2.StreamSummary.FromString,
+                request_serializer=gradwire_dot_protos_dot_telemetry__pb2.ReportBatch.SerializeToString,
+                response_deserializer=gradwire_dot_protos_dot_telemetry__pb2.StreamSummary.FromString,
                 _registered_method=True)
 
 
-class TelemetryServicer:
+class TelemetryServicer(object):
     """Telemetry sink run by the coordinator (gradwire.server).
     """
 
@@ -58,8 +58,8 @@ def add_TelemetryServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'StreamReports': grpc.stream_unary_rpc_method_handler(
                     servicer.StreamReports,
-                    request_deserializer=gradwire_dot_v1_dot_telemetry__pb2.ReportBatch.FromString,
-                    response_serializer=gradwire_dot_v1_dot_telemetry__pb2.StreamSummary.SerializeToString,
+                    request_deserializer=gradwire_dot_protos_dot_telemetry__pb2.ReportBatch.FromString,
+                    response_serializer=gradwire_dot_protos_dot_telemetry__pb2.StreamSummary.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -69,7 +69,7 @@ def add_TelemetryServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Telemetry:
+class Telemetry(object):
     """Telemetry sink run by the coordinator (gradwire.server).
     """
 
@@ -88,8 +88,8 @@ class Telemetry:
             request_iterator,
             target,
             '/gradwire.v1.Telemetry/StreamReports',
-            gradwire_dot_v1_dot_telemetry__pb2.ReportBatch.SerializeToString,
-            gradwire_dot_v1_dot_telemetry__pb2.StreamSummary.FromString,
+            gradwire_dot_protos_dot_telemetry__pb2.ReportBatch.SerializeToString,
+            gradwire_dot_protos_dot_telemetry__pb2.StreamSummary.FromString,
             options,
             channel_credentials,
             insecure,
