@@ -1,7 +1,7 @@
 """Cost-model benchmark: fit α–β on shaped links, check predicted step times, predict at scale.
 
 (a) Fit: in netlab (rate × topology × n = 2, 4) each rank times back-to-back gloo all-reduces and
-    all-gathers; B per link and α per n are fitted to ``gradwire.costmodel``'s ring formulas with the
+    all-gathers; B per link and α per n are fitted to ``gradwire.cli.costmodel``'s ring formulas with the
     lab's tbf token bucket (its burst is known).
 (b) Compute: linkrun's ``compute-only`` step in each lab (first and last run, pooled); compression: the
     reducer's step timed on all n ranks at once in that lab; one-process values for (d) and the
@@ -10,7 +10,7 @@
     linkrun's ledger. (d) Predictions for n = 8 … 1024 at 1/10/100 Gbit/s: which compressor wins where.
 
     python benchmarks/costmodel.py [--quick] [--out docs/benchmarks.md] \
-        [--calibration gradwire/calibration.json] [--json results.json] [--replay results.json]
+        [--calibration gradwire/cli/calibration.json] [--json results.json] [--replay results.json]
 
 Needs root (not ``--replay``: it refits and revalidates a ``--json`` file's labs). ``--quick`` (< 5 min):
 digits CNN, 100 Mbit/s, switch. Full (< 20 min idle): 100 Mbit/s and 1 Gbit/s, both topologies, the LM
@@ -40,8 +40,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.costmodel_report import BEGIN, END, TARGET, machine, render  # noqa: E402
 from benchmarks.netlab import Lab, parse_rate  # noqa: E402
 from benchmarks.sections import write_section  # noqa: E402
-from gradwire.compressors.registry import parse_config  # noqa: E402
-from gradwire.costmodel import (  # noqa: E402
+from gradwire.cli.costmodel import (  # noqa: E402
     CompressTime,
     Link,
     collective_terms,
@@ -52,6 +51,7 @@ from gradwire.costmodel import (  # noqa: E402
     predict_step,
     step_traffic,
 )
+from gradwire.compressors.registry import parse_config  # noqa: E402
 
 METHODS = {"none": ("none", {}), "fp16": ("fp16", {}), "powersgd:2": ("powersgd", {"rank": 2}),
            "topk:ef": ("topk", {"ratio": 0.01, "feedback": "ef"})}
@@ -113,7 +113,7 @@ def _forked(job: Any) -> None:
 def _compress(plan: dict, folder: Path) -> None:
     """Compression times measured on all n ranks at once (no communication): what each step's
     compression costs while the other ranks compress on the same cores."""
-    from gradwire.cli_plan import measure_compress
+    from gradwire.cli.plan import measure_compress
 
     out: dict[str, dict] = {}
     for model in plan["compress"]:
@@ -248,7 +248,7 @@ def calibrate(shapes: list, model: Any, x: Any, y: Any, opt: Any, configs: list[
     """Uncontended compute and per-configuration compression times of one model (one process)."""
     import torch
 
-    from gradwire.cli_plan import measure_compress, measure_compute
+    from gradwire.cli.plan import measure_compress, measure_compute
 
     torch.set_num_threads(1)
     entry: dict[str, Any] = {"elements": sum(map(numel, shapes)), "tensors": len(shapes), "compress": {}}
@@ -384,7 +384,7 @@ def validate(labs: list[dict], fits: dict, works: dict[str, dict],
 
 
 def predictions(work: dict, entry: dict, alpha: float, efficiency: float) -> list[dict]:
-    from gradwire.cli_plan import DEFAULT_CONFIGS
+    from gradwire.cli.plan import DEFAULT_CONFIGS
 
     rows = []
     buckets = ddp_buckets(work["shapes"])
@@ -424,7 +424,7 @@ def main() -> None:
         parser.error(f"--replay {args.replay}: not JSON ({err})")
     if not isinstance(saved, dict) or not {"labs", "measured"} <= saved.keys():
         parser.error(f"--replay {args.replay}: not a --json file of this benchmark (no labs or 'measured')")
-    from gradwire.cli_plan import DEFAULT_CONFIGS
+    from gradwire.cli.plan import DEFAULT_CONFIGS
 
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     rates = ["100mbit"] if args.quick else ["100mbit", "1gbit"]

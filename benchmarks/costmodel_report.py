@@ -33,7 +33,7 @@ def render(args, fits: dict, rows: list[dict], scale: dict[str, list[dict]], cal
                 f"`{cmd} --replay F` on {now}")
     out = [BEGIN, "## Cost model: α–β fit, validation on shaped links, predictions at scale", "",
            f"{when}. Machine: {machine()}; 1-minute load average {loads[0]:.1f} before, {loads[1]:.1f} "
-           "after the measurements. Model and derivations: `gradwire/costmodel.py`, docs/plan.md.", "",
+           "after the measurements. Model and derivations: `gradwire/cli/costmodel.py`, docs/plan.md.", "",
            "**Fit** (back-to-back gloo collectives in netlab; one B per link, α per n; tbf burst "
            "modelled):", "",
            "| link | topology | α µs, n = 2 | α µs, n = 4 | fitted B Mbit/s | goodput | rms error | points |",

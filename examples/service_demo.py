@@ -37,8 +37,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
 
-    from gradwire.cli_service import follow
-    from gradwire.remote import ApiError, CoordinatorClient
+    from gradwire.cli.remote import ApiError, CoordinatorClient
+    from gradwire.cli.service import follow
     from gradwire.spec import JobSpec
 
     folder = ROOT / ".gradwire" / "demo"

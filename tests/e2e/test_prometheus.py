@@ -111,7 +111,7 @@ def scraped(local_ray, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scr
         pytest.skip("prometheus not installed (Debian: apt-get install prometheus); CI installs it")
     import uvicorn
 
-    from gradwire.remote import CoordinatorClient
+    from gradwire.cli.remote import CoordinatorClient
     from gradwire.server.app import create_app
     from gradwire.server.service import Coordinator
     from gradwire.server.settings import Settings

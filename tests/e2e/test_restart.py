@@ -47,7 +47,7 @@ from typing import Any
 import pytest
 
 from gradwire.ray_env import local_ray_env
-from gradwire.remote import CoordinatorClient
+from gradwire.cli.remote import CoordinatorClient
 from gradwire.spec import JobSpec
 from tests.waiting import free_port, wait_for
 

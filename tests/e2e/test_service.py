@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gradwire.remote import CoordinatorClient
+from gradwire.cli.remote import CoordinatorClient
 from gradwire.spec import JobSpec
 from tests.e2e.test_train import powersgd_bytes_per_step
 from tests.waiting import free_port, wait_for

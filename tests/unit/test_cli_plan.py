@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gradwire.cli import app
-from gradwire.cli_plan import DEFAULT_CONFIGS
+from gradwire.cli.plan import DEFAULT_CONFIGS
 
 SPECS = sorted(Path(__file__).resolve().parents[2].joinpath("examples/specs").glob("*.yaml"))
 

@@ -7,7 +7,7 @@ import torch
 
 from gradwire.compressors import make_reducer
 from gradwire.compressors.registry import parse_config
-from gradwire.costmodel import (
+from gradwire.cli.costmodel import (
     Calibration,
     Collective,
     CompressTime,

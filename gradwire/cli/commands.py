@@ -1,4 +1,5 @@
-"""The `gradwire` command line."""
+"""The `gradwire` typer app: `compressors`, `train` and `--version`; `serve`, `submit` and `jobs`
+come from :mod:`gradwire.cli.service`, `plan` from :mod:`gradwire.cli.plan`."""
 
 from __future__ import annotations
 
@@ -11,15 +12,30 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gradwire.cli_plan import register as register_plan_command
-from gradwire.cli_service import register as register_service_commands
-from gradwire.console import TelemetryProgress, summary
+from gradwire import __version__
+from gradwire.cli.console import TelemetryProgress, summary
+from gradwire.cli.extras import command_needs
+from gradwire.cli.plan import register as register_plan_command
+from gradwire.cli.service import register as register_service_commands
 
 app = typer.Typer(help="gradwire: data-parallel training on slow networks.", no_args_is_help=True)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"gradwire {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", "-V", is_eager=True, callback=_show_version, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
     """gradwire: data-parallel training on slow networks."""
 
 
@@ -85,7 +101,8 @@ def train(
         typer.echo(f"{spec_path}: {err}", err=True)
         raise typer.Exit(2) from None
 
-    from gradwire.worker.launch import NotEnoughResourcesError, run_dir, run_job  # imports torch and ray
+    with command_needs("gradwire train", "train"):
+        from gradwire.worker.launch import NotEnoughResourcesError, run_dir, run_job  # imports torch and ray
 
     console = Console()
     follow = TelemetryProgress(run_dir(spec) / "telemetry-rank0.jsonl", spec.steps, console)
@@ -103,11 +120,3 @@ def train(
 
 register_service_commands(app)
 register_plan_command(app)
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gradwire.console import summary
+from gradwire.cli.console import summary
 
 jobs_app = typer.Typer(
     help="List, show, cancel and read the logs of the coordinator's jobs.", no_args_is_help=True
@@ -29,7 +29,7 @@ DEFAULT_SERVER = "http://127.0.0.1:8000"
 
 
 def _client(server: str, token: str | None):
-    from gradwire.remote import CoordinatorClient
+    from gradwire.cli.remote import CoordinatorClient
 
     return CoordinatorClient(server, token)
 
@@ -97,7 +97,7 @@ def submit(
     token: Token = None,
 ) -> None:
     """Submit a job spec to the coordinator (and with --wait, follow it to the end)."""
-    from gradwire.remote import ApiError
+    from gradwire.cli.remote import ApiError
     from gradwire.spec import JobSpec, SpecError
 
     if workers is not None:
@@ -161,7 +161,7 @@ def jobs_list(
     token: Token = None,
 ) -> None:
     """List jobs in submission order."""
-    from gradwire.remote import ApiError
+    from gradwire.cli.remote import ApiError
 
     try:
         with _client(server, token) as client:
@@ -181,7 +181,7 @@ def jobs_show(job_id: str, server: Server = DEFAULT_SERVER, token: Token = None)
     """Show one job as JSON."""
     import json
 
-    from gradwire.remote import ApiError
+    from gradwire.cli.remote import ApiError
 
     try:
         with _client(server, token) as client:
@@ -193,7 +193,7 @@ def jobs_show(job_id: str, server: Server = DEFAULT_SERVER, token: Token = None)
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: str, server: Server = DEFAULT_SERVER, token: Token = None) -> None:
     """Cancel a job (queued jobs at once; running ones are stopped on Ray)."""
-    from gradwire.remote import ApiError
+    from gradwire.cli.remote import ApiError
 
     try:
         with _client(server, token) as client:
@@ -206,7 +206,7 @@ def jobs_cancel(job_id: str, server: Server = DEFAULT_SERVER, token: Token = Non
 @jobs_app.command("logs")
 def jobs_logs(job_id: str, server: Server = DEFAULT_SERVER, token: Token = None) -> None:
     """Print a job's driver logs."""
-    from gradwire.remote import ApiError
+    from gradwire.cli.remote import ApiError
 
     try:
         with _client(server, token) as client:

@@ -393,7 +393,7 @@ def model_key(model: str, model_params: Mapping[str, Any], dataset: str,
 
 @dataclass
 class Calibration:
-    """This machine's measurements (``gradwire/calibration.json``, written by benchmarks/costmodel.py).
+    """This machine's measurements (``gradwire/cli/calibration.json``, written by benchmarks/costmodel.py).
 
     ``latency_s``: α of one gloo message between two hosts (veth, unshaped); ``efficiency``: goodput /
     nominal rate of a shaped link; ``models``: per model key, ``compute_ms`` (forward + backward +

@@ -1,7 +1,7 @@
 """`gradwire plan SPEC`: predicted step time and bytes of each compressor on a given cluster.
 
 The spec is loaded as `gradwire train` loads it and its model is built to read the parameter shapes;
-:mod:`gradwire.costmodel` turns shapes, compressor, workers and link into bytes and seconds. Compute
+:mod:`gradwire.cli.costmodel` turns shapes, compressor, workers and link into bytes and seconds. Compute
 and compression times come from ``--compute-ms``, from ``--measure`` (a few steps on this machine),
 or from the calibration file measured by ``benchmarks/costmodel.py`` (docs/plan.md).
 """
@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gradwire.costmodel import (
+from gradwire.cli.costmodel import (
     Calibration,
     CompressTime,
     Link,
@@ -221,7 +221,7 @@ def plan(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
     calibration: Annotated[
-        Path | None, typer.Option(help="calibration file (default: gradwire/calibration.json)")
+        Path | None, typer.Option(help="calibration file (default: gradwire/cli/calibration.json)")
     ] = None,
 ) -> None:
     """Predict the step time and bytes sent of each compressor for SPEC on a cluster."""
