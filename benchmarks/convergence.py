@@ -84,7 +84,7 @@ METHODS: dict[str, tuple[str, dict]] = {
 
 
 def steps_for(problem) -> dict[str, float]:
-    """The theorems' step sizes for this problem (ALGORITHMS.md §3.1, §3.3)."""
+    """The theorems' step sizes for this problem (docs/algorithms.md §3.1, §3.3)."""
     lis = problem.smoothness()
     big_l = problem.global_smoothness()
     alpha = TOPK / problem.d

@@ -1,7 +1,7 @@
 """The problems and the multi-worker driver behind ``benchmarks/convergence.py``.
 
 **Problem** (the EF21 paper's logistic-regression experiment, Richtárik, Sokolov, Fatkhullin 2021,
-§ experiments; ALGORITHMS.md §3.1): worker ``i`` holds ``m_i`` rows ``a_j`` with labels
+§ experiments; docs/algorithms.md §3.1): worker ``i`` holds ``m_i`` rows ``a_j`` with labels
 ``b_j ∈ {−1, +1}`` and
 
     f_i(x) = (1/m_i) Σ_j log(1 + exp(−b_j a_jᵀx)) + λ Σ_k x_k² / (1 + x_k²),   f = (1/n) Σ_i f_i.
@@ -163,7 +163,7 @@ class Workers:
     """n workers, each with the compressor and feedback objects of its own ``make_reducer``.
 
     ``weights`` (EF21-W): worker i feeds ``∇f_i / (n w_i)`` to its rule and the aggregate is
-    ``Σ_i w_i · decode(c_i)`` instead of the plain mean (ALGORITHMS.md §3.3).
+    ``Σ_i w_i · decode(c_i)`` instead of the plain mean (docs/algorithms.md §3.3).
     """
 
     def __init__(self, n: int, name: str, weights: np.ndarray | None = None, **params):

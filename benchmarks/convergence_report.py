@@ -126,8 +126,9 @@ def verdict_weighted(traces: dict[str, Trace], info: dict, gap: float) -> str:
     hit_qm, hit_w = qm.first_below(rel * qm.grad_norm_sq[0]), w.first_below(rel * w.grad_norm_sq[0])
     same = (
         "EF21-W and EF21 run with the same γ_AM are the same method for Top-k (the map G_i = n·w_i·g_i, "
-        f"ALGORITHMS.md §3.3; the paper's third result): their iterates differ by at most {gap:.1e} over "
-        "the run, so the gain is the step size the improved analysis allows, not the weighting itself."
+        "docs/algorithms.md §3.3; the paper's third result): their iterates differ by at most "
+        f"{gap:.1e} over the run, so the gain is the step size the improved analysis allows, "
+        "not the weighting itself."
     )
     g_ratio = info["gamma_am"] / info["gamma_qm"]
     if hit_qm is None or hit_w is None:
@@ -314,7 +315,7 @@ STEPS = (
     "sqrt(β/θ) = {root:.2f}; γ_QM = 1/(L + L_QM·sqrt(β/θ)) (EF21), γ_AM = 1/(L + L_AM·sqrt(β/θ)) "
     "(EF21-W). Here L = {L:.3f}, L_QM = {L_QM:.3f}, L_AM = {L_AM:.3f}, so γ_QM = {gamma_qm:.4g}. Every "
     "method of experiments 1 and 3 runs with γ_QM: EF (EF14) has no theorem for this setting without "
-    "bounded gradients, and EControl's theoretical (η, γ) were not retrieved (ALGORITHMS.md §4), so "
+    "bounded gradients, and EControl's theoretical (η, γ) are not derived here (docs/algorithms.md §4), so "
     "EControl uses η = {eta} ≈ α (the library's default) and EF21's γ. *uncompressed* is plain "
     "distributed GD (SGD in the minibatch runs) with the same γ, for reference."
 )

@@ -1,4 +1,4 @@
-"""gradwire.compressors.coding — straggler-tolerant gradient codes (ALGORITHMS.md §5–6).
+"""gradwire.compressors.coding — straggler-tolerant gradient codes (docs/algorithms.md §5–6).
 
 Gradient codes (Tandon et al., ICML 2017)::
 

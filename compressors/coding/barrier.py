@@ -1,6 +1,6 @@
 """Agreement on who finished a round first: the survivor set of a coded round.
 
-A coded round (ARCHITECTURE.md, "Gradient codes") needs every rank to learn the *same*
+A coded round (docs/algorithms.md §5.5) needs every rank to learn the *same*
 first ``n − s`` finishers, in the same order, so that all of them compute the same
 decoding coefficients. :class:`RoundBarrier` is that agreement::
 

@@ -5,8 +5,8 @@ code gives it (``code.partitions(i)``, weights ``code.encode_weights(i)``). The 
 on the first ``n − s`` finishers through a :class:`~gradwire.compressors.coding.barrier.RoundBarrier`,
 each computes the decoding coefficients ``a`` of that survivor set, and all ranks all-reduce
 ``a_i · c_i`` (stragglers and survivors with ``a_i = 0`` send zeros). The sum is
-``Σ_i a_i c_i = Σ_j g_j``: the full gradient, exactly (ALGORITHMS.md §5; ARCHITECTURE.md,
-"Gradient codes")::
+``Σ_i a_i c_i = Σ_j g_j``: the full gradient, exactly (docs/algorithms.md §5,
+§5.5)::
 
     code = fractional_repetition(4, 1)
     coded = CodedRound(code)                               # default reducer: plain all-reduce

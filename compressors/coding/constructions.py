@@ -1,7 +1,7 @@
 """The two exact gradient codes of Tandon et al. (ICML 2017): fractional and cyclic repetition.
 
 Both meet the lower bound on the load: every row of ``B`` has exactly ``s + 1`` nonzeros,
-so every worker computes ``(s + 1)/n`` of the data (ALGORITHMS.md §5.1).
+so every worker computes ``(s + 1)/n`` of the data (docs/algorithms.md §5.1).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ SAMPLED_SETS = 32
 
 
 def fractional_repetition(n: int, s: int) -> GradientCode:
-    """Fractional repetition (Tandon et al. 2017, §3.1; ALGORITHMS.md §5.2); needs ``(s + 1) | n``.
+    """Fractional repetition (Tandon et al. 2017, §3.1; docs/algorithms.md §5.2); needs ``(s + 1) | n``.
 
     Workers form ``n/(s+1)`` groups of ``s + 1``; every member of group ``g`` computes the
     partitions ``g(s+1) … g(s+1)+s`` and sends their sum, so ``B`` is block diagonal with
@@ -52,7 +52,7 @@ def fractional_repetition(n: int, s: int) -> GradientCode:
 
 
 def _draw_cyclic(n: int, s: int, seed: int) -> torch.Tensor | None:
-    """One draw of Tandon et al.'s Algorithm 2 (ALGORITHMS.md §5.3 steps 1–2); None if a solve is singular."""
+    """One draw of Tandon et al.'s Algorithm 2 (docs/algorithms.md §5.3); None if a solve is singular."""
     generator = torch.Generator().manual_seed(seed)
     H = torch.empty(s, n, dtype=torch.float64)
     H[:, : n - 1] = torch.randn(s, n - 1, generator=generator, dtype=torch.float64)
@@ -92,7 +92,7 @@ def _worst_condition(B: torch.Tensor, sets: list[list[int]]) -> float:
 def cyclic_repetition(
     n: int, s: int, seed: int = 0, *, target_condition: float = TARGET_CONDITION
 ) -> GradientCode:
-    """Cyclic repetition (Tandon et al. 2017, Algorithm 2; ALGORITHMS.md §5.3); any ``0 <= s < n``.
+    """Cyclic repetition (Tandon et al. 2017, Algorithm 2; docs/algorithms.md §5.3); any ``0 <= s < n``.
 
     ``H`` (s×n) has i.i.d. N(0, 1) entries in its first n − 1 columns and its last column is
     minus the row sums. Row ``i`` of ``B`` lives on ``{i, …, i+s} mod n`` with ``B[i, i] = 1``
@@ -142,5 +142,5 @@ def cyclic_repetition(
 
 
 def default_code(n: int, s: int, seed: int = 0) -> GradientCode:
-    """Fractional repetition when ``(s + 1) | n`` (exact 0/1 decoding, §5.4 (iii)), else cyclic repetition."""
+    """Fractional repetition when ``(s + 1) | n`` (exact 0/1 decoding, §5.4), else cyclic repetition."""
     return fractional_repetition(n, s) if n % (s + 1) == 0 else cyclic_repetition(n, s, seed=seed)

@@ -4,7 +4,7 @@ The job's data is cut into ``n`` partitions with gradients ``g_j`` (sums over th
 partition's samples). Worker ``i`` sends ``m_i = Σ_j B[i, j] g_j`` (row ``i`` of the
 encoding matrix). For any set ``F`` of at least ``n − s`` survivors the master finds
 ``a`` with ``aᵀ B_F = 1ᵀ`` and recovers ``Σ_{i∈F} a_i m_i = Σ_j g_j``
-(ALGORITHMS.md §5.1).
+(docs/algorithms.md §5.1).
 
 Decoding (§5.3): least squares on ``B_Fᵀ a = 1`` in float64. With more than ``n − s``
 survivors every one of them is used and the minimum-norm solution is returned (it
@@ -99,7 +99,7 @@ class GradientCode:
 
     @classmethod
     def from_matrix(cls, B: torch.Tensor | Sequence[Sequence[float]], s: int) -> GradientCode:
-        """A code from an explicit encoding matrix (e.g. the n = 3, s = 1 example of ALGORITHMS.md §5.3).
+        """A code from an explicit encoding matrix (e.g. the n = 3, s = 1 example of docs/algorithms.md §5.3).
 
         Nothing is checked up front; a survivor set the matrix cannot serve raises
         :class:`UndecodableError` when it is decoded.

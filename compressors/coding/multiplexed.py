@@ -1,6 +1,6 @@
 """M-SGC: multiplexed sequential gradient coding (Krishnan, Ebrahimi, Khisti, ICLR 2023, Scheme 2).
 
-ALGORITHMS.md §6.3. Delay ``T = W − 2 + B``. A job's data is ``D1 ∪ D2``:
+docs/algorithms.md §6.3. Delay ``T = W − 2 + B``. A job's data is ``D1 ∪ D2``:
 
 * D1: ``n`` equal parts, part ``i`` belongs to worker ``i`` and is cut into ``W − 1``
   uncoded mini-tasks;
@@ -40,7 +40,7 @@ from gradwire.compressors.coding.tasks import GROUP, UNCODED, Contribution, Task
 
 
 def m_sgc_load(n: int, B: int, W: int, lam: int) -> Fraction:
-    """The paper's normalised M-SGC load (ALGORITHMS.md §6.3), as an exact fraction."""
+    """The paper's normalised M-SGC load (docs/algorithms.md §6.3), as an exact fraction."""
     check_sgc_params(n, B, W, lam)
     if lam == n:
         return Fraction(W - 1 + B, n * (W - 1))
@@ -99,7 +99,7 @@ class MultiplexedSGC(SequentialScheme):
 
 
 class MultiplexedScheduler(RoundScheduler):
-    """The M-SGC master (ALGORITHMS.md §6.3)."""
+    """The M-SGC master (docs/algorithms.md §6.3)."""
 
     scheme: MultiplexedSGC
 

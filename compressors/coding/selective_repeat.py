@@ -1,6 +1,6 @@
 """SR-SGC: gradient coding with selective repetition (Krishnan, Ebrahimi, Khisti, ICLR 2023, Scheme 1).
 
-ALGORITHMS.md §6.2. With ``W − 1 = x·B`` the scheme uses an (n, s) gradient code with
+docs/algorithms.md §6.2. With ``W − 1 = x·B`` the scheme uses an (n, s) gradient code with
 ``s = ⌈B·λ/(W − 1 + B)⌉`` and delay ``T = B``:
 
 * round t: every worker computes its coded task for job t, except that when ``v > s``
@@ -65,7 +65,7 @@ class SelectiveRepeatSGC(SequentialScheme):
 
 
 class SelectiveRepeatScheduler(RoundScheduler):
-    """The SR-SGC master (ALGORITHMS.md §6.2)."""
+    """The SR-SGC master (docs/algorithms.md §6.2)."""
 
     scheme: SelectiveRepeatSGC
 

@@ -1,4 +1,4 @@
-"""Live sequential gradient coding (SR-SGC, M-SGC) on real ranks over all-reduce (ALGORITHMS.md §6).
+"""Live sequential gradient coding (SR-SGC, M-SGC) on real ranks over all-reduce (docs/algorithms.md §6).
 
 What a *job* is here. A job ``t`` is one full gradient ``Σ_p g_p`` over job ``t``'s data,
 computed at parameters that are fixed when job ``t`` starts (round ``t``). The runner does not
@@ -23,7 +23,7 @@ One round ``r`` (every rank calls :meth:`SequentialRound.step` for every round):
    since the store serialises the counter.
 3. If that straggler set would break the scheme's (B, W, λ) model given the rounds before
    (``scheduler.conforms``), the round instead waits for every rank and reports no
-   stragglers (the reference harness's rule, ALGORITHMS.md §6.1) — slower, never wrong.
+   stragglers (the reference harness's rule, docs/algorithms.md §6.1) — slower, never wrong.
    Final stragglers cancel their computation at once and contribute nothing for round ``r``.
 4. ``scheduler.report(r, stragglers)``; each on-time rank keeps its round-``r`` task results.
    For every job that became decodable in round ``r`` each rank sums

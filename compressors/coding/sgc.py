@@ -1,7 +1,7 @@
 """The round protocol shared by the sequential gradient codes (Krishnan, Ebrahimi, Khisti, ICLR 2023).
 
 Job ``t`` starts in round ``t`` and must be decodable by the end of round ``t + T``
-(ALGORITHMS.md §6.1). A master drives a :class:`RoundScheduler` one round at a time::
+(docs/algorithms.md §6.1). A master drives a :class:`RoundScheduler` one round at a time::
 
     scheduler = scheme.scheduler()
     for r in range(rounds):
@@ -164,7 +164,7 @@ class RoundScheduler(ABC):
         """Whether ``stragglers`` in the next round to report keep the reported pattern (B, W, λ)-bursty.
 
         A master that sees a violating round can wait for everybody and report no
-        stragglers, as the reference harness does (ALGORITHMS.md §6.1).
+        stragglers, as the reference harness does (docs/algorithms.md §6.1).
         """
         s = self.scheme
         return extends_admissibly(self._stragglers, set(stragglers), s.B, s.W, s.lam)

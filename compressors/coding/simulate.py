@@ -4,7 +4,7 @@ The master's view of round r: it assigns, the pattern says who straggles, it rep
 A round whose stragglers break the (B, W, λ) model (judged against the rounds reported
 so far) is listed in ``violating_rounds``; with ``wait_on_violation`` the master waits for
 everybody in such a round and reports no stragglers, as the reference harness does
-(ALGORITHMS.md §6.1).
+(docs/algorithms.md §6.1).
 """
 
 from __future__ import annotations

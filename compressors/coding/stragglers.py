@@ -1,6 +1,6 @@
 """Seeded straggler models and the (B, W, λ)-bursty model's definition.
 
-The bursty model (Krishnan, Ebrahimi, Khisti, ICLR 2023, arXiv:2211.13802; ALGORITHMS.md §6.1):
+The bursty model (Krishnan, Ebrahimi, Khisti, ICLR 2023, arXiv:2211.13802; docs/algorithms.md §6.1):
 in every window of W consecutive rounds
 
 (i)  at most λ distinct workers straggle, and

@@ -2,7 +2,7 @@
 
 A job's data is cut into partitions (``scheme.partition_sizes[p]`` is partition ``p``'s
 fraction of the job's data). Partition gradients ``g_p`` are **sums** over the
-partition's samples (ALGORITHMS.md §5.1), so the job's full gradient is ``Σ_p g_p``.
+partition's samples (docs/algorithms.md §5.1), so the job's full gradient is ``Σ_p g_p``.
 
 A :class:`Task` asks a worker for the message ``Σ_{(p, w) ∈ weights} w · g_p`` of one
 job. A :class:`Contribution` says which delivered message enters a decoded job's

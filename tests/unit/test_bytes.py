@@ -1,4 +1,4 @@
-"""Byte accounting: stats() equals the analytic payload of ALGORITHMS.md for the model's shapes."""
+"""Byte accounting: stats() equals the analytic payload of docs/algorithms.md for the model's shapes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Gradient codes (Tandon et al. 2017; ALGORITHMS.md §5): exact decoding for every straggler set.
+"""Gradient codes (Tandon et al. 2017; docs/algorithms.md §5): exact decoding for every straggler set.
 
 Oracle: messages ``m_i = Σ_j B_ij g_j`` from random partition gradients; for every
 survivor set, ``Σ a_i m_i`` must equal ``Σ_j g_j``.
@@ -127,7 +127,7 @@ def test_all_ones_when_s_is_n_minus_one() -> None:
 
 
 def test_worked_example_of_algorithms_md() -> None:
-    """n = 3, s = 1: B = [[1/2, 1, 0], [0, 1, −1], [1/2, 0, 1]] (ALGORITHMS.md §5.3)."""
+    """n = 3, s = 1: B = [[1/2, 1, 0], [0, 1, −1], [1/2, 0, 1]] (docs/algorithms.md §5.3)."""
     code = GradientCode.from_matrix([[0.5, 1.0, 0.0], [0.0, 1.0, -1.0], [0.5, 0.0, 1.0]], s=1)
     assert code.partitions(0) == [0, 1] and code.partitions(1) == [1, 2] and code.partitions(2) == [0, 2]
     assert code.load == Fraction(2, 3)

@@ -1,4 +1,4 @@
-"""Sequential gradient codes (Krishnan, Ebrahimi, Khisti, ICLR 2023; ALGORITHMS.md §6).
+"""Sequential gradient codes (Krishnan, Ebrahimi, Khisti, ICLR 2023; docs/algorithms.md §6).
 
 The guarantee under test: for every (B, W, λ)-admissible straggler pattern, job t is
 decodable by the end of round t + T, and the decode really gives the job's gradient.
@@ -212,7 +212,7 @@ def test_delay_and_load_match_hand_computed_fractions(scheme, delay: int, load: 
 
 
 def test_m_sgc_load_is_far_below_gradient_coding() -> None:
-    # the paper's 256-worker setting (ALGORITHMS.md §6.4): (B, W, λ) = (1, 2, 27) vs GC with s = λ
+    # the paper's 256-worker setting (docs/algorithms.md §6.4): (B, W, λ) = (1, 2, 27) vs GC with s = λ
     assert m_sgc_load(256, 1, 2, 27) == Fraction(28 * 2, 256 * 29)
     assert round(float(m_sgc_load(256, 1, 2, 27)), 5) == 0.00754
     assert m_sgc_load(256, 1, 2, 27) <= Fraction(85, 100) * Fraction(27 + 1, 256)

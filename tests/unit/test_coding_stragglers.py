@@ -1,4 +1,4 @@
-"""Straggler models and the (B, W, λ)-bursty model's definition (ALGORITHMS.md §6.1)."""
+"""Straggler models and the (B, W, λ)-bursty model's definition (docs/algorithms.md §6.1)."""
 
 from __future__ import annotations
 

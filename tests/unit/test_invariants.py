@@ -1,4 +1,4 @@
-"""The algebraic invariants of ALGORITHMS.md, in float64, in one process and on real gloo ranks.
+"""The algebraic invariants of docs/algorithms.md, in float64, in one process and on real gloo ranks.
 
 Each configuration runs a few steps on seeded per-rank gradients; every rank
 returns what it saw (inputs, outputs, buffers) and the parent checks the
