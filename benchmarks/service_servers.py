@@ -120,7 +120,7 @@ def rest_server(db_url: str, profile_path: str | None, conn: Connection) -> None
 def sink_server(db_url: str, jobs: int, profile_path: str | None, conn: Connection) -> None:
     """Child process: the gRPC sink, its callback storing points and feeding the metrics."""
     from gradwire.server.metrics import CoordinatorMetrics
-    from gradwire.server.ray_jobs import report_point
+    from gradwire.server.report_points import report_point
     from gradwire.server.store import JobStore
     from gradwire.server.telemetry_sink import TelemetrySink
 

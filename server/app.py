@@ -40,10 +40,11 @@ from gradwire.server.api import open_router, v1_router
 from gradwire.server.control import JobControl, NullControl, Services
 from gradwire.server.metrics import CoordinatorMetrics
 from gradwire.server.problems import FieldError, Problem, install_problem_handlers, problem_response
+from gradwire.server.records import JobRecord
 from gradwire.server.request_metrics import RequestMetrics
 from gradwire.server.settings import Settings
 from gradwire.server.states import JobState
-from gradwire.server.store import JobRecord, JobStore, Listener
+from gradwire.server.store import JobStore, Listener
 from gradwire.spec import JobSpec
 
 __all__ = ["BodySizeLimit", "create_app"]

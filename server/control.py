@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gradwire.server.metrics import CoordinatorMetrics
+from gradwire.server.records import JobRecord, StateConflict
 from gradwire.server.settings import Settings
 from gradwire.server.states import TERMINAL_STATES, JobState
-from gradwire.server.store import JobRecord, JobStore, StateConflict
+from gradwire.server.store import JobStore
 
 __all__ = [
     "ACTIVE_STATES",

@@ -37,8 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gradwire.server.control import ClusterUnavailable
+from gradwire.server.records import IdempotencyConflict, JobNotFound, JobNotTerminal, StateConflict
 from gradwire.server.states import IllegalTransition
-from gradwire.server.store import IdempotencyConflict, JobNotFound, JobNotTerminal, StateConflict
 from gradwire.spec_io import SpecError
 
 __all__ = [

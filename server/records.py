@@ -1,6 +1,6 @@
 """What the job store hands out: frozen records (never live ORM objects) and its errors.
 
-:mod:`gradwire.server.store` re-exports all of these; import them from there.
+The store (:mod:`gradwire.server.store`) returns and raises these; callers import them from here.
 """
 
 from __future__ import annotations

@@ -26,7 +26,9 @@ One background thread polls (every ``poll_s``, or at once after :meth:`Scheduler
 
 The spec reaches the driver as a JSON file under ``spec_dir``, so the coordinator and Ray must
 share that folder (true for an embedded head; docker-compose shares a volume). What needs no
-thread (submission ids, demands, restart detection, failure reasons) is in ``ray_jobs.py``.
+thread has modules of its own: ``ray_jobs.py`` (submission ids, failure reasons), ``demand.py``
+(what a job asks of the cluster and whether it fits), ``restarts.py`` (restarts seen in
+telemetry), ``report_points.py`` (a StepReport as a stored point).
 
 Cancel writes CANCELLED before it stops the Ray job; whatever Ray reports afterwards for a
 cancelled job is ignored, and a stop that did not get through is retried every poll until Ray
@@ -54,29 +56,25 @@ from typing import Any
 
 from gradwire.protos import telemetry_pb2 as pb
 from gradwire.server.control import ClusterUnavailable
+from gradwire.server.demand import Demand
 from gradwire.server.metrics import CoordinatorMetrics
 from gradwire.server.ray_cluster import RayCluster, RayUnavailable, is_not_found
-from gradwire.server.ray_jobs import (  # noqa: F401 - re-exported
-    _EPS,
-    CANCELLED_BY_USER,
-    LAUNCHED,
-    SUBMISSION_PREFIX,
-    Demand,
-    RestartTracker,
-    _sum,
-    failure_reason,
-    report_point,
-    submission_id,
-)
+from gradwire.server.ray_jobs import failure_reason, submission_id
+from gradwire.server.records import JobNotFound, JobRecord, StateConflict
+from gradwire.server.report_points import report_point
+from gradwire.server.restarts import RestartTracker
 from gradwire.server.states import TERMINAL_STATES, IllegalTransition, JobState
-from gradwire.server.store import JobNotFound, JobRecord, JobStore, StateConflict
+from gradwire.server.store import JobStore
 from gradwire.spec import SpecError
 
 log = logging.getLogger(__name__)
 
 SUBMIT_ATTEMPTS, SUBMIT_BACKOFF_S = 6, 1.0  # while Ray answers "No available agent" (agent starting)
+#: the states of a job that has a Ray job (submitted, running, or being restored)
+LAUNCHED = (JobState.STARTING, JobState.RUNNING, JobState.RESTARTING)
+CANCELLED_BY_USER = "cancelled by user"
 
-__all__ = ["Demand", "RestartTracker", "Scheduler", "failure_reason", "submission_id"]
+__all__ = ["CANCELLED_BY_USER", "LAUNCHED", "Scheduler"]
 
 
 class Scheduler:
@@ -365,17 +363,8 @@ class Scheduler:
         launched = {j.id: self._demand_or_zero(j) for j in self.store.non_terminal() if j.state in LAUNCHED}
         with self._state:
             unplaced = set(self._unplaced)
-        committed = _sum(launched.values())
-        pending = _sum(d for job_id, d in launched.items() if job_id in unplaced)
-        total, available = resources["total"], resources["available"]
-        for i, (kind, need) in enumerate((("CPU", demand.cpus), ("GPU", demand.gpus))):
-            if need <= 0:
-                continue
-            if need > available.get(kind, 0.0) - pending[i] + _EPS:
-                return False
-            if committed[i] + need > total.get(kind, 0.0) + _EPS:
-                return False
-        return True
+        pending = [d for job_id, d in launched.items() if job_id in unplaced]
+        return demand.fits_now(resources, committed=launched.values(), pending=pending)
 
     def _demand_or_zero(self, job: JobRecord) -> Demand:
         try:

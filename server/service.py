@@ -27,9 +27,10 @@ from typing import Any
 
 from gradwire.server.metrics import CoordinatorMetrics
 from gradwire.server.ray_cluster import RayCluster
+from gradwire.server.records import JobRecord
 from gradwire.server.scheduler import Scheduler
 from gradwire.server.states import JobState
-from gradwire.server.store import DEFAULT_URL, JobRecord, JobStore
+from gradwire.server.store import DEFAULT_URL, JobStore
 from gradwire.server.telemetry_sink import TelemetrySink, is_loopback
 
 log = logging.getLogger(__name__)

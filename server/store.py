@@ -8,7 +8,8 @@ that restarts finds every job where it left it. The REST handlers, the scheduler
 gRPC sink threads share one store: each call opens and closes its own session.
 
 Everything returned is a frozen pydantic record (:class:`JobRecord`, :class:`JobEvent`,
-:class:`JobPage`, :class:`JobPoint`), never a live ORM object.
+:class:`JobPage`, :class:`JobPoint`, defined with the store's errors in
+:mod:`gradwire.server.records`), never a live ORM object.
 
 Locking: on SQLite every write transaction starts with ``BEGIN IMMEDIATE``, so writers run one
 at a time; elsewhere the job row is read with ``SELECT ... FOR UPDATE``.
@@ -49,24 +50,10 @@ from gradwire.server.records import (
     JobPoint,
     JobRecord,
     StateConflict,
-    StoreError,
 )
 from gradwire.server.states import INITIAL_STATE, TERMINAL_STATES, JobState, check_transition
 
-__all__ = [
-    "DEFAULT_URL",
-    "IdempotencyConflict",
-    "JobEvent",
-    "JobNotFound",
-    "JobNotTerminal",
-    "JobPage",
-    "JobPoint",
-    "JobRecord",
-    "JobStore",
-    "Listener",
-    "StateConflict",
-    "StoreError",
-]
+__all__ = ["DEFAULT_URL", "JobStore", "Listener", "evenly_spaced", "new_job_id", "utc_now"]
 
 log = logging.getLogger(__name__)
 

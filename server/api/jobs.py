@@ -26,8 +26,8 @@ from starlette.concurrency import run_in_threadpool
 from gradwire.server.auth import get_services
 from gradwire.server.control import Services
 from gradwire.server.problems import FieldError, ProblemError, problem_responses
+from gradwire.server.records import JobEvent, JobPoint, JobRecord
 from gradwire.server.states import JobState
-from gradwire.server.store import JobEvent, JobPoint, JobRecord
 from gradwire.spec import JobSpec
 from gradwire.spec_io import unique_json_object
 

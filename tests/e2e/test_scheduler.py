@@ -42,10 +42,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gradwire.protos import telemetry_pb2 as pb
 from gradwire.server.metrics import CoordinatorMetrics
 from gradwire.server.ray_cluster import RayCluster
-from gradwire.server.scheduler import Scheduler, submission_id
+from gradwire.server.ray_jobs import submission_id
+from gradwire.server.records import JobRecord
+from gradwire.server.scheduler import Scheduler
 from gradwire.server.service import Coordinator
 from gradwire.server.states import JobState
-from gradwire.server.store import JobRecord, JobStore
+from gradwire.server.store import JobStore
 from gradwire.spec import JobSpec
 from tests.waiting import wait_for
 

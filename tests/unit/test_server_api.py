@@ -20,9 +20,10 @@ from gradwire.compressors import available
 from gradwire.server.app import create_app
 from gradwire.server.control import ClusterUnavailable, JobControl, NullControl, cancel_queued
 from gradwire.server.metrics import CoordinatorMetrics
+from gradwire.server.records import JobRecord
 from gradwire.server.settings import Settings
 from gradwire.server.states import JobState
-from gradwire.server.store import JobRecord, JobStore
+from gradwire.server.store import JobStore
 from gradwire.spec import JobSpec
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "specs" / "digits-powersgd.yaml"

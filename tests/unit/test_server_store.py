@@ -16,16 +16,9 @@ from pydantic import ValidationError
 from sqlalchemy import text
 
 from gradwire.server.models_db import POINT_FIELDS, SCHEMA_VERSION, SchemaMismatch
+from gradwire.server.records import IdempotencyConflict, JobNotFound, JobNotTerminal, JobPoint, StateConflict
 from gradwire.server.states import IllegalTransition, JobState
-from gradwire.server.store import (
-    IdempotencyConflict,
-    JobNotFound,
-    JobNotTerminal,
-    JobPoint,
-    JobStore,
-    StateConflict,
-    evenly_spaced,
-)
+from gradwire.server.store import JobStore, evenly_spaced
 from gradwire.spec import JobSpec
 
 Q, S, R, RS = JobState.QUEUED, JobState.STARTING, JobState.RUNNING, JobState.RESTARTING
