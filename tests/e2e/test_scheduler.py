@@ -234,7 +234,7 @@ def test_restart_in_telemetry_is_recorded_once(tmp_path):
     assert after.state is JobState.RUNNING and after.restarts == 1
     moves = [(e.from_state, e.to_state) for e in store.events(job.id)][-2:]
     assert moves == [(JobState.RUNNING, JobState.RESTARTING), (JobState.RESTARTING, JobState.RUNNING)]
-    assert metrics.registry.get_sample_value("gradwire_worker_restarts_total", {"job": job.id}) == 1
+    assert metrics.registry.get_sample_value("gradwire_worker_restarts_total", {"job_id": job.id}) == 1
     assert [p.step for p in store.points(job.id, rank=0)] == [1, 2, 3, 4, 5]  # (rank, step) stored once
     store.close()
 
@@ -269,7 +269,7 @@ def test_digits_job_succeeds_with_a_point_per_step(flow, coordinator):
         steps = [p.step for p in coordinator.store.points(job.id, rank=rank)]
         assert steps == list(range(1, 31)), f"rank {rank}: {steps}"
     text = coordinator.metrics.render()[0].decode()
-    assert f'gradwire_train_steps_total{{job="{job.id}"}} 30.0' in text
+    assert f'gradwire_train_steps_total{{job_id="{job.id}"}} 30.0' in text
     assert 'gradwire_jobs{state="SUCCEEDED"} 1.0' in text
     logs = coordinator.control.logs(job.id)
     assert logs and "sched-ok" in logs

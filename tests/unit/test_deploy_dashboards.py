@@ -2,7 +2,7 @@
 
 Structure: valid JSON, the five dashboards with stable and unique uids, every panel with a title, a
 unit and a description, the ``$datasource`` variable as every panel's and query's datasource, the
-``$job`` filter. Provisioning: the datasource and the dashboard provider, whose path is where
+``$job_id`` filter. Provisioning: the datasource and the dashboard provider, whose path is where
 compose mounts the dashboards folder.
 
 Metric names: every name in every panel's PromQL (and in the recording and alert rules) is a series
@@ -11,6 +11,12 @@ transition and a few requests) or a recording rule of deploy/prometheus/rules/re
 name the server does not export yet but has been asked for is listed in :data:`PENDING_METRICS`;
 the cases using it are strict xfails, so they turn into failures the day it is exported and the
 entry must go. tests/e2e/test_prometheus.py evaluates the same expressions in a real Prometheus.
+
+The job label: gradwire names a job in ``job_id``, never in ``job``, which Prometheus sets to the
+scrape job on every series it scrapes (a Prometheus Operator ServiceMonitor sets it to the Service's
+name). No series of the real ``/metrics`` may carry ``job``, and no dashboard query, legend,
+variable, recording rule, alert expression, alert label or annotation may use it, except to select
+Prometheus's own series of the scrape job (``up{job="gradwire-coordinator"}``).
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ UIDS = {
     "service": "gradwire-service",
 }
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-JOB_QUERY = "label_values(gradwire_train_steps_total, job)"
+JOB_LABEL = "job_id"  # server/metrics.py JOB_LABEL
+JOB_QUERY = "label_values(gradwire_train_steps_total, job_id)"
 
 #: Series Prometheus makes itself for every scrape target.
 PROMETHEUS_SERIES = frozenset({"up"})
@@ -110,17 +117,17 @@ def alert_rules() -> dict[str, str]:
 
 
 def substitute(
-    expr: str, *, job: str = ".+", rate_interval: str = "1m", range_: str = "5m", interval: str = "15s"
+    expr: str, *, job_id: str = ".+", rate_interval: str = "1m", range_: str = "5m", interval: str = "15s"
 ) -> str:
-    """Grafana's variables replaced the way Grafana would (``$job`` is a regex: ``job=~"$job"``)."""
+    """Grafana's variables replaced the way Grafana would (``$job_id`` is a regex: ``job_id=~"$job_id"``)."""
     for name, value in (("__rate_interval", rate_interval), ("__range", range_), ("__interval", interval)):
         expr = expr.replace("${" + name + "}", value).replace("$" + name, value)
-    return expr.replace("${job}", job).replace("$job", job)
+    return expr.replace("${job_id}", job_id).replace("$job_id", job_id)
 
 
 def metric_names(expr: str) -> set[str]:
     """The metric names a PromQL expression selects (functions, keywords and label names left out)."""
-    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals (label values, $job)
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals (label values, $job_id)
     text = re.sub(r"\{[^}]*\}", " ", text)  # label matchers
     text = re.sub(r"\[[^\]]*\]", " ", text)  # ranges and subqueries ($__rate_interval)
     text = _GROUPING.sub(" ", text)  # by (...), on (...), group_left (...)
@@ -140,10 +147,71 @@ def selectors(expr: str, name: str) -> list[str]:
     return [m.group(1) or "" for m in re.finditer(pattern, expr)]
 
 
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_LABEL_LIST = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+_SELECTOR = re.compile(r"(?<![\w:])([A-Za-z_:][A-Za-z0-9_:]*)?\s*\{([^}]*)\}")
+_MATCHER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)")
+#: functions whose arguments in these slices are label names (as string literals)
+_LABEL_ARGS: dict[str, tuple[slice, ...]] = {
+    "label_replace": (slice(1, 2), slice(3, 4)),  # (v, dst, replacement, src, regex)
+    "label_join": (slice(1, 2), slice(3, None)),  # (v, dst, separator, src...)
+    "count_values": (slice(0, 1),),  # (label, v)
+    "sort_by_label": (slice(1, None),),  # (v, labels...)
+    "sort_by_label_desc": (slice(1, None),),
+}
+
+
+def _call_args(masked: str, open_paren: int) -> list[slice]:
+    """Where the top-level, comma-separated arguments of the call whose ``(`` is at ``open_paren``
+    are (``masked``: the expression with its string literals' contents blanked out)."""
+    args, depth, start = [], 0, open_paren + 1
+    for i in range(open_paren, len(masked)):
+        char = masked[i]
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+            if depth == 0:
+                return [*args, slice(start, i)]
+        elif char == "," and depth == 1:
+            args.append(slice(start, i))
+            start = i + 1
+    raise ValueError(f"unbalanced parentheses in {masked!r}")
+
+
+def labels_used(expr: str) -> list[tuple[str, str]]:
+    """``(label, where)`` for every label name a PromQL expression uses.
+
+    ``where`` is ``"{metric}"`` for a matcher of a selector of ``metric`` (``"{}"`` without a
+    name), the clause (``"by"``, ``"on"``, ``"group_left"``, ...) for a label list, or the
+    function (``"label_replace"``, ``"count_values"``, ...) for a label named as a string argument.
+    """
+    # string literals blanked out, same length: no braces, parentheses or commas hide in them now
+    text = _STRING.sub(lambda m: m.group()[0] + " " * (len(m.group()) - 2) + m.group()[-1], expr)
+    used = []
+    for function, parts in _LABEL_ARGS.items():
+        for match in re.finditer(rf"(?<![\w:]){function}\s*\(", text):
+            args = [expr[where].strip() for where in _call_args(text, match.end() - 1)]
+            picked = [arg for part in parts for arg in args[part]]
+            used += [(arg[1:-1], function) for arg in picked if _STRING.fullmatch(arg)]
+    for match in _LABEL_LIST.finditer(text):
+        used += [(label.strip(), match.group(1)) for label in match.group(2).split(",") if label.strip()]
+    for match in _SELECTOR.finditer(text):
+        used += [(label, "{" + (match.group(1) or "") + "}") for label in _MATCHER.findall(match.group(2))]
+    return used
+
+
+def bare_job_uses(expr: str) -> list[str]:
+    """Where ``expr`` uses the label ``job`` other than to select Prometheus's own scrape series."""
+    allowed = {"{" + name + "}" for name in PROMETHEUS_SERIES}
+    return [where for label, where in labels_used(expr) if label == "job" and where not in allowed]
+
+
 @dataclass(frozen=True)
 class Exposition:
     samples: frozenset[str]  # sample names (with _total, _bucket, _sum, _count)
-    per_job: frozenset[str]  # sample names whose series carry a `job` label
+    per_job: frozenset[str]  # sample names whose series carry a `job_id` label
+    with_job: frozenset[str]  # sample names whose series carry a `job` label (must be none)
 
 
 @pytest.fixture(scope="module")
@@ -174,13 +242,15 @@ def exposition(tmp_path_factory: pytest.TempPathFactory) -> Exposition:
             client.get("/healthz")
             client.get("/v1/jobs/no-such-job")  # an error response, for request metrics
             text = client.get("/metrics").text
-    samples, per_job = set(), set()
+    samples, per_job, with_job = set(), set(), set()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             samples.add(sample.name)
-            if "job" in sample.labels:
+            if JOB_LABEL in sample.labels:
                 per_job.add(sample.name)
-    return Exposition(frozenset(samples), frozenset(per_job))
+            if "job" in sample.labels:
+                with_job.add(sample.name)
+    return Exposition(frozenset(samples), frozenset(per_job), frozenset(with_job))
 
 
 def case_param(query: Query) -> Any:
@@ -256,7 +326,8 @@ def test_datasource_and_job_variables() -> None:
         variables = {v["name"]: v for v in board["templating"]["list"]}
         ds = variables["datasource"]
         assert (ds["type"], ds["query"]) == ("datasource", "prometheus"), stem
-        job = variables["job"]
+        assert "job" not in variables, f"{stem}: the job variable is $job_id, named after its label"
+        job = variables["job_id"]
         assert job["type"] == "query", stem
         query = job["query"]["query"] if isinstance(job["query"], dict) else job["query"]
         assert query == JOB_QUERY, stem
@@ -266,12 +337,12 @@ def test_datasource_and_job_variables() -> None:
 
 
 def test_per_job_series_are_filtered_by_the_job_variable(exposition: Exposition) -> None:
-    """Wherever a panel selects a series that has a job label, it selects job=~"$job"."""
-    per_job = exposition.per_job | {r for r in recording_rules() if r.split(":")[0].startswith("job")}
+    """Wherever a panel selects a series that has a job_id label, it selects job_id=~"$job_id"."""
+    per_job = exposition.per_job | {r for r in recording_rules() if r.split(":")[0].startswith("job_id")}
     for query in dashboard_queries():
         for name in metric_names(query.expr) & per_job:
             for matchers in selectors(query.expr, name):
-                assert 'job=~"$job"' in matchers, f"{query.source}: {name}{matchers} ignores $job"
+                assert 'job_id=~"$job_id"' in matchers, f"{query.source}: {name}{matchers} ignores $job_id"
 
 
 # ---------------------------------------------------------------- provisioning
@@ -322,12 +393,12 @@ def test_compose_mounts_the_dashboards_where_the_provider_reads_them() -> None:
 
 def test_metric_name_extraction() -> None:
     expr = (
-        'sum by (job, phase) (rate(a_total{job=~"$job",phase="x"}[$__rate_interval])) / ignoring (phase) '
-        "group_left sum by (job) (rate(b_sum[5m])) or histogram_quantile(0.95, c_bucket) > 1e3 "
-        "unless d offset 10m and on (le) job:e:rate5m"
+        'sum by (job_id, phase) (rate(a_total{job_id=~"$job_id",phase="x"}[$__rate_interval])) / ignoring '
+        "(phase) group_left sum by (job_id) (rate(b_sum[5m])) or histogram_quantile(0.95, c_bucket) > 1e3 "
+        "unless d offset 10m and on (le) job_id:e:rate5m"
     )
-    assert metric_names(expr) == {"a_total", "b_sum", "c_bucket", "d", "job:e:rate5m"}
-    assert selectors(expr, "a_total") == ['{job=~"$job",phase="x"}']
+    assert metric_names(expr) == {"a_total", "b_sum", "c_bucket", "d", "job_id:e:rate5m"}
+    assert selectors(expr, "a_total") == ['{job_id=~"$job_id",phase="x"}']
 
 
 def test_exposition_has_the_contract_families(exposition: Exposition) -> None:
@@ -382,3 +453,126 @@ def test_every_dashboard_query_parses(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"groups": [{"name": "panels", "rules": rules}]}))
     done = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# ---------------------------------------------------------------- the job label: job_id, never job
+
+_VARIABLE_JOB = re.compile(r"\$job\b|\$\{job[}:]|\[\[job[\]:]")  # Grafana's three variable syntaxes
+_LEGEND_JOB = re.compile(r"\{\{\s*job\s*\}\}")
+_ANNOTATION_JOB = re.compile(r"\$labels\.job\b|\.Labels\.job\b|index \$labels \"job\"")
+_SERIES = re.compile(r"^\s*([A-Za-z_:][A-Za-z0-9_:]*)\s*\{(.*)\}\s*$")
+_LABEL_PAIR = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"')
+SCRAPE_JOB = "gradwire-coordinator"  # deploy/prometheus/prometheus.yml's job_name for the coordinator
+
+
+def test_labels_used_finds_every_kind_of_label_use() -> None:
+    """The checker below would see each of these ways of grouping or selecting by ``job``."""
+    bad = [
+        "sum by (job) (rate(x_total[5m]))",
+        "sum by (compressor, job) (x)",
+        'x_total{phase="wait", job=~"$job"}',
+        '{job="j1"}',
+        "a / on (job) group_left b",
+        "a / ignoring (phase) group_left (job) b",
+        "sum without (job) (x)",
+        'label_replace(x, "job", "$1", "job_id", "(.*)")',
+        'label_replace(x, "id", "$1", "job", "(.*),{")',
+        'label_join(x, "both", ",", "compressor", "job")',
+        'count_values("job", x)',
+        "up{job='gradwire-coordinator'} and x{job!=''}",
+    ]
+    for expr in bad:
+        assert bare_job_uses(expr), f"{expr!r}: a use of job not seen"
+    good = [
+        'sum by (job_id, compressor) (rate(x_total{job_id=~"$job_id"}[5m]))',
+        'up{job="gradwire-coordinator"} == 0',  # Prometheus's own series of the scrape job
+        'x{route="/v1/jobs/{job}", job_id="a"} / on (job_id) y',  # a {job} inside a label value
+        'label_replace(x, "job_id", "$1", "id", "job=(.*)")',
+        "job_id:gradwire_x:rate5m > 0.25",
+    ]
+    for expr in good:
+        assert not bare_job_uses(expr), f"{expr!r}: {bare_job_uses(expr)}"
+    assert ("job_id", "{x}") in labels_used('x{route="/v1/jobs/{job}", job_id="a"}')
+
+
+def test_no_coordinator_series_carries_a_job_label(exposition: Exposition) -> None:
+    """The real /metrics of an app that saw a report, transitions and requests: per-job series are
+    labelled job_id, and none has a label `job`, which Prometheus would rename or overwrite."""
+    assert not exposition.with_job, f"series with a `job` label: {sorted(exposition.with_job)}"
+    assert {
+        "gradwire_grad_bytes_uncompressed_total", "gradwire_grad_bytes_sent_total",
+        "gradwire_step_seconds_bucket", "gradwire_step_seconds_sum", "gradwire_step_seconds_count",
+        "gradwire_train_steps_total", "gradwire_train_loss", "gradwire_eval_accuracy",
+        "gradwire_stragglers_total", "gradwire_straggler_wait_seconds_total",
+        "gradwire_worker_restarts_total",
+    } <= exposition.per_job  # fmt: skip
+
+
+def test_dashboards_never_use_a_bare_job_label() -> None:
+    """Queries, legends and variables of every dashboard name the gradwire job by job_id."""
+    for stem, board in load_dashboards().items():
+        text = json.dumps(board)
+        assert not _VARIABLE_JOB.search(text), f"{stem}: uses a $job variable: {_VARIABLE_JOB.findall(text)}"
+        for panel in iter_panels(board["panels"]):
+            for target in panel.get("targets", []):
+                where = f"{stem}/{panel['title']}/{target.get('refId')}"
+                assert not bare_job_uses(target.get("expr", "")), f"{where}: uses `job` in {target['expr']!r}"
+                legend = target.get("legendFormat", "")
+                assert not _LEGEND_JOB.search(legend), f"{where}: legend {legend!r} shows {{{{job}}}}"
+        for variable in board["templating"]["list"]:
+            if variable.get("type") != "query":
+                continue
+            query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
+            for text in (query, variable.get("definition", "")):
+                where = f"{stem}: variable {variable['name']}: {text!r}"
+                values = re.fullmatch(r"\s*label_values\((?:(.*),)?\s*([A-Za-z_][A-Za-z0-9_]*)\s*\)\s*", text)
+                assert values, f"{where} is not label_values(...)"
+                assert values.group(2) != "job", f"{where} lists the `job` label"
+                assert not bare_job_uses(values.group(1) or ""), f"{where} selects by `job`"
+
+
+def test_rules_never_use_a_bare_job_label() -> None:
+    """Recording rules group and name by job_id; alerts select, label and describe by job_id."""
+    for name, expr in recording_rules().items():
+        assert not bare_job_uses(expr), f"recording rule {name}: uses `job` in {expr!r}"
+        level = name.split(":")[0]  # the labels kept, joined by "_"
+        assert not re.match(r"job(?!_id(?:_|$))", level), f"recording rule {name}: its level names `job`"
+    for group in rule_groups("alerts.yml"):
+        for rule in group["rules"]:
+            where = f"alert {rule['alert']}"
+            assert not bare_job_uses(rule["expr"]), f"{where}: uses `job` in {rule['expr']!r}"
+            assert "job" not in rule.get("labels", {}), f"{where}: sets a `job` label"
+            for key, text in rule.get("annotations", {}).items():
+                assert not _ANNOTATION_JOB.search(text), f"{where}: annotation {key} shows the `job` label"
+
+
+def _series_labels(series: str) -> tuple[str, dict[str, str]]:
+    match = _SERIES.match(series)
+    assert match, f"not a series: {series!r}"
+    return match.group(1), dict(_LABEL_PAIR.findall(match.group(2)))
+
+
+def test_promtool_tests_label_jobs_by_job_id(exposition: Exposition) -> None:
+    """deploy/prometheus/rules/tests.yml feeds per-job series as the coordinator exports them and
+    Prometheus stores them: the gradwire job in job_id, `job` only ever the scrape job."""
+    tests = yaml.safe_load((RULES / "tests.yml").read_text())["tests"]
+    fed = 0
+    for test in tests:
+        for item in test.get("input_series", []):
+            name, labels = _series_labels(item["series"])
+            assert labels.get("job", SCRAPE_JOB) == SCRAPE_JOB, f"{item['series']}: job is no scrape job"
+            if name in exposition.per_job:
+                fed += 1
+                assert JOB_LABEL in labels, f"{item['series']}: a per-job series without job_id"
+        for case in test.get("promql_expr_test", []):
+            assert not bare_job_uses(case["expr"]), case["expr"]
+            for sample in case.get("exp_samples", []):
+                _, labels = _series_labels(sample["labels"])
+                assert labels.get("job", SCRAPE_JOB) == SCRAPE_JOB, sample["labels"]
+        for case in test.get("alert_rule_test", []):
+            for alert in case.get("exp_alerts") or []:
+                job = alert.get("exp_labels", {}).get("job", SCRAPE_JOB)
+                assert job == SCRAPE_JOB, f"{case['alertname']}: expects job={job!r}"
+                for text in alert.get("exp_annotations", {}).values():
+                    assert "{{" not in text, f"{case['alertname']}: an unexpanded template in {text!r}"
+    assert fed, "tests.yml feeds no per-job series"

@@ -84,13 +84,14 @@ def test_rule_files_are_listed_relative_to_the_config_and_exist() -> None:
         assert (CONFIG.parent / name).is_file(), name
 
 
-def test_the_coordinator_is_scraped_statically_keeping_its_job_label() -> None:
+def test_the_coordinator_is_scraped_statically_with_prometheus_defaults() -> None:
     job = _scrape_configs()["gradwire-coordinator"]
     assert [t for group in job["static_configs"] for t in group["targets"]] == ["coordinator:8000"]
     assert job.get("metrics_path", "/metrics") == "/metrics"
-    # without honor_labels Prometheus renames the series' job label (the gradwire job id) to
-    # exported_job and every dashboard's job filter comes back empty
-    assert job["honor_labels"] is True
+    # gradwire's series name their job in job_id and leave `job` to Prometheus (the scrape job), so
+    # the defaults work, as they must under a Prometheus Operator ServiceMonitor (honorLabels off)
+    assert not job.get("honor_labels", False)
+    assert not job.get("metric_relabel_configs") and not job.get("relabel_configs")
 
 
 def test_ray_nodes_come_from_rays_service_discovery_file() -> None:
@@ -122,10 +123,14 @@ def test_recording_rule_names_follow_level_metric_operations() -> None:
         assert match, f"{name}: not level:metric:operations"
         level, _, operations = match.groups()
         assert re.search(r"rate5m$", operations), f"{name}: the operation names its 5m window"
-        # the level names exactly the labels the expression keeps
-        kept = {frozenset(re.split(r"\s*,\s*", m)) for m in re.findall(r"by \(([^)]*)\)", rule["expr"])}
+        # the level names exactly the labels the expression keeps, in order, joined by "_"
+        groupings = re.findall(r"by \(([^)]*)\)", rule["expr"])
+        kept = {"_".join(re.split(r"\s*,\s*", grouping.strip())) for grouping in groupings}
         if kept:
-            assert kept == {frozenset(level.split("_"))}, f"{name}: aggregates by {kept}, not {level}"
+            assert kept == {level}, f"{name}: aggregates by {kept}, not {level}"
+        # recorded from rules only (no `by`): the level of those rules
+        for used in re.findall(r"\b([a-z_]+):gradwire_", rule["expr"]):
+            assert used == level, f"{name}: computed from a {used}: rule"
 
 
 def test_alerts_have_a_severity_and_explain_themselves() -> None:

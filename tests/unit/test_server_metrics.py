@@ -9,21 +9,21 @@ pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families
 
 from gradwire.protos import telemetry_pb2 as pb
-from gradwire.server.metrics import PHASES, CoordinatorMetrics
+from gradwire.server.metrics import JOB_LABEL, PHASES, CoordinatorMetrics
 from gradwire.server.states import JobState
 
 CONTRACT = {
-    "gradwire_grad_bytes_uncompressed": ("counter", {"job", "compressor"}),
-    "gradwire_grad_bytes_sent": ("counter", {"job", "compressor"}),
-    "gradwire_step_seconds": ("histogram", {"job", "phase"}),
-    "gradwire_train_steps": ("counter", {"job"}),
-    "gradwire_train_loss": ("gauge", {"job"}),
-    "gradwire_eval_accuracy": ("gauge", {"job"}),
-    "gradwire_stragglers": ("counter", {"job"}),
-    "gradwire_straggler_wait_seconds": ("counter", {"job"}),
+    "gradwire_grad_bytes_uncompressed": ("counter", {"job_id", "compressor"}),
+    "gradwire_grad_bytes_sent": ("counter", {"job_id", "compressor"}),
+    "gradwire_step_seconds": ("histogram", {"job_id", "phase"}),
+    "gradwire_train_steps": ("counter", {"job_id"}),
+    "gradwire_train_loss": ("gauge", {"job_id"}),
+    "gradwire_eval_accuracy": ("gauge", {"job_id"}),
+    "gradwire_stragglers": ("counter", {"job_id"}),
+    "gradwire_straggler_wait_seconds": ("counter", {"job_id"}),
     "gradwire_jobs": ("gauge", {"state"}),
     "gradwire_job_transitions": ("counter", {"from", "to"}),
-    "gradwire_worker_restarts": ("counter", {"job"}),
+    "gradwire_worker_restarts": ("counter", {"job_id"}),
     "gradwire_http_requests": ("counter", {"route", "method", "status"}),
     "gradwire_http_request_duration_seconds": ("histogram", {"route", "method"}),
     "gradwire_telemetry_reports_received": ("counter", set()),
@@ -72,6 +72,15 @@ def test_exactly_the_contract_families() -> None:
     assert not any(s.name.endswith("_created") for f in families.values() for s in f.samples)
 
 
+def test_no_family_has_a_job_label() -> None:
+    """``job`` is Prometheus's scrape-job label: a gradwire family using it would be renamed to
+    ``exported_job`` (or overwritten by a ServiceMonitor) and every per-job panel would go empty."""
+    assert JOB_LABEL == "job_id"
+    per_job = {name for name, (_, labels) in CONTRACT.items() if JOB_LABEL in labels}
+    assert len(per_job) == 9, per_job
+    assert not any("job" in labels for _, labels in CONTRACT.values())
+
+
 def test_bytes_are_the_sum_of_per_rank_increases() -> None:
     m = CoordinatorMetrics()
     rank0 = [(100, 400), (250, 800), (400, 1200)]
@@ -80,8 +89,8 @@ def test_bytes_are_the_sum_of_per_rank_increases() -> None:
         m.observe_report(report("a", 0, step, s0, u0))
         m.observe_report(report("a", 1, step, s1, u1))
     got = scrape(m)
-    assert value(got, "gradwire_grad_bytes_sent_total", job="a", compressor="topk") == 400 + 360
-    assert value(got, "gradwire_grad_bytes_uncompressed_total", job="a", compressor="topk") == 2400
+    assert value(got, "gradwire_grad_bytes_sent_total", job_id="a", compressor="topk") == 400 + 360
+    assert value(got, "gradwire_grad_bytes_uncompressed_total", job_id="a", compressor="topk") == 2400
 
 
 def test_counters_going_backwards_never_make_bytes_negative() -> None:
@@ -91,12 +100,12 @@ def test_counters_going_backwards_never_make_bytes_negative() -> None:
     # the worker group restarts from a checkpoint taken at 150 bytes: that report counts nothing
     m.observe_report(report("a", 0, 1, 150, 600))
     got = scrape(m)
-    assert value(got, "gradwire_grad_bytes_sent_total", job="a", compressor="topk") == 300
+    assert value(got, "gradwire_grad_bytes_sent_total", job_id="a", compressor="topk") == 300
     # ... and becomes the baseline: the next step adds 180 - 150
     m.observe_report(report("a", 0, 2, 180, 720))
     got = scrape(m)
-    assert value(got, "gradwire_grad_bytes_sent_total", job="a", compressor="topk") == 330
-    assert value(got, "gradwire_grad_bytes_uncompressed_total", job="a", compressor="topk") == 1320
+    assert value(got, "gradwire_grad_bytes_sent_total", job_id="a", compressor="topk") == 330
+    assert value(got, "gradwire_grad_bytes_uncompressed_total", job_id="a", compressor="topk") == 1320
 
 
 def test_steps_once_per_step_and_histogram_per_rank() -> None:
@@ -105,16 +114,16 @@ def test_steps_once_per_step_and_histogram_per_rank() -> None:
         for rank in range(3):
             m.observe_report(report("a", rank, step, step * 10, step * 40, wait_s=0.5 if rank == 0 else 9.0))
     got = scrape(m)
-    assert value(got, "gradwire_train_steps_total", job="a") == 5
+    assert value(got, "gradwire_train_steps_total", job_id="a") == 5
     for phase in PHASES:
-        assert value(got, "gradwire_step_seconds_count", job="a", phase=phase) == 15
-    assert value(got, "gradwire_step_seconds_sum", job="a", phase="compute") == pytest.approx(15 * 0.02)
+        assert value(got, "gradwire_step_seconds_count", job_id="a", phase=phase) == 15
+    assert value(got, "gradwire_step_seconds_sum", job_id="a", phase="compute") == pytest.approx(15 * 0.02)
     # the 20 ms compute samples are all at or below the 25 ms bucket and above 10 ms
-    assert value(got, "gradwire_step_seconds_bucket", job="a", phase="compute", le="0.01") == 0
-    assert value(got, "gradwire_step_seconds_bucket", job="a", phase="compute", le="0.025") == 15
-    assert value(got, "gradwire_step_seconds_bucket", job="a", phase="compute", le="+Inf") == 15
+    assert value(got, "gradwire_step_seconds_bucket", job_id="a", phase="compute", le="0.01") == 0
+    assert value(got, "gradwire_step_seconds_bucket", job_id="a", phase="compute", le="0.025") == 15
+    assert value(got, "gradwire_step_seconds_bucket", job_id="a", phase="compute", le="+Inf") == 15
     # straggler wait adds rank 0's wait once per step
-    assert value(got, "gradwire_straggler_wait_seconds_total", job="a") == pytest.approx(2.5)
+    assert value(got, "gradwire_straggler_wait_seconds_total", job_id="a") == pytest.approx(2.5)
 
 
 def test_loss_accuracy_and_stragglers_come_from_rank_0() -> None:
@@ -125,9 +134,9 @@ def test_loss_accuracy_and_stragglers_come_from_rank_0() -> None:
     m.observe_report(report("a", 0, 2, 3, 3, loss=1.25, accuracy=0.75, stragglers=[3]))
     m.observe_report(report("a", 1, 2, 3, 3, loss=8.0, stragglers=[3]))
     got = scrape(m)
-    assert value(got, "gradwire_train_loss", job="a") == 1.25
-    assert value(got, "gradwire_eval_accuracy", job="a") == 0.75
-    assert value(got, "gradwire_stragglers_total", job="a") == 3
+    assert value(got, "gradwire_train_loss", job_id="a") == 1.25
+    assert value(got, "gradwire_eval_accuracy", job_id="a") == 0.75
+    assert value(got, "gradwire_stragglers_total", job_id="a") == 3
 
 
 def test_proto_reports_and_unset_accuracy() -> None:
@@ -138,11 +147,11 @@ def test_proto_reports_and_unset_accuracy() -> None:
     )  # fmt: skip
     m.observe_report(msg)
     got = scrape(m)
-    assert value(got, "gradwire_grad_bytes_sent_total", job="p", compressor="powersgd") == 64
-    assert value(got, "gradwire_train_loss", job="p") == 0.5
-    assert value(got, "gradwire_eval_accuracy", job="p") is None  # accuracy unset in the proto
-    assert value(got, "gradwire_stragglers_total", job="p") == 1
-    assert value(got, "gradwire_step_seconds_count", job="p", phase="wait") == 1
+    assert value(got, "gradwire_grad_bytes_sent_total", job_id="p", compressor="powersgd") == 64
+    assert value(got, "gradwire_train_loss", job_id="p") == 0.5
+    assert value(got, "gradwire_eval_accuracy", job_id="p") is None  # accuracy unset in the proto
+    assert value(got, "gradwire_stragglers_total", job_id="p") == 1
+    assert value(got, "gradwire_step_seconds_count", job_id="p", phase="wait") == 1
     with pytest.raises(ValueError, match="job_id"):
         m.observe_report({"rank": 0})
 
@@ -159,7 +168,7 @@ def test_transitions_job_counts_and_restarts() -> None:
     got = scrape(m)
     assert value(got, "gradwire_job_transitions_total", **{"from": "QUEUED", "to": "STARTING"}) == 1
     assert value(got, "gradwire_job_transitions_total", **{"from": "RUNNING", "to": "RESTARTING"}) == 1
-    assert value(got, "gradwire_worker_restarts_total", job="a") == 2
+    assert value(got, "gradwire_worker_restarts_total", job_id="a") == 2
     moves = {labels for name, labels in got if name == "gradwire_job_transitions_total"}
     assert len(moves) == 4  # QUEUED→STARTING, STARTING→RUNNING, RUNNING⇄RESTARTING; no "None"→QUEUED
     assert value(got, "gradwire_jobs", state="RUNNING") == 2
@@ -178,7 +187,7 @@ def _feed(m: CoordinatorMetrics, job: str) -> None:
 
 
 def _jobs_in(samples: dict) -> set[str]:
-    return {v for (_, labels) in samples for k, v in labels if k == "job"}
+    return {v for (_, labels) in samples for k, v in labels if k == "job_id"}
 
 
 def test_forget_job_removes_every_series_of_that_job_only() -> None:
@@ -189,11 +198,11 @@ def test_forget_job_removes_every_series_of_that_job_only() -> None:
     m.forget_job("a")
     got = scrape(m)
     assert _jobs_in(got) == {"b"}
-    assert value(got, "gradwire_grad_bytes_sent_total", job="b", compressor="qsgd") == 10
+    assert value(got, "gradwire_grad_bytes_sent_total", job_id="b", compressor="qsgd") == 10
     assert m.known_jobs == {"b"}
     # a job seen again after being forgotten starts from a fresh byte baseline
     m.observe_report(report("a", 0, 5, 70, 280))
-    assert value(scrape(m), "gradwire_grad_bytes_sent_total", job="a", compressor="topk") == 70
+    assert value(scrape(m), "gradwire_grad_bytes_sent_total", job_id="a", compressor="topk") == 70
     m.forget_job("never-seen")  # harmless
 
 
@@ -219,5 +228,5 @@ def test_sweep_forgets_jobs_after_retention() -> None:
 def test_registries_are_independent() -> None:
     a, b = CoordinatorMetrics(), CoordinatorMetrics()
     a.observe_report(report("x", 0, 0, 5, 20))
-    assert value(scrape(a), "gradwire_train_steps_total", job="x") == 1
-    assert value(scrape(b), "gradwire_train_steps_total", job="x") is None
+    assert value(scrape(a), "gradwire_train_steps_total", job_id="x") == 1
+    assert value(scrape(b), "gradwire_train_steps_total", job_id="x") is None
