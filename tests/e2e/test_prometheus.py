@@ -1,13 +1,23 @@
 """The dashboards and recording rules against a real Prometheus that scraped a real training job.
 
 A coordinator is served by uvicorn on 127.0.0.1 (as in test_service.py) on the session's Ray, and
-Debian's ``prometheus`` runs on 127.0.0.1 with the repository's scrape settings for the coordinator
-(``honor_labels`` included) and its rule files, scraping and evaluating every second. One 30-step
-digits PowerSGD job runs to SUCCEEDED; a few scrapes later every PromQL expression of every
-dashboard panel (Grafana's variables substituted: ``$job`` = the job id, ``$__rate_interval`` = 1m,
-``$__range`` = Prometheus' uptime) and every recording rule, by its expression and by its recorded
-name, is evaluated through ``/api/v1/query`` and must return at least one finite value. A panel
-that names a metric the coordinator does not export comes back empty and fails.
+two Debian ``prometheus`` run on 127.0.0.1, scraping it and evaluating the repository's rule files
+every second:
+
+* ``repo``: the repository's scrape settings for the coordinator (deploy/prometheus/prometheus.yml);
+* ``operator``: the scrape a default Prometheus Operator ServiceMonitor generates (no
+  ``honor_labels``; ``job`` set to the Kubernetes Service's name; namespace, service, endpoint
+  labels added), the setup in which a gradwire label named ``job`` became ``exported_job`` and
+  every panel went empty.
+
+One digits PowerSGD job runs to SUCCEEDED; a few scrapes later every PromQL expression of every
+dashboard panel (Grafana's variables substituted: ``$job_id`` = the job id, ``$__rate_interval`` =
+1m, ``$__range`` = Prometheus' uptime) and every recording rule, by its expression and by its
+recorded name, is evaluated through ``/api/v1/query`` on both and must return at least one finite
+value; where the result keeps the ``job_id`` label, it is the job's id. A panel that names a metric
+the coordinator does not export comes back empty and fails. On ``operator`` the queries that select
+the scrape job by its name in deploy/prometheus/prometheus.yml (``up{job="gradwire-coordinator"}``)
+are skipped: there the scrape job is the Service's name.
 
 Queries on metrics the server owners were asked to add (``PENDING_METRICS`` in
 tests/unit/test_deploy_dashboards.py) are strict xfails until those metrics exist.
@@ -31,9 +41,12 @@ import pytest
 import yaml
 
 from tests.unit.test_deploy_dashboards import (
+    JOB_LABEL,
     Query,
     case_param,
     dashboard_queries,
+    labels_used,
+    metric_names,
     recording_rules,
     substitute,
 )
@@ -45,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 SPEC = ROOT / "examples" / "specs" / "digits-powersgd.yaml"
 COORDINATOR_JOB = "gradwire-coordinator"
+OPERATOR_JOB = "gradwire"  # what a ServiceMonitor of a Service named gradwire sets `job` to
 STEPS = 300
 RATE_INTERVAL = "1m"  # Grafana's $__rate_interval for a 15 s scrape interval
 
@@ -61,13 +75,74 @@ def prometheus_config(coordinator_port: int) -> dict[str, Any]:
     return config
 
 
+def operator_config(coordinator_port: int) -> dict[str, Any]:
+    """The scrape a default ServiceMonitor produces (Prometheus Operator): honorLabels false, the
+    scrape job named after the monitor, `job` relabelled to the Service's name, its own labels."""
+    config = prometheus_config(coordinator_port)
+    config["scrape_configs"] = [
+        {
+            "job_name": f"serviceMonitor/gradwire/{OPERATOR_JOB}/0",
+            "honor_labels": False,
+            "metrics_path": "/metrics",
+            "static_configs": [{"targets": [f"127.0.0.1:{coordinator_port}"]}],
+            "relabel_configs": [
+                {"target_label": "namespace", "replacement": "gradwire"},
+                {"target_label": "service", "replacement": OPERATOR_JOB},
+                {"target_label": "endpoint", "replacement": "http"},
+                {"target_label": "job", "replacement": OPERATOR_JOB},
+            ],
+        }
+    ]
+    return config
+
+
+def start_prometheus(prometheus: str, config: dict[str, Any], folder: Path) -> tuple[subprocess.Popen, str]:
+    """A Prometheus on a free 127.0.0.1 port with ``config``, ready; (its process, its URL)."""
+    folder.mkdir(parents=True)
+    config_path = folder / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    log_path = folder / "prometheus.log"
+    url = f"http://127.0.0.1:{free_port()}"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [prometheus, f"--config.file={config_path}", f"--storage.tsdb.path={folder / 'tsdb'}",
+             f"--web.listen-address={url.removeprefix('http://')}", "--log.level=warn"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"prometheus exited {process.returncode}:\n{log_path.read_text()}")
+        try:
+            return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(ready, 30, "prometheus ready")
+    except BaseException:
+        stop(process)
+        raise
+    return process, url
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=15)
+
+
 @dataclass(frozen=True)
 class Scraped:
-    url: str  # Prometheus
+    url: str  # one Prometheus
     job_id: str
     at: float  # evaluation time (unix seconds): a few scrapes after the job succeeded
     range_: str  # Prometheus' uptime at `at`, for $__range
     coordinator_metrics: str  # the coordinator's /metrics at the end
+    scrape_job: str  # the `job` label this Prometheus gives the coordinator's series
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         response = httpx.get(f"{self.url}/api/v1/query", params={"query": expr, "time": self.at}, timeout=30)
@@ -105,7 +180,8 @@ def _run_job(client: Any, storage: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def scraped(local_ray, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
+def scraped_by(local_ray, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Scraped]]:
+    """What each Prometheus ("repo", "operator") scraped of one coordinator and its job."""
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.skip("prometheus not installed (Debian: apt-get install prometheus); CI installs it")
@@ -127,30 +203,12 @@ def scraped(local_ray, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scr
         )
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
-        log_path = data / "prometheus.log"
-        process = None
+        processes: dict[str, tuple[subprocess.Popen, str]] = {}
         try:
             wait_for(lambda: server.started, 30, "uvicorn start")
-            config_path = data / "prometheus.yml"
-            config_path.write_text(yaml.safe_dump(prometheus_config(settings.port), sort_keys=False))
-            prom_url = f"http://127.0.0.1:{free_port()}"
-            with log_path.open("w") as log:
-                process = subprocess.Popen(
-                    [prometheus, f"--config.file={config_path}", f"--storage.tsdb.path={data / 'tsdb'}",
-                     f"--web.listen-address={prom_url.removeprefix('http://')}", "--log.level=warn"],
-                    stdout=log, stderr=subprocess.STDOUT,
-                )  # fmt: skip
             started = time.time()
-
-            def ready() -> bool:
-                if process.poll() is not None:
-                    raise RuntimeError(f"prometheus exited {process.returncode}:\n{log_path.read_text()}")
-                try:
-                    return httpx.get(f"{prom_url}/-/ready", timeout=2).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            wait_for(ready, 30, "prometheus ready")
+            for name, config in (("repo", prometheus_config), ("operator", operator_config)):
+                processes[name] = start_prometheus(prometheus, config(settings.port), data / name)
             with CoordinatorClient(f"http://127.0.0.1:{settings.port}") as client:
                 job = _run_job(client, data / "checkpoints")
                 assert re.fullmatch(r"[A-Za-z0-9_-]+", job["id"]), "the id is used as a regex unescaped"
@@ -158,22 +216,28 @@ def scraped(local_ray, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scr
                 at = time.time() + 3  # three more scrapes
                 time.sleep(max(0.0, at + 2 - time.time()))  # and the rules evaluated at `at`
                 metrics_text = client.http.get("/metrics").text
-            result = Scraped(prom_url, job["id"], at, f"{math.ceil(at - started)}s", metrics_text)
-            steps = result.query(f'gradwire_train_steps_total{{job="{result.job_id}"}}')
-            assert [float(s["value"][1]) for s in steps] == [STEPS], (
-                f"Prometheus has not scraped the end: {steps}"
-            )
-            yield result
+            range_ = f"{math.ceil(at - started)}s"
+            jobs = {"repo": COORDINATOR_JOB, "operator": OPERATOR_JOB}
+            results = {
+                name: Scraped(url, job["id"], at, range_, metrics_text, jobs[name])
+                for name, (_, url) in processes.items()
+            }
+            for name, result in results.items():
+                steps = result.query(f'gradwire_train_steps_total{{job_id="{result.job_id}"}}')
+                assert [float(s["value"][1]) for s in steps] == [STEPS], (
+                    f"{name}: Prometheus has not scraped the end: {steps}"
+                )
+            yield results
         finally:
-            if process is not None:
-                process.terminate()
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=15)
+            for process, _ in processes.values():
+                stop(process)
             server.should_exit = True
             thread.join(timeout=10)
+
+
+@pytest.fixture(params=["repo", "operator"])
+def scraped(request: pytest.FixtureRequest, scraped_by: dict[str, Scraped]) -> Scraped:
+    return scraped_by[request.param]
 
 
 def _cases() -> list[Any]:
@@ -184,25 +248,45 @@ def _cases() -> list[Any]:
     return cases
 
 
+def keeps_job_id(expr: str) -> bool:
+    """Whether the result of ``expr`` keeps the job_id label: it aggregates by job_id, or it
+    aggregates nothing and reads a job_id-level recording rule (the queries use no ``without``)."""
+    groupings = [label for label, where in labels_used(expr) if where == "by"]
+    if groupings:
+        return JOB_LABEL in groupings
+    return any(re.match(rf"{JOB_LABEL}[_:]", name) for name in metric_names(expr))
+
+
 @pytest.mark.parametrize("query", _cases())
 def test_query_returns_data(query: Query, scraped: Scraped) -> None:
-    expr = substitute(query.expr, job=scraped.job_id, rate_interval=RATE_INTERVAL, range_=scraped.range_)
+    if scraped.scrape_job != COORDINATOR_JOB and f'job="{COORDINATOR_JOB}"' in query.expr:
+        pytest.skip(f"selects the scrape job by its name in prometheus.yml; here it is {scraped.scrape_job}")
+    expr = substitute(query.expr, job_id=scraped.job_id, rate_interval=RATE_INTERVAL, range_=scraped.range_)
     result = scraped.query(expr)
     assert result, f"{query.source}: no data for {expr}"
     values = [float(sample["value"][1]) for sample in result]
     assert any(math.isfinite(v) for v in values), f"{query.source}: only {values} for {expr}"
+    ids = {sample["metric"].get(JOB_LABEL) for sample in result}
+    if keeps_job_id(query.expr):
+        assert ids == {scraped.job_id}, f"{query.source}: job_id {ids} for {expr}"
+    else:
+        assert ids <= {None, scraped.job_id}, f"{query.source}: job_id {ids} for {expr}"
+    assert all("exported_job" not in sample["metric"] for sample in result), result
 
 
 def test_the_job_variable_lists_the_job(scraped: Scraped) -> None:
-    """label_values(gradwire_train_steps_total, job): honor_labels kept the gradwire job id."""
-    values = scraped.get("/api/v1/label/job/values", **{"match[]": "gradwire_train_steps_total"})
+    """label_values(gradwire_train_steps_total, job_id) lists the gradwire job id, and `job` is the
+    scrape job, whatever the scrape config: no label was renamed to exported_job."""
+    values = scraped.get("/api/v1/label/job_id/values", **{"match[]": "gradwire_train_steps_total"})
     assert values == [scraped.job_id]
+    jobs = scraped.get("/api/v1/label/job/values", **{"match[]": '{__name__=~"gradwire_.+"}'})
+    assert jobs == [scraped.scrape_job]
     assert not scraped.query("count({exported_job=~'.+'})")
 
 
 def test_the_coordinator_target_is_up(scraped: Scraped) -> None:
     [target] = scraped.get("/api/v1/targets")["activeTargets"]
-    assert target["labels"]["job"] == COORDINATOR_JOB and target["health"] == "up", target
+    assert target["labels"]["job"] == scraped.scrape_job and target["health"] == "up", target
 
 
 def test_every_rule_loaded_and_evaluates_cleanly(scraped: Scraped) -> None:
@@ -228,11 +312,14 @@ def test_bytes_saved_match_the_coordinators_counters(scraped: Scraped) -> None:
     totals: dict[str, float] = {}
     for family in text_string_to_metric_families(scraped.coordinator_metrics):
         for sample in family.samples:
-            if sample.labels.get("job") == scraped.job_id and sample.name.startswith("gradwire_grad_bytes_"):
+            if (
+                sample.name.startswith("gradwire_grad_bytes_")
+                and sample.labels.get(JOB_LABEL) == scraped.job_id
+            ):
                 totals[sample.name] = sample.value
     expected = totals["gradwire_grad_bytes_uncompressed_total"] - totals["gradwire_grad_bytes_sent_total"]
     assert expected > 0, totals
     [query] = [q for q in dashboard_queries() if q.source.startswith("communication-savings/Cumulative")]
-    [sample] = scraped.query(substitute(query.expr, job=scraped.job_id))
-    assert sample["metric"] == {"job": scraped.job_id, "compressor": "powersgd"}
+    [sample] = scraped.query(substitute(query.expr, job_id=scraped.job_id))
+    assert sample["metric"] == {JOB_LABEL: scraped.job_id, "compressor": "powersgd"}
     assert float(sample["value"][1]) == expected

@@ -448,7 +448,7 @@ def test_no_step_is_lost_or_stored_twice(seen):
 def test_byte_counters_end_at_the_job_totals(seen):
     # each (job, rank) series of a new process starts from the cumulative bytes the first report
     # it gets carries, so B's counters end at the job's totals: the sum of each rank's last report
-    labels = frozenset({"job": seen.long["id"], "compressor": "powersgd"}.items())
+    labels = frozenset({"job_id": seen.long["id"], "compressor": "powersgd"}.items())
     for name, column in (("sent", "bytes_sent"), ("uncompressed", "bytes_uncompressed")):
         total = sum(getattr(points[-1], column) for points in seen.final.values())
         assert seen.samples[(f"gradwire_grad_bytes_{name}_total", labels)] == total, name
@@ -459,5 +459,5 @@ def test_step_counter_counts_each_step_once(seen):
     # stored), so B must count K0+1..K, each once; a step re-sent and counted by both would
     # make increase() over the restart count it twice
     k0, k = seen.k0[0], len(seen.final[0])
-    counted = seen.samples[("gradwire_train_steps_total", frozenset({"job": seen.long["id"]}.items()))]
+    counted = seen.samples[("gradwire_train_steps_total", frozenset({"job_id": seen.long["id"]}.items()))]
     assert counted == k - k0, f"B counted {counted:g} rank-0 steps; it stored {k - k0} (steps {k0 + 1}..{k})"

@@ -106,8 +106,8 @@ def test_submit_run_and_cancel_over_http(served, tmp_path):
     per_rank_sent = warm * plain + (STEPS - warm) * compressed
     assert points[-1]["bytes_sent"] == per_rank_sent
     samples = prometheus_samples(client)
-    labels = frozenset({"job": done["id"], "compressor": "powersgd"}.items())
+    labels = frozenset({"job_id": done["id"], "compressor": "powersgd"}.items())
     workers = spec.workers.count  # every rank's bytes count
     assert samples[("gradwire_grad_bytes_sent_total", labels)] == workers * per_rank_sent
     assert samples[("gradwire_grad_bytes_uncompressed_total", labels)] == workers * STEPS * plain
-    assert samples[("gradwire_train_steps_total", frozenset({"job": done["id"]}.items()))] == STEPS
+    assert samples[("gradwire_train_steps_total", frozenset({"job_id": done["id"]}.items()))] == STEPS
