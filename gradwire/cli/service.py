@@ -1,14 +1,20 @@
 """`gradwire serve`, `gradwire submit` and `gradwire jobs`: the coordinator and its command-line client.
 
 The client commands read the server from ``--server`` or ``GRADWIRE_SERVER`` (default
-http://127.0.0.1:8000) and the bearer token from ``--token`` or ``GRADWIRE_TOKEN``.
+http://127.0.0.1:8000) and the bearer token from ``--token`` or ``GRADWIRE_TOKEN``. ``--json``
+(``submit``, ``jobs list``, ``jobs show``) prints the coordinator's JSON and nothing else on
+stdout, for scripts. ``serve`` needs the ``server`` extra; the client commands need ``httpx``
+from the ``cli`` extra.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
+import time
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any
 
 import typer
@@ -16,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gradwire.cli.console import summary
+from gradwire.cli.extras import command_needs
 
 jobs_app = typer.Typer(
     help="List, show, cancel and read the logs of the coordinator's jobs.", no_args_is_help=True
@@ -28,10 +35,15 @@ Token = Annotated[
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
 
-def _client(server: str, token: str | None):
-    from gradwire.cli.remote import CoordinatorClient
+def _remote(command: str) -> ModuleType:
+    """:mod:`gradwire.cli.remote` (it needs httpx), or the missing-extra message and exit 1."""
+    with command_needs(f"gradwire {command}", "cli", ("httpx",)):
+        from gradwire.cli import remote
+    return remote
 
-    return CoordinatorClient(server, token)
+
+def _print_json(document: Any) -> None:
+    typer.echo(json.dumps(document, indent=2))
 
 
 def _fail(err: Exception, code: int = 1) -> typer.Exit:
@@ -50,11 +62,12 @@ def serve(
 ) -> None:
     """Run the coordinator: REST API, gRPC telemetry sink, scheduler and (without RAY_ADDRESS) a
     local Ray head, all on 127.0.0.1 with a SQLite file under .gradwire/. Ctrl-C stops them."""
-    import uvicorn
+    with command_needs("gradwire serve", "server"):
+        import uvicorn
 
-    from gradwire.server.app import create_app
-    from gradwire.server.service import Coordinator
-    from gradwire.server.settings import Settings
+        from gradwire.server.app import create_app
+        from gradwire.server.service import Coordinator
+        from gradwire.server.settings import Settings
 
     given = {"host": host, "port": port, "grpc_port": grpc_port, "database_url": database_url}
     try:
@@ -93,31 +106,41 @@ def submit(
     idempotency_key: Annotated[
         str | None, typer.Option(help="resubmitting with the same key is a no-op")
     ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="print the job as JSON (with --wait: only the finished job)"),
+    ] = False,
     server: Server = DEFAULT_SERVER,
     token: Token = None,
 ) -> None:
     """Submit a job spec to the coordinator (and with --wait, follow it to the end)."""
-    from gradwire.cli.remote import ApiError
     from gradwire.spec import JobSpec, SpecError
 
+    remote = _remote("submit")
     if workers is not None:
         overrides = [*(overrides or []), f"workers.count={workers}"]
     try:
         spec = JobSpec.from_file(spec_path).with_overrides(overrides or [])
     except (SpecError, OSError) as err:
         raise _fail(Exception(f"{spec_path}: {err}"), 2) from None
-    with _client(server, token) as client:
+    with remote.CoordinatorClient(server, token) as client:
         try:
             job = client.submit(
                 spec.model_dump(mode="json"), priority=priority, idempotency_key=idempotency_key
             )
-            typer.echo(f"{job['id']} {job['state']}")
-            if not wait:
-                return
-            job = follow(client, job["id"])
-        except ApiError as err:
+            if wait:
+                if as_json:
+                    job = client.wait(job["id"], poll_s=1.0)
+                else:
+                    typer.echo(f"{job['id']} {job['state']}")
+                    job = follow(client, job["id"])
+        except remote.ApiError as err:
             raise _fail(err, 2 if 400 <= err.status < 500 else 1) from None
-    if job["state"] != "SUCCEEDED":
+    if as_json:
+        _print_json(job)
+    elif not wait:
+        typer.echo(f"{job['id']} {job['state']}")
+    if wait and job["state"] != "SUCCEEDED":
         raise _fail(Exception(f"{job['id']} {job['state']}: {job.get('reason', '')}"), 1)
 
 
@@ -153,21 +176,27 @@ def follow(client: Any, job_id: str) -> dict[str, Any]:
     return job
 
 
+AsJson = Annotated[bool, typer.Option("--json", help="print the coordinator's JSON")]
+
+
 @jobs_app.command("list")
 def jobs_list(
     state: Annotated[list[str] | None, typer.Option("--state", help="filter by state; repeatable")] = None,
     name: Annotated[str | None, typer.Option(help="filter by job name")] = None,
+    as_json: AsJson = False,
     server: Server = DEFAULT_SERVER,
     token: Token = None,
 ) -> None:
     """List jobs in submission order."""
-    from gradwire.cli.remote import ApiError
-
+    remote = _remote("jobs list")
     try:
-        with _client(server, token) as client:
+        with remote.CoordinatorClient(server, token) as client:
             jobs = client.list(state=[s.upper() for s in state or []], name=name)
-    except ApiError as err:
+    except remote.ApiError as err:
         raise _fail(err) from None
+    if as_json:
+        _print_json(jobs)
+        return
     table = Table("id", "name", "state", "priority", "created", "reason", title=f"{len(jobs)} job(s)")
     for job in jobs:
         table.add_row(
@@ -176,43 +205,96 @@ def jobs_list(
     Console().print(table)
 
 
+#: the fields `jobs show` prints above the spec, with their labels
+_SHOWN = (
+    ("id", "id"), ("name", "name"), ("state", "state"), ("reason", "reason"), ("priority", "priority"),
+    ("created", "created_at"), ("started", "started_at"), ("finished", "finished_at"),
+    ("restarts", "restarts"), ("ray job", "ray_job_id"),
+)  # fmt: skip
+
+
 @jobs_app.command("show")
-def jobs_show(job_id: str, server: Server = DEFAULT_SERVER, token: Token = None) -> None:
-    """Show one job as JSON."""
-    import json
-
-    from gradwire.cli.remote import ApiError
-
+def jobs_show(
+    job_id: str, as_json: AsJson = False, server: Server = DEFAULT_SERVER, token: Token = None
+) -> None:
+    """Show one job: where it is, why, and its spec (YAML); --json for the whole resource."""
+    remote = _remote("jobs show")
     try:
-        with _client(server, token) as client:
-            typer.echo(json.dumps(client.get(job_id), indent=2))
-    except ApiError as err:
+        with remote.CoordinatorClient(server, token) as client:
+            job = client.get(job_id)
+    except remote.ApiError as err:
         raise _fail(err) from None
+    if as_json:
+        _print_json(job)
+        return
+    import yaml
+
+    width = max(len(label) for label, _ in _SHOWN)
+    for label, key in _SHOWN:
+        value = job.get(key)
+        typer.echo(f"{label:<{width}}  {'-' if value is None else value}")
+    spec = yaml.safe_dump(job.get("spec") or {}, sort_keys=False).rstrip("\n")
+    typer.echo("spec:\n" + "\n".join(f"  {line}" for line in spec.splitlines()))
 
 
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: str, server: Server = DEFAULT_SERVER, token: Token = None) -> None:
     """Cancel a job (queued jobs at once; running ones are stopped on Ray)."""
-    from gradwire.cli.remote import ApiError
-
+    remote = _remote("jobs cancel")
     try:
-        with _client(server, token) as client:
+        with remote.CoordinatorClient(server, token) as client:
             job = client.cancel(job_id)
-    except ApiError as err:
+    except remote.ApiError as err:
         raise _fail(err) from None
     typer.echo(f"{job['id']} {job['state']}")
 
 
 @jobs_app.command("logs")
-def jobs_logs(job_id: str, server: Server = DEFAULT_SERVER, token: Token = None) -> None:
-    """Print a job's driver logs."""
-    from gradwire.cli.remote import ApiError
-
+def jobs_logs(
+    job_id: str,
+    follow_logs: Annotated[
+        bool, typer.Option("--follow", "-f", help="keep printing new lines until the job ends")
+    ] = False,
+    interval: Annotated[float, typer.Option(min=0.05, help="seconds between polls with --follow")] = 1.0,
+    server: Server = DEFAULT_SERVER,
+    token: Token = None,
+) -> None:
+    """Print a job's driver logs (with --follow, as they grow, until the job ends)."""
+    remote = _remote("jobs logs")
     try:
-        with _client(server, token) as client:
-            sys.stdout.write(client.logs(job_id))
-    except ApiError as err:
+        with remote.CoordinatorClient(server, token) as client:
+            if not follow_logs:
+                sys.stdout.write(client.logs(job_id))
+                return
+            with contextlib.suppress(KeyboardInterrupt):
+                follow_log(client, job_id, interval)
+    except remote.ApiError as err:
         raise _fail(err) from None
+
+
+def follow_log(client: Any, job_id: str, interval: float = 1.0) -> None:
+    """Print what a job's log gains, poll by poll, until the job is finished and its log read to
+    the end. A job that has no log yet (queued, starting) is waited for."""
+    from gradwire.cli.remote import TERMINAL, ApiError
+
+    printed = ""
+    while True:
+        job = client.get(job_id)  # the state first: a log read after it is complete when terminal
+        try:
+            text = client.logs(job_id)
+        except ApiError as err:
+            if err.status != 404 or not str(err.problem.get("type", "")).endswith(":no-logs"):
+                raise
+            text = ""
+        if text.startswith(printed):
+            sys.stdout.write(text[len(printed) :])
+        else:  # Ray's log was cut or replaced: print it again from its start
+            sys.stdout.write(text)
+        sys.stdout.flush()
+        printed = text
+        if job["state"] in TERMINAL:
+            return
+        time.sleep(interval)
 
 
 def register(app: typer.Typer) -> None:
