@@ -33,6 +33,7 @@ from gradwire.cli.costmodel import (
     predict_step,
     step_traffic,
 )
+from gradwire.cli.extras import command_needs
 
 #: the configurations every plan compares (besides the spec's own): registry name and parameters
 DEFAULT_CONFIGS: list[tuple[str, dict[str, Any]]] = [
@@ -178,10 +179,11 @@ def _load(spec_path: Path, workers: int | None) -> tuple[Any, Any, list[tuple[in
         typer.echo(f"{spec_path}: {err}", err=True)
         raise typer.Exit(2) from None
 
-    import torch
+    with command_needs("gradwire plan", "train", ("torch", "numpy", "google.protobuf")):
+        import torch
 
-    from gradwire.worker.models import build_model
-    from gradwire.worker.runtime import load_data
+        from gradwire.worker.models import build_model
+        from gradwire.worker.runtime import load_data
 
     try:
         data = load_data(spec)

@@ -58,6 +58,11 @@ def test_without_typer_the_entry_point_names_the_cli_extra():
     [
         (["serve"], "uvicorn", "`gradwire serve` needs `pip install 'gradwire[server]'`"),
         (["train", str(SPEC)], "ray", "`gradwire train` needs `pip install 'gradwire[train]'`"),
+        (
+            ["plan", str(SPEC), "--bandwidth", "1Gbit"],
+            "torch",
+            "`gradwire plan` needs `pip install 'gradwire[train]'`",
+        ),
         (["submit", str(SPEC)], "httpx", "`gradwire submit` needs `pip install 'gradwire[cli]'`"),
         (["jobs", "list"], "httpx", "`gradwire jobs list` needs `pip install 'gradwire[cli]'`"),
         (["jobs", "logs", "job-0", "-f"], "httpx", "`gradwire jobs logs` needs `pip install 'gradwire[cli]"),
