@@ -46,8 +46,8 @@ from typing import Any
 
 import pytest
 
-from gradwire.ray_env import local_ray_env
 from gradwire.cli.remote import CoordinatorClient
+from gradwire.ray_env import local_ray_env
 from gradwire.spec import JobSpec
 from tests.waiting import free_port, wait_for
 

@@ -5,8 +5,6 @@ import math
 import pytest
 import torch
 
-from gradwire.compressors import make_reducer
-from gradwire.compressors.registry import parse_config
 from gradwire.cli.costmodel import (
     Calibration,
     Collective,
@@ -23,6 +21,8 @@ from gradwire.cli.costmodel import (
     reduce_collectives,
     step_traffic,
 )
+from gradwire.compressors import make_reducer
+from gradwire.compressors.registry import parse_config
 from gradwire.worker.models import build_model
 from tests.ranks import run_ranks
 
