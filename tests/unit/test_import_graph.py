@@ -20,7 +20,7 @@ imported), and every import in it counts, at module level or inside a function a
 * **Third-party packages by layer**: the compressors never import the other extras' packages
   (Ray, FastAPI, gRPC, typer, ...); the contract outside the stubs never imports torch, Ray, a
   web framework or the CLI's packages; the server never imports torch (it starts training code
-  by a Ray job's entrypoint, never by import).
+  by a Ray job's entrypoint, never by import), and of the server only ``ray_cluster`` imports Ray.
 * **No import cycle** between modules (an import that Python resolves lazily, inside a
   function, still counts: the modules still depend on each other).
 * **No private names across modules**: ``from x import _name`` and ``module._name`` are refused
@@ -73,6 +73,8 @@ FORBIDDEN_PACKAGES: dict[str, tuple[str, ...]] = {
     "server": ("torch",),
 }
 STUBS = "gradwire.protos"
+#: the one server module that talks to Ray (the rest of the coordinator goes through it)
+RAY_GATEWAY = "gradwire.server.ray_cluster"
 
 
 def layer_of(module: str) -> str:
@@ -272,6 +274,16 @@ def forbidden_packages(graph: Graph) -> list[str]:
     return found
 
 
+def ray_outside_the_gateway(graph: Graph) -> list[str]:
+    return [
+        f"{module} imports {name}"
+        for module, names in sorted(graph.external.items())
+        if layer_of(module) == "server" and module != RAY_GATEWAY
+        for name in sorted(names)
+        if name == "ray" or name.startswith("ray.")
+    ]
+
+
 def cycles(graph: Graph) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan)."""
     index: dict[str, int] = {}
@@ -350,6 +362,11 @@ def test_the_config_surface_loads_without_torch(graph: Graph):
 
 def test_layers_keep_to_their_own_third_party_packages(graph: Graph):
     assert forbidden_packages(graph) == []
+
+
+def test_the_server_reaches_ray_through_one_module(graph: Graph):
+    assert "ray" in {n.split(".")[0] for n in graph.external[RAY_GATEWAY]}
+    assert ray_outside_the_gateway(graph) == []
 
 
 def test_there_is_no_import_cycle(graph: Graph):
@@ -437,6 +454,15 @@ def test_a_forbidden_package_is_found():
         "gradwire.server.app (server) imports torch",
         "gradwire.spec_io (contract) imports torch",
     ]
+
+
+def test_ray_outside_the_gateway_is_found():
+    g = build_graph({
+        "gradwire.server.ray_cluster": "import ray\n",
+        "gradwire.server.scheduler": "def f():\n    from ray.job_submission import JobSubmissionClient\n",
+        "gradwire.worker.launch": "import ray\n",
+    })  # fmt: skip
+    assert ray_outside_the_gateway(g) == ["gradwire.server.scheduler imports ray.job_submission"]
 
 
 def test_a_cycle_is_found_even_through_a_lazy_import():
