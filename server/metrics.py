@@ -2,23 +2,27 @@
 
 :class:`CoordinatorMetrics` owns a private :class:`prometheus_client.CollectorRegistry` (never the
 process-global one, so tests and several coordinators in one process do not collide) holding
-exactly the families of the metrics contract in ``ARCHITECTURE.md``::
+exactly the families of the metrics contract in ``docs/architecture.md``::
 
-    gradwire_grad_bytes_uncompressed_total{job,compressor}   counter
-    gradwire_grad_bytes_sent_total{job,compressor}           counter
-    gradwire_step_seconds{job,phase}                         histogram (phase: compute, compress,
-                                                             communicate, wait)
-    gradwire_train_steps_total{job}                          counter
-    gradwire_train_loss{job}, gradwire_eval_accuracy{job}    gauges
-    gradwire_stragglers_total{job}                           counter
-    gradwire_straggler_wait_seconds_total{job}               counter
-    gradwire_jobs{state}                                     gauge
-    gradwire_job_transitions_total{from,to}                  counter
-    gradwire_worker_restarts_total{job}                      counter
-    gradwire_http_requests_total{route,method,status}        counter (route: the path template)
-    gradwire_http_request_duration_seconds{route,method}     histogram
-    gradwire_telemetry_reports_received_total                counter
-    gradwire_telemetry_reports_dropped_total{reason}         counter (reason: DROP_REASONS)
+    gradwire_grad_bytes_uncompressed_total{job_id,compressor}   counter
+    gradwire_grad_bytes_sent_total{job_id,compressor}           counter
+    gradwire_step_seconds{job_id,phase}                         histogram (phase: compute, compress,
+                                                                communicate, wait)
+    gradwire_train_steps_total{job_id}                          counter
+    gradwire_train_loss{job_id}, gradwire_eval_accuracy{job_id} gauges
+    gradwire_stragglers_total{job_id}                           counter
+    gradwire_straggler_wait_seconds_total{job_id}               counter
+    gradwire_jobs{state}                                        gauge
+    gradwire_job_transitions_total{from,to}                     counter
+    gradwire_worker_restarts_total{job_id}                      counter
+    gradwire_http_requests_total{route,method,status}           counter (route: the path template)
+    gradwire_http_request_duration_seconds{route,method}        histogram
+    gradwire_telemetry_reports_received_total                   counter
+    gradwire_telemetry_reports_dropped_total{reason}            counter (reason: DROP_REASONS)
+
+The job's label is ``job_id`` (:data:`JOB_LABEL`), never ``job``: Prometheus gives every scraped
+series a ``job`` label of its own (the scrape job), and a scrape config or a Prometheus Operator
+ServiceMonitor without ``honor_labels`` would rename ours to ``exported_job``.
 
 How step reports become series (:meth:`CoordinatorMetrics.observe_report`):
 
@@ -70,7 +74,18 @@ from prometheus_client.metrics_core import Metric
 from gradwire.protos import telemetry_pb2 as pb
 from gradwire.server.states import TERMINAL_STATES, JobState
 
-__all__ = ["DROP_REASONS", "HTTP_SECONDS_BUCKETS", "PHASES", "STEP_SECONDS_BUCKETS", "CoordinatorMetrics"]
+__all__ = [
+    "DROP_REASONS",
+    "HTTP_SECONDS_BUCKETS",
+    "JOB_LABEL",
+    "PHASES",
+    "STEP_SECONDS_BUCKETS",
+    "CoordinatorMetrics",
+]
+
+#: The label naming a gradwire job on every per-job family. Not ``job``: Prometheus sets that one
+#: to the scrape job on every series it scrapes.
+JOB_LABEL = "job_id"
 
 #: Step phases of ``gradwire_step_seconds`` and the StepReport field each one is read from.
 PHASES: Mapping[str, str] = {
@@ -177,51 +192,52 @@ class CoordinatorMetrics:
             "gradwire_grad_bytes_uncompressed",
             "Gradient payload bytes a plain all-reduce of the same gradients would have handed to its "
             "collectives, summed over ranks (payload, not wire traffic).",
-            ["job", "compressor"], registry=r,
+            [JOB_LABEL, "compressor"], registry=r,
         )  # fmt: skip
         self.bytes_sent = Counter(
             "gradwire_grad_bytes_sent",
             "Gradient payload bytes the workers handed to their collectives, summed over ranks (payload, "
             "not wire traffic: a ring all-reduce moves 2(n-1)/n times it, an all-gather (n-1) times).",
-            ["job", "compressor"], registry=r,
+            [JOB_LABEL, "compressor"], registry=r,
         )  # fmt: skip
         self.step_seconds = Histogram(
             "gradwire_step_seconds",
             "Seconds per training step and phase, one sample per rank and step. Decoding counts as "
             "communicate; wait comes from gradient-coded jobs only; the optimizer step is not included.",
-            ["job", "phase"], buckets=STEP_SECONDS_BUCKETS, registry=r,
+            [JOB_LABEL, "phase"], buckets=STEP_SECONDS_BUCKETS, registry=r,
         )  # fmt: skip
         self.train_steps = Counter(
             "gradwire_train_steps",
             "Step reports from rank 0 since the coordinator started (re-run steps count again).",
-            ["job"], registry=r,
+            [JOB_LABEL], registry=r,
         )  # fmt: skip
         self.train_loss = Gauge(
             "gradwire_train_loss",
             "Loss of rank 0's own batch at its latest step, not a mean over ranks (NaN when rank 0 was "
             "left out of a coded round before finishing a batch).",
-            ["job"], registry=r,
+            [JOB_LABEL], registry=r,
         )  # fmt: skip
         self.eval_accuracy = Gauge(
-            "gradwire_eval_accuracy", "Latest accuracy reported by rank 0, in [0, 1].", ["job"], registry=r
-        )
+            "gradwire_eval_accuracy", "Latest accuracy reported by rank 0, in [0, 1].", [JOB_LABEL],
+            registry=r,
+        )  # fmt: skip
         self.stragglers = Counter(
             "gradwire_stragglers",
             "Workers left out of coded gradient rounds, from rank 0's reports: exactly s per round.",
-            ["job"], registry=r,
+            [JOB_LABEL], registry=r,
         )  # fmt: skip
         self.straggler_wait = Counter(
             "gradwire_straggler_wait_seconds",
             "Seconds rank 0 reported as wait: from the end of its own computation (the round's start when "
             "it was left out) until the coded round's survivors were known.",
-            ["job"], registry=r,
+            [JOB_LABEL], registry=r,
         )  # fmt: skip
         self.jobs = Gauge("gradwire_jobs", "Jobs per state.", ["state"], registry=r)
         self.transitions = Counter(
             "gradwire_job_transitions", "Job state machine transitions.", ["from", "to"], registry=r
         )
         self.worker_restarts = Counter(
-            "gradwire_worker_restarts", "Worker-group restarts.", ["job"], registry=r
+            "gradwire_worker_restarts", "Worker-group restarts.", [JOB_LABEL], registry=r
         )
         self.http_requests = Counter(
             "gradwire_http_requests", "REST requests answered, by route template, method and status.",
@@ -349,7 +365,7 @@ class CoordinatorMetrics:
     # ---------------------------------------------------------------- cardinality
 
     def forget_job(self, job: str) -> None:
-        """Remove every series labelled with ``job`` from every family, and its byte baselines."""
+        """Remove every series whose ``job_id`` label is ``job`` from every family, and its byte baselines."""
         with self._lock:
             compressors = self._compressors.pop(job, set())
             self._jobs.discard(job)
