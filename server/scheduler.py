@@ -22,9 +22,10 @@ One background thread polls (every ``poll_s``, or at once after :meth:`Scheduler
 3. **Launch.** The state is written first, then acted on: QUEUED → STARTING, with the Ray
    submission id ``gradwire-<job id>`` stored, *then* ``JobSubmissionClient.submit_job``. The
    entrypoint is ``<python> -m gradwire.cli train <spec file> --job-id <id> --telemetry <addr>
-   --no-progress``.
+   --no-progress``; ``--job-id`` names the job's Ray Train run, so its checkpoints are its own.
 
-The spec reaches the driver as a JSON file under ``spec_dir``, so the coordinator and Ray must
+The spec reaches the driver as a JSON file under ``spec_dir`` (``resume_from: <job id>`` replaced
+by that job's run folder, ``resume.py``), so the coordinator and Ray must
 share that folder (true for an embedded head; docker-compose shares a volume). What needs no
 thread has modules of its own: ``ray_jobs.py`` (submission ids, failure reasons), ``demand.py``
 (what a job asks of the cluster and whether it fits), ``restarts.py`` (restarts seen in
@@ -63,6 +64,7 @@ from gradwire.server.ray_jobs import failure_reason, submission_id
 from gradwire.server.records import JobNotFound, JobRecord, StateConflict
 from gradwire.server.report_points import report_point
 from gradwire.server.restarts import RestartTracker
+from gradwire.server.resume import driver_spec
 from gradwire.server.states import TERMINAL_STATES, IllegalTransition, JobState
 from gradwire.server.store import JobStore
 from gradwire.spec import SpecError
@@ -389,7 +391,12 @@ class Scheduler:
         path = self._spec_file(job.id)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".json.partial")
-        partial.write_text(json.dumps(job.spec, indent=2), encoding="utf-8")
+        try:
+            spec = driver_spec(job.spec, self.store)  # resume_from: a job id becomes its run folder
+        except JobNotFound as err:
+            self._move(job, JobState.FAILED, f"resume_from: the job to resume is gone: {err}")
+            return
+        partial.write_text(json.dumps(spec, indent=2), encoding="utf-8")
         partial.replace(path)
         entrypoint = self.entrypoint(job.id)
         with self._lock:

@@ -4,7 +4,7 @@
     metrics = run_job(JobSpec.from_file("examples/specs/digits-powersgd.yaml"))
 
 Without an address (argument or ``RAY_ADDRESS``) a single-machine Ray is started bound to
-loopback only (ENVIRONMENT.md, "Ray 2.60 on one machine") and shut down again at the end;
+loopback only (docs/runtime.md, "Ray on one machine") and shut down again at the end;
 a Ray already initialised in this process, or a cluster given by address, is used as is.
 
 Ray reads its binding settings when it is first imported, so this module imports ``ray`` only
@@ -22,6 +22,7 @@ from typing import Any
 
 from gradwire.ray_env import apply_local_ray_env, local_ray_env, ray_temp_dir  # noqa: F401 - re-exported
 from gradwire.spec import JobSpec, Problem, SpecError
+from gradwire.worker import runs
 
 #: restarts of the worker group after a worker dies (Ray Train's FailureConfig)
 MAX_FAILURES = 2
@@ -71,12 +72,43 @@ def storage_path(spec: JobSpec) -> str:
     return storage if "://" in storage else str(Path(storage).resolve())
 
 
-def run_dir(spec: JobSpec) -> Path:
+def run_dir(spec: JobSpec, job_id: str | None = None) -> Path:
     """Where the run's local files go (telemetry JSONL): Ray Train's run folder when storage is
-    a local directory, else ``.gradwire/runs/<name>``."""
+    a local directory, else ``.gradwire/runs/<run name>`` (:func:`runs.run_name`: the job id if
+    given, else the spec's name)."""
     storage = spec.checkpoint.storage
     base = Path(".gradwire/runs").resolve() if "://" in storage else Path(storage_path(spec))
-    return base / spec.name
+    return base / runs.run_name(spec, job_id)
+
+
+def run_folder(spec: JobSpec, job_id: str | None = None) -> str:
+    """Ray Train's run folder: ``<checkpoint.storage>/<run name>`` (a local path or a URI)."""
+    storage = storage_path(spec)
+    name = runs.run_name(spec, job_id)
+    return f"{storage.rstrip('/')}/{name}" if "://" in storage else str(Path(storage) / name)
+
+
+def prepare_run(spec: JobSpec, job_id: str | None = None, *, resume: bool = False) -> dict[str, Any]:
+    """Before Ray starts: decide whose checkpoints this job may continue.
+
+    Refuses (:class:`runs.RunConflict`) a run folder that already holds a run unless ``resume``,
+    and ``resume`` without one; resolves ``resume_from`` (a path; a job id is the coordinator's to
+    resolve) to one checkpoint folder (:class:`SpecError` at ``resume_from``). Returns the
+    ``train_loop`` options: ``resume_from`` (or nothing) and ``changed`` (the fields in which a
+    resumed run's recorded spec differs from this one).
+    """
+    if spec.resume_job():
+        message = (
+            f"{spec.resume_from!r} is a coordinator job id; only the coordinator resolves those "
+            "(submit the spec there). gradwire train resumes from a path: a run folder "
+            "(<checkpoint.storage>/<run name>) or one of its checkpoint_* folders"
+        )
+        raise SpecError([Problem("resume_from", message)])
+    options: dict[str, Any] = {}
+    if spec.resume_path():
+        options["resume_from"] = runs.resolve_checkpoint(spec.resume_path())
+    options["changed"] = runs.check_run(run_folder(spec, job_id), spec, resume=resume)
+    return options
 
 
 def check_runnable(spec: JobSpec) -> None:
@@ -97,14 +129,21 @@ def check_runnable(spec: JobSpec) -> None:
 
 def make_trainer(spec: JobSpec, loop_config: dict[str, Any] | None = None):
     """Ray Train's TorchTrainer for ``spec``; ``loop_config`` adds ``train_loop`` options
-    (``job_id``, ``telemetry``, ``fault``; see :func:`gradwire.worker.runtime.train_loop`)."""
+    (``job_id``, ``telemetry``, ``fault``, ``resume_from``; see
+    :func:`gradwire.worker.runtime.train_loop`). The run is named by ``job_id`` when given,
+    else by the spec's name (:func:`runs.run_name`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from gradwire.worker.runtime import train_loop
 
     workers = spec.workers
-    config = {"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir(spec)), **(loop_config or {})}
+    job_id = (loop_config or {}).get("job_id")
+    config = {
+        "spec": spec.model_dump(mode="json"),
+        "run_dir": str(run_dir(spec, job_id)),
+        **(loop_config or {}),
+    }
     return TorchTrainer(
         train_loop,
         train_loop_config=config,
@@ -115,7 +154,7 @@ def make_trainer(spec: JobSpec, loop_config: dict[str, Any] | None = None):
             | ({"GPU": workers.gpus_per_worker} if workers.gpus_per_worker > 0 else {}),
         ),
         run_config=RunConfig(
-            name=spec.name,
+            name=runs.run_name(spec, job_id),
             storage_path=storage_path(spec),
             failure_config=FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
@@ -130,8 +169,14 @@ def run_job(
     job_id: str | None = None,
     telemetry: str | None = None,
     loop_config: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Train ``spec`` to the end and return rank 0's final metrics (plus ``checkpoint``).
+    """Train ``spec`` to the end and return rank 0's final metrics (plus ``checkpoint``, and
+    ``changed`` when a resumed run's spec changed).
+
+    The run is ``<checkpoint.storage>/<job_id or spec.name>``. A folder that already holds a run
+    is continued only with ``resume`` (else :class:`runs.RunConflict`, naming the fields that
+    differ); ``resume_from`` in the spec (a path) starts the run from that checkpoint.
 
     ``telemetry`` is a coordinator's gRPC address (default ``GRADWIRE_TELEMETRY_ADDRESS``);
     without one, each rank writes ``telemetry-rank{r}.jsonl`` in :func:`run_dir`. A job that
@@ -139,7 +184,9 @@ def run_job(
     """
     check_runnable(spec)
     telemetry = telemetry or os.environ.get("GRADWIRE_TELEMETRY_ADDRESS") or None
-    options = {"job_id": job_id or spec.name, "telemetry": telemetry, **(loop_config or {})}
+    prepared = prepare_run(spec, job_id, resume=resume)
+    changed = prepared.pop("changed")
+    options = {"job_id": job_id or spec.name, "telemetry": telemetry, **prepared, **(loop_config or {})}
     address = address or os.environ.get("RAY_ADDRESS")
     started_here = False
     if not _ray_initialized():
@@ -152,10 +199,13 @@ def run_job(
         started_here = True
     try:
         check_resources(spec)
+        runs.write_record(run_folder(spec, job_id), spec, runs.run_name(spec, job_id))
         result = make_trainer(spec, options).fit()
         metrics = dict(result.metrics or {})
         if result.checkpoint is not None:
             metrics["checkpoint"] = result.checkpoint.path
+        if changed:
+            metrics["changed"] = changed
         return metrics
     finally:
         if started_here:

@@ -47,8 +47,10 @@ def train_loop(config: dict[str, Any]) -> None:
 
     ``config``: ``spec`` (a JobSpec as a JSON-like dict); optional ``job_id`` (default: the
     spec's name), ``telemetry`` (a coordinator's gRPC address; without it reports go to
-    ``telemetry-rank{r}.jsonl`` in ``run_dir``), ``run_dir``, and ``fault`` (tests and chaos
-    experiments: ``{"rank", "step", "marker"}`` SIGKILLs that rank's process once at that step).
+    ``telemetry-rank{r}.jsonl`` in ``run_dir``), ``run_dir``, ``resume_from`` (a checkpoint
+    folder of another run, loaded while this run has no checkpoint of its own) and ``fault``
+    (tests and chaos experiments: ``{"rank", "step", "marker"}`` SIGKILLs that rank's process
+    once at that step).
     """
     import ray.train
     import ray.train.torch
@@ -85,7 +87,9 @@ def train_loop(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec.optimizer, total_steps))
 
     step = 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # this run's newest, after a restart or with --resume
+    if checkpoint is None and config.get("resume_from"):  # the run starts from another run's
+        checkpoint = ray.train.Checkpoint(config["resume_from"])
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             step = load_checkpoint(Path(folder), rank, train_step, optimizer, scheduler)

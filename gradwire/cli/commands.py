@@ -86,8 +86,21 @@ def train(
         ),
     ] = None,
     job_id: Annotated[
-        str | None, typer.Option("--job-id", help="id in step reports (default: the spec's name)")
+        str | None,
+        typer.Option(
+            "--job-id",
+            help="id in step reports and name of the run, i.e. its checkpoint folder under "
+            "checkpoint.storage (default: the spec's name); the coordinator passes its job id",
+        ),
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="continue the run already in <checkpoint.storage>/<run name>, even if its spec "
+            "differs (without it, an existing run is refused)",
+        ),
+    ] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")] = True,
 ) -> None:
     """Train a job spec on Ray and print a summary."""
@@ -103,15 +116,18 @@ def train(
 
     with command_needs("gradwire train", "train"):
         from gradwire.worker.launch import NotEnoughResourcesError, run_dir, run_job  # imports torch and ray
+    from gradwire.worker.runs import RunConflict
 
     console = Console()
-    follow = TelemetryProgress(run_dir(spec) / "telemetry-rank0.jsonl", spec.steps, console)
+    follow = TelemetryProgress(run_dir(spec, job_id) / "telemetry-rank0.jsonl", spec.steps, console)
     try:
         with follow if progress and not telemetry else nullcontext():
-            metrics = run_job(spec, address=address, job_id=job_id, telemetry=telemetry)
-    except (NotEnoughResourcesError, SpecError) as err:
+            metrics = run_job(spec, address=address, job_id=job_id, telemetry=telemetry, resume=resume)
+    except (NotEnoughResourcesError, SpecError, RunConflict) as err:
         typer.echo(f"{spec_path}: {err}", err=True)
         raise typer.Exit(2) from None
+    if metrics.get("changed"):
+        typer.echo(f"{spec.name}: resumed with a changed spec: {'; '.join(metrics['changed'])}", err=True)
     console.print(summary(spec.name, metrics))
     if metrics.get("stopped"):
         typer.echo(f"{spec.name}: stopped: {metrics['stopped']}", err=True)

@@ -27,6 +27,7 @@ from gradwire.server.auth import get_services
 from gradwire.server.control import Services
 from gradwire.server.problems import FieldError, ProblemError, problem_responses
 from gradwire.server.records import JobEvent, JobPoint, JobRecord
+from gradwire.server.resume import check_resume
 from gradwire.server.states import JobState
 from gradwire.spec import JobSpec
 from gradwire.spec_io import unique_json_object
@@ -204,6 +205,7 @@ async def submit_job(
 def _queue_job(services: Services, document: Any, priority: int, key: str | None) -> tuple[JobRecord, bool]:
     spec = JobSpec.from_dict(document)  # SpecError: 422 naming each field
     _check_policy(spec, services)
+    check_resume(spec, services.store)  # a job id this store knows, finished; never a path
     job, created = services.store.create(spec, priority=priority, idempotency_key=key)
     if created:
         services.control.wake()
