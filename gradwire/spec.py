@@ -51,11 +51,14 @@ from gradwire.spec_io import (
 )
 
 #: Compressors whose payloads add up (encode(a) + encode(b) decodes to a + b, up to rounding), so
-#: that a coded round's all-reduce of a_i · c_i still yields the full gradient (ARCHITECTURE.md,
-#: "linear: fp16, bf16, ... PowerSGD's P/Q rounds → all-reduce"). Gathering compressors cannot code.
+#: that a coded round's all-reduce of a_i · c_i still yields the full gradient
+#: (docs/algorithms.md §5.5). Gathering compressors cannot code.
 CODING_COMPRESSORS = ("none", "fp16", "bf16", "powersgd")
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+#: a coordinator's job ids (server/store.py: new_job_id); ``resume_from`` in this form names a job
+JOB_ID = re.compile(r"^job-[0-9a-f]{12}$")
 
 
 class _Section(BaseModel):
@@ -309,6 +312,14 @@ class JobSpec(_Section):
     stragglers: Stragglers | None = Field(None, description="gradient code and injected stragglers")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    resume_from: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1024,
+        description="start from another run's checkpoint: a coordinator job id (job-<12 hex>; the only "
+        "form a coordinator accepts) or a checkpoint path, a run folder or one of its checkpoint_* "
+        "folders (the only form gradwire train accepts)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -319,6 +330,18 @@ class JobSpec(_Section):
                 "starting and ending with a letter or digit"
             )
         return name
+
+    @field_validator("resume_from")
+    @classmethod
+    def _resume_from(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if value != value.strip() or any(not c.isprintable() for c in value):
+            raise ValueError("a job id or path without surrounding spaces or control characters")
+        if value.startswith("job-") and "/" not in value and not JOB_ID.match(value):
+            message = f"{value!r} is not a job id (job- and 12 hex digits); write ./{value} for a path"
+            raise ValueError(message)
+        return value
 
     @model_validator(mode="after")
     def _cross_check(self) -> JobSpec:
@@ -334,6 +357,14 @@ class JobSpec(_Section):
             found += _straggler_problems(self.stragglers, self.workers.count, self.compression.name)
         _raise("JobSpec", found)
         return self
+
+    def resume_job(self) -> str | None:
+        """``resume_from`` when it names a coordinator job, else ``None``."""
+        return self.resume_from if self.resume_from and JOB_ID.match(self.resume_from) else None
+
+    def resume_path(self) -> str | None:
+        """``resume_from`` when it is a checkpoint path (or URI), else ``None``."""
+        return self.resume_from if self.resume_from and not self.resume_job() else None
 
     def compressor_config(self) -> CompressorConfig:
         """The compression section as the compressor's validated config model."""

@@ -1,7 +1,7 @@
 """End to end: `gradwire train` on a real (loopback, 2-CPU) Ray with Ray Train's TorchTrainer.
 
 One Ray instance serves the session (conftest.py); the training test is a single ~40 s fit. The byte ledger is
-checked against PowerSGD's analytic payload (ALGORITHMS.md): per step, each compressed
+checked against PowerSGD's analytic payload (docs/algorithms.md §1.1): per step, each compressed
 matrix a × b sends 4·min(r, a, b)·(a + b) bytes and every other tensor 4·numel; warm-up steps
 (``start_iter``) send everything plain.
 """
@@ -9,6 +9,7 @@ matrix a × b sends 4·min(r, a, b)·(a + b) bytes and every other tensor 4·num
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -85,16 +86,24 @@ def test_train_digits_powersgd_two_workers(local_ray, tmp_path):
     saved = {p.name for p in max(checkpoints).iterdir()}
     assert {"model.pt", "optimizer.pt", "rank0.pt", "rank1.pt", "progress.json"} <= saved
 
-    # the same run again with a larger budget resumes from the last checkpoint (Ray Train
-    # restores a run by name and storage); the restored ledger keeps counting
+    # the same folder with another spec (a larger budget) is refused before Ray trains: Ray Train
+    # would continue the run it finds there, so the error names the fields and the ways out
+    record = json.loads((tmp_path / spec.name / "gradwire-run.json").read_text())
+    assert record["fingerprint"].startswith("sha256:") and record["training"]["steps"] == STEPS
     more = STEPS + 20
-    result = invoke(
-        "--workers", "2",
-        "--set", f"steps={more}",
-        "--set", "workers.cpus_per_worker=0.5",
-        "--set", f"checkpoint.storage={tmp_path}",
-    )  # fmt: skip
+    again = ["--workers", "2", "--set", f"steps={more}", "--set", "workers.cpus_per_worker=0.5",
+             "--set", f"checkpoint.storage={tmp_path}"]  # fmt: skip
+    refused = invoke(*again)
+    assert refused.exit_code == 2, refused.output
+    assert f"steps: {STEPS} → {more}" in refused.output, refused.output
+    assert "--resume" in refused.output and "another name" in refused.output
+    after = [p for p in (tmp_path / spec.name).glob("checkpoint_*") if p.is_dir()]
+    assert sorted(after) == sorted(checkpoints), "the refused run trained"
+
+    # --resume continues that run from its last checkpoint; the restored ledger keeps counting
+    result = invoke(*again, "--resume")
     assert result.exit_code == 0, result.output
+    assert f"resumed with a changed spec: steps: {STEPS} → {more}" in result.output
     assert int(table_value(result.output, "resumed from step")) == STEPS
     assert int(table_value(result.output, "steps")) == more
     sent = int(table_value(result.output, "bytes sent (rank 0)").replace(",", ""))
