@@ -1,0 +1,148 @@
+"""Gradwire compression in a Lightning ``Trainer``, on CPU and GPU alike.
+
+    from gradwire.compressors.lightning_callback import GradwireCompression
+
+    trainer = Trainer(strategy="ddp", devices=2, callbacks=[GradwireCompression("powersgd", rank=2)])
+
+The callback registers gradwire's hook on the ``DistributedDataParallel`` model that Lightning
+builds, once that model exists (``on_fit_start``). Lightning's own route,
+``DDPStrategy(ddp_comm_state=..., ddp_comm_hook=...)``, registers hooks on CUDA devices only and
+silently ignores them on CPU; the callback works on every device, and it refuses to run next to
+a ``ddp_comm_hook`` (DDP takes one hook, and which one ran would depend on the device).
+
+Checkpoints: Lightning builds the checkpoint on every rank and writes rank 0's copy. The callback's
+``state_dict()`` therefore gathers every rank's compressor state (a collective, which is why it
+must run on all ranks, as ``trainer.save_checkpoint`` does) and the checkpoint holds them all;
+on resume (``trainer.fit(model, ckpt_path=...)``) each rank loads its own entry.
+
+This module imports ``lightning``; ``gradwire.compressors`` itself never does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.nn.parallel import DistributedDataParallel
+
+from gradwire.compressors import gather_state_dicts, load_own_state, make_hook, parse_config
+
+#: version of the dict this callback stores in a Lightning checkpoint
+CHECKPOINT_VERSION = 1
+
+
+class GradwireCompression(Callback):
+    """Compress DDP's gradient exchange with gradwire compressor ``name``.
+
+    ``params`` are the compressor's parameters (``config_schemas()``), checked here so a typo fails
+    before any process starts; ``overlap`` is :func:`gradwire.compressors.make_hook`'s.
+    ``log_stats`` logs this rank's cumulative ``gradwire/bytes_sent``, ``gradwire/bytes_uncompressed``
+    and ``gradwire/compression_ratio`` after every training batch (they land in
+    ``trainer.callback_metrics``, which is also how the launching process of ``ddp_spawn`` sees them).
+    """
+
+    def __init__(self, name: str, *, overlap: bool = False, log_stats: bool = True, **params: Any):
+        super().__init__()
+        parse_config(name, params)  # unknown compressor or bad parameter: raise now, naming it
+        self.name = name
+        self.params = dict(params)
+        self.overlap = overlap
+        self.log_stats = log_stats
+        self.hook_state: Any = None  # gradwire's HookState, made on every rank by on_fit_start
+        self._hook: Any = None
+        self._pending: dict[str, Any] | None = None  # a checkpoint's entry, loaded once the hook exists
+
+    # --- checks and attaching -----------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return  # validate/test/predict run without DDP's gradient exchange
+        strategy = trainer.strategy
+        if not isinstance(strategy, DDPStrategy):
+            raise RuntimeError(
+                f"GradwireCompression compresses DistributedDataParallel's gradient exchange and needs "
+                f"one of Lightning's DDP strategies (strategy='ddp', 'ddp_spawn', 'ddp_fork', "
+                f"'ddp_notebook' or a DDPStrategy); this Trainer runs {type(strategy).__name__}. "
+                f"With a single device there is nothing to exchange: leave the callback out."
+            )
+        if getattr(strategy, "_ddp_comm_hook", None) is not None:
+            raise RuntimeError(
+                "the DDP strategy was given a ddp_comm_hook and GradwireCompression is in the callbacks: "
+                "DDP takes one communication hook, so use one of them. (Lightning registers "
+                "ddp_comm_hook on CUDA devices only and ignores it on CPU; the callback works on both.)"
+            )
+        mine = [c for c in trainer.callbacks if isinstance(c, GradwireCompression)]
+        if len(mine) > 1:
+            raise RuntimeError(f"{len(mine)} GradwireCompression callbacks: DDP takes one hook, pass one")
+        if trainer.world_size == 1:
+            rank_zero_warn(
+                "GradwireCompression with a single process: gradients are compressed and decompressed "
+                "but nothing is exchanged, so nothing is saved."
+            )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        model = trainer.strategy.model
+        if not isinstance(model, DistributedDataParallel):
+            raise RuntimeError(
+                f"GradwireCompression expected Lightning's DDP strategy to have wrapped the model in "
+                f"DistributedDataParallel by on_fit_start, found {type(model).__name__}"
+            )
+        if self.hook_state is None:  # a second fit() in the same process keeps its buffers
+            self.hook_state, self._hook = make_hook(self.name, overlap=self.overlap, **self.params)
+        if self._pending is not None:
+            load_own_state(self.hook_state, self._pending["states"])
+            self._pending = None
+        model.register_comm_hook(self.hook_state, self._hook)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.log_stats or self.hook_state is None:
+            return
+        stats = self.hook_state.stats()
+        sent, plain = float(stats["bytes_sent"]), float(stats["bytes_uncompressed"])
+        values = {"gradwire/bytes_sent": sent, "gradwire/bytes_uncompressed": plain}
+        if sent > 0:
+            values["gradwire/compression_ratio"] = plain / sent
+        pl_module.log_dict(values, on_step=True, on_epoch=False, logger=True)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.hook_state is not None:
+            self.hook_state.close()  # the overlap thread, if any; a later step starts a new one
+
+    def stats(self) -> dict[str, float]:
+        """This rank's cumulative counters (``HookState.stats()``); empty before the first fit in this
+        process (with ``ddp_spawn`` the launching process never trains: read ``trainer.callback_metrics``)."""
+        return {} if self.hook_state is None else self.hook_state.stats()
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's compressor state. A collective once training has started: Lightning calls it on
+        every rank while it builds a checkpoint (``trainer.save_checkpoint``, ``ModelCheckpoint``)."""
+        if self.hook_state is None:
+            return dict(self._pending) if self._pending is not None else {}
+        states = gather_state_dicts(self.hook_state)
+        return {
+            "version": CHECKPOINT_VERSION,
+            "compressor": self.name,
+            "world_size": len(states),
+            "states": states,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(
+                f"GradwireCompression checkpoint entry of version {state_dict.get('version')!r}; "
+                f"this gradwire reads version {CHECKPOINT_VERSION}"
+            )
+        if state_dict["compressor"] != self.name:
+            raise ValueError(
+                f"the checkpoint holds compressor {state_dict['compressor']!r} state, this "
+                f"GradwireCompression runs {self.name!r}"
+            )
+        if self.hook_state is not None:
+            load_own_state(self.hook_state, state_dict["states"])
+        else:  # Lightning restores callbacks before it wraps the model in DDP
+            self._pending = state_dict
