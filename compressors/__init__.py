@@ -10,6 +10,9 @@ Public surface (a contract)::
     state, hook = make_hook("powersgd", rank=2)
     ddp_model.register_comm_hook(state, hook)
 
+    states = gather_state_dicts(state)      # every rank's state, on every rank (a collective)
+    load_own_state(state, states)           # on resume: this rank's entry (or a world-size change)
+
 This package imports torch lazily: ``available()`` and the config models in
 ``gradwire.compressors.config`` work without it.
 """
@@ -36,6 +39,8 @@ __all__ = [
     "UnknownCompressorError",
     "available",
     "config_schemas",
+    "gather_state_dicts",
+    "load_own_state",
     "make_hook",
     "make_reducer",
     "parse_config",
@@ -64,18 +69,43 @@ def make_hook(
 ) -> tuple[HookState, Any]:
     """``(state, hook)`` for ``ddp.register_comm_hook(state, hook)``.
 
+    It may be called before ``init_process_group`` (Lightning's ``DDPStrategy(ddp_comm_state=state,
+    ddp_comm_hook=hook)`` does): the state binds to the process group when the hook first runs. The
+    state pickles (``torch.save``, Lightning's ``spawn``) without its process group and binds again
+    at first use; see ``gradwire.compressors.hook``.
+
     ``overlap=True``: buckets are reduced by a background thread while backward goes on (see
     ``gradwire.compressors.hook``); with more than one rank this makes a process group of the same
-    ranks for the hook's collectives, so call ``make_hook`` on every rank, as DDP setup does. It pays
+    ranks for the hook's collectives (at binding), so use the hook on every rank, as DDP does. It pays
     when buckets are large and the link is the bottleneck; on latency-bound links every extra bucket
     adds collectives, and one bucket without overlap is faster (docs/benchmarks.md, links).
     """
-    import torch.distributed as dist
-
     from gradwire.compressors.hook import HookState, reducer_hook
 
-    if overlap and dist.is_available() and dist.is_initialized():
-        ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
-        if dist.get_world_size(process_group) > 1:
-            process_group = dist.new_group(ranks)
     return HookState(make_reducer(name, process_group, **params), overlap=overlap), reducer_hook
+
+
+def gather_state_dicts(state: HookState | Reducer) -> list[dict[str, Any]]:
+    """Every rank's ``state_dict()``, on every rank: entry ``i`` is rank ``i``'s, tensors on CPU.
+
+    ``state`` is a hook state from :func:`make_hook` or a reducer from :func:`make_reducer`. A
+    collective over its process group: call it on every rank at the same point, between steps.
+    Saving the list from one process (Accelerate's ``save_state``, Lightning's checkpoint) is
+    then enough to restore every rank with :func:`load_own_state`.
+    """
+    from gradwire.compressors.reducer import gather_state_dicts as gather
+
+    return gather(state)
+
+
+def load_own_state(state: HookState | Reducer, states: list[dict[str, Any]]) -> None:
+    """Load this rank's entry of ``states`` (a list from :func:`gather_state_dicts`) into ``state``.
+
+    Same world size: this rank's own buffers, so the run continues bit for bit. Another world size:
+    the shared parts (step, PowerSGD's Q, EF21/EControl estimates) carry over and per-rank buffers
+    are rebuilt or dropped, as ``Reducer.load_state_dict`` does for a world-size change. Raises
+    ``ValueError`` if the list is not a whole, ordered one. No collective.
+    """
+    from gradwire.compressors.reducer import load_own_state as load
+
+    load(state, states)

@@ -14,10 +14,19 @@ Two families:
   are all-gathered and decoded per rank. All tensors of one call travel in one
   collective.
 * Compressors that run their own rounds (PowerSGD) override :meth:`exchange`.
+
+Randomness. A compressor that draws random numbers seeds a fresh generator per tensor and step
+with :func:`stream_seed` — ``(seed, rank, key, step)`` for noise private to a rank (QSGD's
+rounding), ``(seed, key, step)`` for choices every rank must share (Rand-k's positions) — rather
+than drawing from one stream per device. Its draws then depend on nothing but the tensor's key and
+the step: not on the order DDP hands buckets over (which differs between a fresh start and a run
+after DDP's bucket rebuild), so a resumed run draws exactly what the uninterrupted one drew, and no
+RNG state needs saving.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -56,9 +65,14 @@ class Compressor(ABC):
     #: ``exchange(..., plain=flat)`` all-reduces the reducer's uncompressed tensors inside its first
     #: all-reduce (one collective fewer per step) and returns their mean as ``Exchanged.plain``
     fuses_plain: ClassVar[bool] = False
+    #: this rank's place in the group (set by :meth:`setup`; a lone compressor is rank 0 of 1)
+    rank: int = 0
+    world_size: int = 1
 
     def setup(self, rank: int, world_size: int) -> None:
-        """Called once by the reducer with this rank's place in the group."""
+        """Called by the reducer when it binds to its process group (at construction if
+        ``torch.distributed`` is initialised then, else at its first use; again after unpickling).
+        Must not discard state that ``load_state_dict`` restored."""
         self.rank, self.world_size = rank, world_size
 
     @abstractmethod
@@ -161,6 +175,20 @@ def as_dtype(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if buf.dim() > 1 or buf.storage_offset() % itemsize or not buf.is_contiguous():
         buf = torch.empty(buf.shape, dtype=buf.dtype, device=buf.device).copy_(buf)
     return buf.view(dtype)
+
+
+def stream_seed(*parts: int) -> int:
+    """A 63-bit generator seed from integers (seed, rank, key, step...), the same in every process
+    and Python version (a hash of their decimal text)."""
+    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def seeded_generator(device: torch.device, *parts: int) -> torch.Generator:
+    """A new generator on ``device`` seeded with :func:`stream_seed` of ``parts``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(stream_seed(*parts))
+    return gen
 
 
 def budget(numel: int, ratio: float | None, k: int | None) -> int:

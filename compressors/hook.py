@@ -23,6 +23,21 @@ one bucket (gloo's worker threads block in the callbacks waiting for the nested 
 
 By default (``overlap=False``) each bucket's collectives run to completion inside the hook call:
 simpler, no thread, but a bucket's communication does not overlap the rest of backward.
+
+Binding and pickling. The state binds to its process group when the hook first runs (or at
+``make_hook`` if ``torch.distributed`` is initialised by then): the reducer reads rank and world
+size, the compressor is set up, and with ``overlap=True`` the hook's own group is made. So a state
+built before ``init_process_group`` (Lightning's ``DDPStrategy(ddp_comm_state=...)``) works; one
+used in a group of another world size, or after its group is gone, raises
+:class:`~gradwire.compressors.communicator.ProcessGroupMismatch`. Like torch's ``PowerSGDState``, a
+state pickles without its process groups, thread and lock (``torch.save(state)``, Lightning's
+``spawn``) and binds again at first use: to the default group, on the rank and world size it was
+pickled on. One given an explicit process group refuses to bind after unpickling until
+``set_process_group(group)`` names one again.
+
+The hook serves dense gradients only: a sparse gradient (``nn.Embedding(sparse=True)``) raises at
+once, naming the parameter's shape, unless the compressor is ``none`` without feedback, which
+all-reduces the sparse tensor as DDP itself does.
 """
 
 # No `from __future__ import annotations` here: DDP checks the hook's annotations
@@ -35,7 +50,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gradwire.compressors.communicator import dist_initialised
 from gradwire.compressors.reducer import Reducer
+
+
+class SparseGradientError(TypeError):
+    """DDP handed the hook a sparse gradient, which gradwire's compressors cannot encode."""
 
 
 class HookState:
@@ -44,12 +64,43 @@ class HookState:
     def __init__(self, reducer: Reducer, overlap: bool = False):
         self.reducer = reducer
         self._keys: dict[int, int] = {}
-        self.overlap = bool(overlap) and not reducer.passthrough and reducer.comm.world_size > 1
+        #: overlap as asked for; it takes effect at binding if the group has more than one rank
+        self.overlap_requested = bool(overlap) and not reducer.passthrough
+        self._overlap = False
+        self._bound = False
         self._worker: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._last_handed = 0.0  # perf_counter() when the step's last bucket was handed over
         #: seconds backward waited for communication after handing over its last bucket (overlap only)
         self.exposed_seconds = 0.0
+        if dist_initialised():
+            self.bind()
+
+    @property
+    def overlap(self) -> bool:
+        """Whether buckets are reduced on the hook's own thread (known once bound)."""
+        return self._overlap if self._bound else self.overlap_requested
+
+    def bind(self) -> None:
+        """Bind the reducer to its process group and, for ``overlap``, make the hook's own group of
+        the same ranks (a collective: every rank binds at the same point, as the hook's first call
+        does). Once bound, check that the group still matches."""
+        if self._bound:
+            self.reducer.bind()
+            return
+        self.reducer.bind()
+        comm = self.reducer.comm
+        if self.overlap_requested and comm.world_size > 1:
+            ranks = None if comm.group is None else dist.get_process_group_ranks(comm.group)
+            comm.channel = dist.new_group(ranks)
+            self._overlap = True
+        self._bound = True
+
+    def set_process_group(self, process_group: Any) -> None:
+        """The process group of a state that is not bound yet (one unpickled, say)."""
+        if self._bound:
+            raise RuntimeError("this hook state is bound already; build a new one with make_hook()")
+        self.reducer.set_process_group(process_group)
 
     def submit(self, job: Any) -> None:
         if self._worker is None:
@@ -79,31 +130,52 @@ class HookState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reducer.load_state_dict(state)
 
-    def __getstate__(self) -> "dict[str, Any]":  # it holds a process group, which cannot travel
-        raise TypeError(
-            "a gradwire hook state does not pickle: save state_dict() and, after rebuilding "
-            "the hook with make_hook(), call load_state_dict()"
-        )
+    def __getstate__(self) -> "dict[str, Any]":
+        """Everything but the process groups (see ``communicator.py``), the thread and the lock; the
+        parameter keys are dropped too (they are ``id()``s of this process's parameters) and are
+        given again, in the same order, when the copy first sees the model's buckets."""
+        self.close()  # let a bucket in flight finish before copying
+        state = self.__dict__.copy()
+        del state["_lock"]
+        state.update(_worker=None, _keys={}, _bound=False, _overlap=False)
+        return state
+
+    def __setstate__(self, state: "dict[str, Any]") -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
-def _bucket_views(bucket: dist.GradBucket) -> list[torch.Tensor]:
+def _shapes(bucket: dist.GradBucket) -> str:
+    return ", ".join(str(tuple(p.shape)) for p in bucket.parameters())
+
+
+def _bucket_views(bucket: dist.GradBucket, name: str) -> list[torch.Tensor]:
     buffer = bucket.buffer()
+    if buffer.layout != torch.strided:
+        raise SparseGradientError(
+            f"the parameter of shape {_shapes(bucket)} has a sparse gradient ({buffer.layout}); "
+            f"gradwire compressors need dense gradients, and {name!r} cannot encode it: build the "
+            "layer with sparse=False (nn.Embedding(..., sparse=False)) or use compressor 'none' "
+            "without feedback"
+        )
     views, offset = [], 0
     for grad in bucket.gradients():
         views.append(buffer[offset : offset + grad.numel()].view(grad.shape))
         offset += grad.numel()
     if offset != buffer.numel():
         raise RuntimeError(
-            f"DDP bucket layout not understood: {offset} gradient elements in a buffer of "
-            f"{buffer.numel()}"
+            f"DDP bucket layout not understood: the gradients of parameters of shapes {_shapes(bucket)} "
+            f"hold {offset} elements and the bucket buffer {buffer.numel()}; gradwire's hook cannot "
+            "serve this bucket"
         )
     return views
 
 
 def reducer_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    state.bind()  # the first call binds to the process group; later ones check it still matches
     if state.reducer.passthrough:  # 'none': one asynchronous all-reduce of the bucket, like DDP's own
         return state.reducer.reduce_flat_async(bucket.buffer(), advance=bucket.is_last())
-    views = _bucket_views(bucket)
+    views = _bucket_views(bucket, state.reducer.name)
     keys = [state.key_for(p) for p in bucket.parameters()]
     buffer, last = bucket.buffer(), bucket.is_last()
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from gradwire.compressors.compressor import ElementwiseCompressor, as_dtype
+from gradwire.compressors.compressor import ElementwiseCompressor, as_dtype, seeded_generator
 from gradwire.compressors.config import QSGDConfig, SignConfig
 
 
@@ -22,6 +22,10 @@ class QSGD(ElementwiseCompressor):
     ``u_j ~ U[0, 1)`` (stochastic rounding, unbiased), sent as the signed int8
     ``sign(x_j)·l_j`` plus the bucket's norm in the gradient's dtype.
     Payload per tensor: ``d + itemsize·⌈d/bucket_size⌉`` bytes.
+
+    The rounding noise ``u`` of a tensor comes from a generator seeded with (seed, rank, key, step):
+    private to the rank, independent of bucket order, nothing to checkpoint (a resumed run draws
+    what the uninterrupted one drew).
     """
 
     name = "qsgd"
@@ -32,23 +36,6 @@ class QSGD(ElementwiseCompressor):
         self.levels = config.levels
         self.bucket = config.bucket_size
         self.seed = config.seed
-        self._generators: dict[str, torch.Generator] = {}
-        self._pending_state: dict[str, torch.Tensor] = {}
-
-    def setup(self, rank: int, world_size: int) -> None:
-        super().setup(rank, world_size)
-        self._generators.clear()
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        name = str(device)
-        if name not in self._generators:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed * 1_000_003 + getattr(self, "rank", 0))
-            self._generators[name] = gen
-        gen = self._generators[name]
-        if name not in self._pending_state:  # first use this step: remember where we started
-            self._pending_state[name] = gen.get_state()
-        return gen
 
     def payload_nbytes(self, shape, dtype):
         numel = shape.numel()
@@ -63,7 +50,8 @@ class QSGD(ElementwiseCompressor):
         # in float64: squares of large float32 (or float16) gradients overflow their dtype
         norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True, dtype=torch.float64).to(x.dtype)
         scaled = rows.abs() * (self.levels / norms.clamp_min(torch.finfo(x.dtype).tiny))
-        noise = torch.rand(rows.shape, generator=self._generator(x.device), device=x.device, dtype=x.dtype)
+        gen = seeded_generator(x.device, self.seed, self.rank, key, step)
+        noise = torch.rand(rows.shape, generator=gen, device=x.device, dtype=x.dtype)
         levels = torch.floor(scaled + noise).clamp_(max=self.levels)
         signed = (levels * torch.sign(rows)).to(torch.int8).view(-1)[:numel]
         return torch.cat([signed.view(torch.uint8), norms.view(-1).contiguous().view(torch.uint8)])
@@ -85,26 +73,9 @@ class QSGD(ElementwiseCompressor):
     def decode_mean(self, payloads, like, key, step):
         return self.decode(payloads, like, key, step).mean(dim=0)
 
-    def commit_step(self) -> None:
-        self._pending_state.clear()
-
-    def rollback(self) -> None:
-        """Rewind the RNG to the start of a step that was discarded."""
-        for name, state in self._pending_state.items():
-            self._generators[name].set_state(state)
-        self._pending_state.clear()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rng": {name: g.get_state() for name, g in self._generators.items()}}
-
-    def load_state_dict(self, state, same_world):
-        self._generators.clear()
-        self._pending_state.clear()
-        if not same_world:  # each rank has its own stream; a new world starts fresh ones
-            return
-        for name, rng in state.get("rng", {}).items():
-            self._generator(torch.device(name)).set_state(rng)
-        self._pending_state.clear()
+    def load_state_dict(self, state: dict[str, Any], same_world: bool) -> None:
+        """Nothing to restore: the noise is a function of (seed, rank, key, step). (A state saved
+        before that held an ``"rng"`` entry; it is ignored.)"""
 
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)

@@ -16,6 +16,12 @@
   outputs are NaN on every rank (so an AMP grad scaler skips the step) and no state
   changes; with ``"raise"`` every rank raises :class:`NonFiniteGradientError`.
   Either way ``stats()["nonfinite_steps"]`` counts it.
+
+The reducer binds to its process group lazily (see ``communicator.py``): at construction if
+``torch.distributed`` is initialised, else at the first ``reduce``; the compressor's ``setup(rank,
+world_size)`` runs then. Its state is per rank: ``load_state_dict`` refuses another rank's state
+(same world size), and :func:`gather_state_dicts` / :func:`load_own_state` move every rank's state
+through one checkpoint written by one process.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from gradwire.compressors.communicator import Communicator
 from gradwire.compressors.compressor import Compressor
@@ -43,12 +50,35 @@ class Reducer:
         self.config = config
         self.compressor = compressor
         self.comm = Communicator(process_group)
-        self.compressor.setup(self.comm.rank, self.comm.world_size)
         self.feedback = make_feedback(config.feedback, config.resolved_eta())
         self.step = 0
         self.nonfinite_steps = 0
         self.compress_seconds = 0.0
         self.communicate_seconds = 0.0
+        #: the compressor was set up for the group the communicator is bound to
+        self._ready = False
+        if self.comm.bound:
+            self.bind()
+
+    def bind(self) -> None:
+        """Bind to the process group now and set the compressor up for this rank. ``reduce``,
+        ``state_dict`` and ``load_state_dict`` do it first thing; once bound, it checks that the
+        group still has the world size and rank it was bound to."""
+        if self._ready:
+            self.comm.check()
+            return
+        self.comm.bind()
+        self.compressor.setup(self.comm.rank, self.comm.world_size)
+        self._ready = True
+
+    def set_process_group(self, process_group: Any) -> None:
+        """The process group of a reducer that is not bound yet (one unpickled, say)."""
+        self.comm.set_process_group(process_group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_ready"] = False  # the copy sets its compressor up again when it binds
+        return state
 
     @property
     def name(self) -> str:
@@ -68,6 +98,7 @@ class Reducer:
         ends the step (the DDP hook passes it only with the last bucket); ``out``
         receives the results instead of new tensors (it may alias the inputs).
         """
+        self.bind()
         tensors = list(tensors)
         keys = list(range(len(tensors))) if keys is None else list(keys)
         self._check(tensors, keys)
@@ -142,6 +173,7 @@ class Reducer:
         """
         if not self.passthrough:
             raise RuntimeError(f"reduce_flat_async needs 'none' without feedback, not {self.name!r}")
+        self.bind()
         nbytes = flat.numel() * flat.element_size()
         self.comm.ledger.record_uncompressed(nbytes, self.comm.world_size)
         launched = time.perf_counter()
@@ -204,7 +236,9 @@ class Reducer:
                 "compressor state was left unchanged"
             )
         if out is not None:
-            return [o.fill_(float("nan")) for o in out]
+            for o in out:  # (a sparse gradient, which 'none' passes through: its values)
+                (o._values() if o.is_sparse else o).fill_(float("nan"))
+            return list(out)
         return [torch.full_like(t, float("nan")) for t in tensors]
 
     def _check(self, tensors: list[torch.Tensor], keys: list[int]) -> None:
@@ -235,6 +269,8 @@ class Reducer:
         }
 
     def state_dict(self) -> dict[str, Any]:
+        """This rank's state (binds to the process group first: call it after ``init_process_group``)."""
+        self.bind()
         return {
             "version": STATE_VERSION,
             "compressor": self.compressor.name,
@@ -251,12 +287,38 @@ class Reducer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict`.
 
-        Same world size: everything is restored and the run continues bit for bit.
+        Same world size: the state must be this rank's own (a state saved by another rank raises
+        ``ValueError`` naming both ranks); everything is restored and the run continues bit for bit.
         Different world size: the step counter, PowerSGD's Q and the shared
         estimates of EF21/EControl carry over; per-worker buffers are rebuilt from
-        the shared estimate (so ``ĝ = mean ĝ_i`` still holds); EF residuals and
-        QSGD's per-rank RNG start afresh. The byte ledger restarts at zero.
+        the shared estimate (so ``ĝ = mean ĝ_i`` still holds); EF residuals start
+        afresh. The byte ledger restarts at zero.
+
+        Binds to the process group first (call it after ``init_process_group``). To restore every
+        rank from one checkpoint file, see :func:`gather_state_dicts` and :func:`load_own_state`.
         """
+        self._validate(state)
+        self.bind()
+        same_world = state["world_size"] == self.comm.world_size
+        if same_world and int(state["rank"]) != self.comm.rank:
+            raise ValueError(
+                f"state was saved by rank {state['rank']} of {state['world_size']}, and this is rank "
+                f"{self.comm.rank}: error buffers belong to the rank that made them. Load each rank's "
+                "own state (gather_state_dicts() on save, load_own_state() on restore)"
+            )
+        self._load(state, same_world)
+
+    def _load(self, state: dict[str, Any], same_world: bool) -> None:
+        self.step = int(state["step"])
+        self.feedback.load_state_dict(state["feedback"], same_world)
+        self.compressor.load_state_dict(state["compressor_state"], same_world)
+        if same_world:
+            self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+            self.comm.ledger.load(state.get("ledger", {}))
+
+    def _validate(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            raise TypeError(f"a reducer state is a dict from state_dict(), not {type(state).__name__}")
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported reducer state version {state.get('version')!r}")
         if state["compressor"] != self.compressor.name:
@@ -270,10 +332,73 @@ class Reducer:
                 f"state was saved with feedback {saved_feedback!r}, "
                 f"this reducer uses {self.config.feedback!r}"
             )
-        same_world = state["world_size"] == self.comm.world_size
-        self.step = int(state["step"])
-        self.feedback.load_state_dict(state["feedback"], same_world)
-        self.compressor.load_state_dict(state["compressor_state"], same_world)
-        if same_world:
-            self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
-            self.comm.ledger.load(state.get("ledger", {}))
+
+
+# --- one checkpoint for every rank ----------------------------------------------------------------
+
+
+def _reducer_of(target: Any) -> Reducer:
+    reducer = getattr(target, "reducer", target)  # a HookState holds its reducer
+    if not isinstance(reducer, Reducer):
+        raise TypeError(f"expected a gradwire HookState or Reducer, not {type(target).__name__}")
+    return reducer
+
+
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
+
+
+def gather_state_dicts(target: Any) -> list[dict[str, Any]]:
+    """Every rank's ``state_dict()``, on every rank: entry ``i`` is rank ``i``'s (tensors on CPU).
+
+    A collective over the group of ``target`` (a :class:`~gradwire.compressors.hook.HookState` or a
+    :class:`Reducer`): call it on every rank at the same point, between steps. Whatever one process
+    writes of the list is then enough to restore every rank with :func:`load_own_state`. Outside a
+    process group it returns ``[state_dict()]``.
+    """
+    reducer = _reducer_of(target)
+    mine = _on_cpu(reducer.state_dict())  # binds to the group first
+    comm = reducer.comm
+    if not comm.distributed or comm.world_size == 1:
+        return [mine]
+    states: list[Any] = [None] * comm.world_size
+    dist.all_gather_object(states, mine, group=comm.group)
+    return [_on_cpu(s) for s in states]
+
+
+def load_own_state(target: Any, states: Sequence[dict[str, Any]]) -> None:
+    """Restore ``target`` from a list made by :func:`gather_state_dicts` (entry ``i``: rank ``i``).
+
+    Same world size: this rank loads its own entry, so the run continues bit for bit. Another world
+    size: the shared parts carry over as :meth:`Reducer.load_state_dict` describes for a world-size
+    change (the step, PowerSGD's Q, the EF21/EControl estimates; per-rank buffers are rebuilt or
+    dropped). No collective; call it after ``init_process_group``.
+    """
+    reducer = _reducer_of(target)
+    if isinstance(states, dict) or not isinstance(states, Sequence) or not states:
+        raise TypeError("states must be the non-empty list that gather_state_dicts() returned")
+    for state in states:
+        reducer._validate(state)
+    saved_world = int(states[0]["world_size"])
+    for i, state in enumerate(states):
+        if int(state["world_size"]) != saved_world or int(state["rank"]) != i:
+            raise ValueError(
+                f"states[{i}] is rank {state['rank']} of {state['world_size']}, expected rank {i} of "
+                f"{saved_world}: pass the list gather_state_dicts() returned, in its order"
+            )
+    if len(states) != saved_world:
+        raise ValueError(
+            f"states holds {len(states)} of the {saved_world} ranks' states of the saved run; "
+            "save the whole list gather_state_dicts() returned"
+        )
+    reducer.bind()
+    if saved_world == reducer.comm.world_size:
+        reducer._load(states[reducer.comm.rank], same_world=True)
+    else:  # the shared parts are the same in every entry
+        reducer._load(states[0], same_world=False)
