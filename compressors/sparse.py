@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gradwire.compressors.compressor import ElementwiseCompressor, as_dtype, budget
+from gradwire.compressors.compressor import ElementwiseCompressor, as_dtype, budget, seeded_generator
 from gradwire.compressors.config import RandKConfig, TopKConfig
 
 
@@ -96,8 +96,7 @@ class RandK(ElementwiseCompressor):
         if cached is not None and cached.device == device:
             return cached
         k = budget(numel, self.ratio, self.k)
-        gen = torch.Generator(device=device)
-        gen.manual_seed(hash((self.seed, step, key)) & 0x7FFF_FFFF_FFFF)
+        gen = seeded_generator(device, self.seed, key, step)  # no rank: the choice is shared
         chosen = None
         if 4 * k <= numel:
             draws = torch.randint(numel, (k + k // 4 + 32,), generator=gen, device=device)
