@@ -5,9 +5,31 @@ Per matrix ``M_i`` (a conv weight ``[out, in, kh, kw]`` is viewed as
 ``out × in·kh·kw``) and the shared ``Q`` (``b × r``), one step is:
 
 1. ``P = mean_i M_i Q``            — all-reduce of all P's in one buffer;
-2. ``P̂ = orthonormalise(P)``       — QR (column normalisation for r = 1);
+2. ``P̂ = orthonormalise(P)``       — Gram–Schmidt that drops dependent columns (below);
 3. ``Q = mean_i M_iᵀ P̂``           — all-reduce of all Q's in one buffer;
 4. output ``P̂ Qᵀ = P̂ P̂ᵀ mean_i M_i``, identical on every rank; Q is kept (warm start).
+
+Orthonormalisation, for every r (:func:`orthonormalise`): Gram–Schmidt in float64 with
+each projection done twice, and a column whose part orthogonal to the previous columns is
+at most ``tol`` times its own norm is set to zero instead of being normalised, with
+``tol = max(epsilon, eps(dtype), a · eps(float64))``. ``epsilon`` (config, default 1e-8)
+is therefore a *relative* tolerance for "this column adds no new direction", not a term
+added to the norms: P̂ is always orthonormal columns plus zero columns, so ``P̂ P̂ᵀ`` is
+an orthogonal projection, and a gradient of rank ≤ r (0.25·ones, a rank-1 gradient with
+r = 2) comes back exact to float rounding. Where P has full column rank the result is the
+QR / Gram–Schmidt of the paper code and of torch's hook, up to the sign of each column,
+which cancels in ``P̂ P̂ᵀ``.
+
+Degenerate Q. A dropped column of P̂ gives a zero column of the next Q, and ``P = MQ``
+then has a zero column for ever: one all-zero gradient (a LoRA adapter whose partner
+starts at zero, a parameter DDP finds unused at step 1) would switch that tensor's
+compression off for good. So before each step that starts from a kept Q (warm start, or
+one loaded by ``load_state_dict``), every column of it that is zero, depends on the
+previous ones, or belongs to a Q holding a NaN/Inf is replaced by the same column of the
+tensor's seeded random Q. Q is the output of an
+all-reduce, hence identical on every rank, and so is this decision: ranks never diverge.
+A tensor whose first gradient is all zero therefore gets, from its second gradient on,
+bit for bit what a fresh reducer computes from those gradients.
 
 Matrices of the same shape are stacked and multiplied in one batched matmul.
 The error-feedback memory uses the aggregated reconstruction (``e_i = M_i − P̂Qᵀ``,
@@ -35,6 +57,57 @@ def m_rows(p_hat: torch.Tensor) -> int:
     return p_hat.shape[1]
 
 
+def tolerance(epsilon: float, dtype: torch.dtype, rows: int) -> float:
+    """Relative size below which a column's part orthogonal to the columns before it counts as
+    zero: ``epsilon``, but never below the rounding unit of ``dtype`` or of float64 sums of
+    ``rows`` terms."""
+    return max(epsilon, torch.finfo(dtype).eps, rows * torch.finfo(torch.float64).eps)
+
+
+def independent_columns(q: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Which columns of each matrix in the batch ``q`` are finite and not (numerically) in the
+    span of the columns before them: the same test as :func:`orthonormalise`, read off the
+    diagonal of a float64 Householder QR (``|R_jj|`` is the norm of the part of ``q_j``
+    orthogonal to ``q_1..q_{j-1}``), in a fixed number of kernels whatever r is."""
+    x = q.to(torch.float64)
+    residual = torch.linalg.qr(x, mode="r").R.diagonal(dim1=-2, dim2=-1).abs()
+    # NaN compares False, so a non-finite column (and every column after it) is not independent
+    return residual > tolerance(epsilon, q.dtype, x.shape[-2]) * torch.linalg.vector_norm(x, dim=-2)
+
+
+def orthonormalise(p: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal columns spanning the columns of each matrix ``p[..., :, :]`` (``a × r``,
+    ``a ≥ r``), and which of the ``r`` columns were kept (bool, ``p.shape[:-2] + (r,)``).
+
+    Gram–Schmidt in float64, column by column, each projection done twice ("twice is
+    enough": the second pass removes what rounding left of the first). Column ``j`` is
+    treated as dependent on the columns before it, and set to zero, when the part of it
+    orthogonal to them has norm ``≤ tol · ‖p_j‖`` with
+    ``tol = max(epsilon, eps(p.dtype), a · eps(float64))``: no more than the rounding
+    level of the input, or of the float64 projections. So the result is always a set of
+    orthonormal columns plus zero columns, ``P̂ P̂ᵀ`` is an orthogonal projection, and a
+    gradient of rank below r is reproduced, not scaled up by a normalised rounding error.
+    A zero column is dropped; a NaN or Inf spreads to the result.
+    """
+    a, r = p.shape[-2], p.shape[-1]
+    x = p.reshape(-1, a, r).to(torch.float64)
+    floor = torch.linalg.vector_norm(x, dim=1, keepdim=True).mul_(tolerance(epsilon, p.dtype, a))
+    out = torch.empty_like(x)
+    dropped = []
+    for j in range(r):
+        v = x[:, :, j : j + 1]
+        if j:
+            done = out[:, :, :j]
+            for _ in range(2):
+                v = torch.baddbmm(v, done, done.transpose(1, 2) @ v, alpha=-1)
+        norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+        dependent = norm <= floor[:, :, j : j + 1]  # False for NaN: a non-finite input stays visible
+        out[:, :, j : j + 1] = v * torch.where(dependent, 0.0, norm.reciprocal())
+        dropped.append(dependent)
+    kept = ~torch.cat(dropped, dim=2).reshape(*p.shape[:-2], r)
+    return out.to(p.dtype).reshape(p.shape), kept
+
+
 class PowerSGD(Compressor):
     name = "powersgd"
     # P = M·Q is non-finite wherever a row of M is (Q's entries are finite, and
@@ -49,6 +122,8 @@ class PowerSGD(Compressor):
         self.epsilon = config.epsilon
         self.seed = config.seed
         self._q: dict[int, torch.Tensor] = {}
+        # each tensor's seeded first Q (warm start only), which also replaces degenerate columns
+        self._draws: dict[int, torch.Tensor] = {}
         # model-sized buffers reused across steps (allocating them each step costs as much
         # as the matmuls): name, group keys, shape, dtype, device -> (tensor, last step used)
         self._scratch: dict[tuple, tuple[torch.Tensor, int]] = {}
@@ -73,28 +148,47 @@ class PowerSGD(Compressor):
         itemsize = torch.empty((), dtype=dtype).element_size()
         return itemsize * self._rank(a, b) * (a + b)
 
-    def _start_q(self, key: int, b: int, r: int, step: int, like: torch.Tensor) -> torch.Tensor:
-        """Last step's Q (warm start), else a random Q that every rank draws identically."""
-        q = self._q.get(key)
-        if q is not None and q.shape == (b, r):
-            return q.to(like.device, like.dtype)
+    def _draw(self, key: int, b: int, r: int, step: int, like: torch.Tensor) -> torch.Tensor:
+        """The random Q that every rank draws identically from ``(seed, key)`` (and the step
+        without warm start). With warm start it is drawn once per tensor and kept on the
+        device: it is also what replaces a degenerate Q (see :meth:`_usable`)."""
         salt = 0 if self.warm_start else step
+        kept = self._draws.get(key)
+        if kept is not None and (kept.shape, kept.dtype, kept.device) == ((b, r), like.dtype, like.device):
+            return kept
         gen = torch.Generator().manual_seed(hash((self.seed, key, salt)) & 0x7FFF_FFFF_FFFF)
-        return torch.randn((b, r), generator=gen, dtype=torch.float64).to(like.device, like.dtype)
+        q = torch.randn((b, r), generator=gen, dtype=torch.float64).to(like.device, like.dtype)
+        if self.warm_start:
+            self._draws[key] = q
+        return q
 
-    def _orthonormalise(self, p: torch.Tensor) -> torch.Tensor:
-        """Orthonormal columns spanning those of each ``p`` in the batch: Gram–Schmidt
-        for r ≤ 2 (cheap, and accurate enough at that rank), QR above."""
-        if p.dtype in (torch.float16, torch.bfloat16):  # eps and norms need float32 range
-            return self._orthonormalise(p.float()).to(p.dtype)
-        if p.shape[-1] > 2:
-            return torch.linalg.qr(p, mode="reduced").Q
-        first = p[..., :1] / (torch.linalg.vector_norm(p[..., :1], dim=-2, keepdim=True) + self.epsilon)
-        if p.shape[-1] == 1:
-            return first
-        second = p[..., 1:] - first * (first * p[..., 1:]).sum(dim=-2, keepdim=True)
-        second = second / (torch.linalg.vector_norm(second, dim=-2, keepdim=True) + self.epsilon)
-        return torch.cat([first, second], dim=-1)
+    def _start_q(self, keys: list[int], b: int, r: int, step: int, like: torch.Tensor) -> torch.Tensor:
+        """The batch of Q's of ``keys``: each tensor's kept Q (warm start), its degenerate
+        columns redrawn, else the seeded random Q."""
+        drawn = torch.stack([self._draw(key, b, r, step, like) for key in keys])
+        kept = [self._q.get(key) for key in keys]
+        if all(q is None or q.shape != (b, r) for q in kept):
+            return drawn
+        q = torch.stack([d if k is None or k.shape != (b, r) else k.to(like.device, like.dtype)
+                         for k, d in zip(kept, drawn)])
+        return self._usable(q, drawn)
+
+    def _usable(self, q: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+        """``q`` (a batch of kept Q's) with every degenerate column replaced by the same
+        column of the seeded draw ``drawn``.
+
+        A column is degenerate when it is zero or depends on the previous columns (the test
+        of :func:`orthonormalise`, see :func:`independent_columns`), and every column of a Q
+        that holds a NaN or Inf is.
+        A zero column would stay zero forever (``P = MQ`` has a zero column, which is
+        dropped, so the next ``Q = MᵀP̂`` has one too): one all-zero gradient, such as a
+        LoRA adapter's at step 1 or a DDP parameter unused at step 1, would otherwise switch
+        that tensor's compression off for good. Q is identical on every rank (it is the
+        output of the Q all-reduce), so every rank redraws the same columns.
+        """
+        independent = independent_columns(q, self.epsilon)
+        finite = torch.isfinite(q).all(dim=-2).all(dim=-1, keepdim=True)
+        return torch.where((independent & finite).unsqueeze(-2), q, drawn)
 
     def exchange(self, inputs, keys, step, comm: Communicator, need_local, plain=None):
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -109,7 +203,7 @@ class PowerSGD(Compressor):
                 m = self._buffer("m", group, (len(members), a, b), inputs[members[0]], step)
                 torch.stack([inputs[i].reshape(a, b) for i in members], out=m)
             r = self._rank(a, b)
-            q = torch.stack([self._start_q(keys[i], b, r, step, m) for i in members])
+            q = self._start_q([keys[i] for i in members], b, r, step, m)
             plan.append((members, m, q))
         self._forget_stale(step)
         if not plan:
@@ -130,7 +224,7 @@ class PowerSGD(Compressor):
             for _, m, q in plan:
                 n = m.shape[0] * m.shape[1] * q.shape[2]
                 p = p_sum[offset : offset + n].view(m.shape[0], m.shape[1], q.shape[2])
-                p_hats.append(self._orthonormalise(p))
+                p_hats.append(orthonormalise(p, self.epsilon)[0])
                 offset += n
             q_all = torch.cat([torch.bmm(m.transpose(1, 2), ph).reshape(-1)
                                for (_, m, _), ph in zip(plan, p_hats)])

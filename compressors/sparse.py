@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import torch
 
 from gradwire.compressors.compressor import ElementwiseCompressor, as_dtype, budget, seeded_generator
@@ -10,6 +13,18 @@ from gradwire.compressors.config import RandKConfig, TopKConfig
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def topk_budget(numel: int, ratio: float | None, k: int | None) -> int:
+    """Elements Top-k keeps of a tensor of ``numel``: ``min(k, numel)``, or ``⌈ratio·numel⌉``
+    computed exactly on the ratio as written in decimal (its shortest ``repr``), at least 1.
+
+    ``math.ceil(0.07 * 100)`` is 8, because the float product is 7.000000000000001; as a
+    fraction, ``0.07 = 7/100`` and the budget is 7.
+    """
+    if k is None:
+        k = math.ceil(Fraction(repr(float(ratio or 0.0))) * numel)
+    return max(1, min(numel, k))
 
 
 class TopK(ElementwiseCompressor):
@@ -29,7 +44,7 @@ class TopK(ElementwiseCompressor):
         self.ratio, self.k = config.budget()
 
     def kept(self, numel: int) -> int:
-        return budget(numel, self.ratio, self.k)
+        return topk_budget(numel, self.ratio, self.k)
 
     def payload_nbytes(self, shape, dtype):
         return self.kept(shape.numel()) * (_itemsize(dtype) + 4)
