@@ -123,7 +123,13 @@ class PowerSGDConfig(CompressorConfig):
     feedback: FeedbackName = Field("ef", description=_FEEDBACK)
     rank: int = Field(2, ge=1, description="rank r of the approximation")
     warm_start: bool = Field(True, description="reuse last step's Q (Alg. 1 'reuse query')")
-    epsilon: float = Field(1e-8, ge=0.0, description="added to column norms when orthonormalising")
+    epsilon: float = Field(
+        1e-8,
+        ge=0.0,
+        description="relative tolerance of the orthonormalisation: a column of P whose part orthogonal "
+        "to the earlier columns is at most epsilon times its norm (never below the dtype's rounding) "
+        "is dropped, not divided",
+    )
     min_compression_rate: float = Field(2.0, ge=0.0, description=_MIN_RATE)
 
 
