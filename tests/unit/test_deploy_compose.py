@@ -287,6 +287,11 @@ def test_the_schema_check_catches_a_misspelt_key(compose_schema: dict, raw: dict
 # --- the services ---------------------------------------------------------------------------------
 
 
+def test_no_obsolete_version_key(raw: dict) -> None:
+    # the Compose Specification dropped `version:`; the `docker compose` plugin warns about it
+    assert "version" not in raw
+
+
 def test_services_are_the_five_of_the_design(services: dict[str, dict]) -> None:
     assert set(services) == SERVICES
 
@@ -414,16 +419,98 @@ def test_env_file_is_kept_out_of_git_and_images() -> None:
 # --- how the gradwire services find each other ----------------------------------------------------
 
 
-@pytest.fixture()
-def coordinator_settings(services: dict[str, dict], monkeypatch: pytest.MonkeyPatch):
-    from gradwire.server.settings import Settings
+def _gradwire_script() -> str:
+    """The `gradwire` console script of the environment running the tests."""
+    beside = Path(sys.executable).parent / "gradwire"
+    found = str(beside) if beside.exists() else shutil.which("gradwire")
+    assert found, "no `gradwire` command: install the package (pip install -e '.[dev]')"
+    return found
 
+
+def _coordinator_environment(services: dict[str, dict], monkeypatch: pytest.MonkeyPatch, **changes: str):
+    """This process's environment as the coordinator container gets it (GRADWIRE_* and RAY_ADDRESS
+    of the test runner dropped), with ``changes`` on top."""
     for key in list(os.environ):
         if key.startswith("GRADWIRE_") or key == "RAY_ADDRESS":
             monkeypatch.delenv(key)
-    for key, value in services["coordinator"]["environment"].items():
+    for key, value in {**services["coordinator"]["environment"], **changes}.items():
         monkeypatch.setenv(key, str(value))
+
+
+@pytest.fixture()
+def coordinator_settings(services: dict[str, dict], monkeypatch: pytest.MonkeyPatch):
+    """Settings of a coordinator whose operator replaced .env.example's placeholder token."""
+    import secrets
+
+    from gradwire.server.settings import Settings
+
+    _coordinator_environment(services, monkeypatch, GRADWIRE_TOKENS=secrets.token_urlsafe(32))
     return Settings()
+
+
+def test_the_coordinator_refuses_the_example_token(
+    services: dict[str, dict], example_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydantic import ValidationError
+
+    from gradwire.server.settings import Settings
+
+    placeholder = example_env["GRADWIRE_TOKENS"]
+    assert services["coordinator"]["environment"]["GRADWIRE_TOKENS"] == placeholder
+    _coordinator_environment(services, monkeypatch)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    message = str(refused.value)
+    assert "GRADWIRE_TOKENS" in message and ".env.example" in message and "token_urlsafe" in message
+    assert placeholder not in message, "the error echoes the token"
+    # one placeholder among real tokens is refused too, and named without being shown
+    _coordinator_environment(services, monkeypatch, GRADWIRE_TOKENS=f"a-real-token,{placeholder}")
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert "GRADWIRE_TOKENS" in str(refused.value) and "a-real-token" not in str(refused.value)
+
+
+def test_the_coordinator_refuses_the_placeholder_at_start(
+    services: dict[str, dict], example_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`gradwire serve`, the coordinator container's command, exits with the message (no traceback)
+    before it binds anything."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADWIRE_") and k != "RAY_ADDRESS"}
+    env.update({k: str(v) for k, v in services["coordinator"]["environment"].items()})
+    env["GRADWIRE_DATABASE_URL"] = f"sqlite:///{tmp_path / 'coordinator.db'}"
+    env.pop("RAY_ADDRESS", None)  # nothing to join here; the refusal comes first
+    done = subprocess.run(
+        [_gradwire_script(), "serve"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    assert "GRADWIRE_TOKENS" in done.stderr and ".env.example" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert example_env["GRADWIRE_TOKENS"] not in done.stdout + done.stderr
+
+
+def test_grafana_refuses_the_example_password(raw: dict, example_env: dict[str, str]) -> None:
+    """Grafana's admin password never reaches the coordinator (whose node runs Ray tasks), so
+    Grafana's own container refuses the placeholder before it starts Grafana: the check, run here
+    with sh as compose hands it over, exits non-zero naming the variable for the example's value
+    and starts the image's /run.sh for any other."""
+    grafana = raw["services"]["grafana"]
+    entrypoint = interpolate(grafana["entrypoint"], {})  # $$ -> $, as compose does
+    assert entrypoint[:2] == ["/bin/sh", "-c"]
+    script = entrypoint[2].replace("/run.sh", "echo started")  # the image's own entrypoint
+    sh = shutil.which("sh")
+    assert sh is not None
+    for password, refused in ((example_env["GRAFANA_ADMIN_PASSWORD"], True), ("s3cret-of-my-own", False)):
+        done = subprocess.run(
+            [sh, "-c", script, *entrypoint[3:]],
+            env={"PATH": os.environ["PATH"], "GF_SECURITY_ADMIN_PASSWORD": password},
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        if refused:
+            assert done.returncode != 0 and "started" not in done.stdout
+            assert "GRAFANA_ADMIN_PASSWORD" in done.stderr and ".env.example" in done.stderr
+            assert password not in done.stdout + done.stderr, "the error echoes the password"
+        else:
+            assert done.returncode == 0 and done.stdout.strip() == "started", done.stderr
 
 
 def test_coordinator_environment_is_accepted_by_gradwire(coordinator_settings, services: dict) -> None:
@@ -479,13 +566,13 @@ def test_the_commands_exist(services: dict[str, dict]) -> None:
     import importlib.util
 
     scripts = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")}
-    assert scripts.get("gradwire") == "gradwire.cli:main"
+    assert scripts.get("gradwire", "").startswith("gradwire."), scripts.get("gradwire")
     for name in GRADWIRE_SERVICES:
         for argv in command_lines(services[name]):
             argv = argv[1:] if argv[0] == "exec" else argv
             assert argv[0] in ("ray", "gradwire"), f"{name} runs {argv[0]}"
     done = subprocess.run(
-        [sys.executable, "-m", "gradwire.cli", "serve", "--help"], capture_output=True, text=True, timeout=120
+        [_gradwire_script(), "serve", "--help"], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
     if importlib.util.find_spec("ray") is None:

@@ -235,17 +235,46 @@ def test_ray_version_matches_the_cluster_files_and_the_project(args: dict, pypro
         config = yaml.safe_load((ROOT / "deploy" / "ray" / name).read_text())
         pins = set(re.findall(r"ray\[[^\]]*\]==([\w.]+)", " ".join(config["setup_commands"])))
         assert pins == {version}, f"{name} installs Ray {pins}, the image {version}"
-    for extra in ("server", "ray"):
+    pinned = 0
+    for extra in ("server", "train", "dev"):
         for text in pyproject["project"]["optional-dependencies"][extra]:
             requirement = Requirement(text)
             if requirement.name == "ray":
                 assert requirement.specifier.contains(version), f"{extra}: {text} excludes {version}"
+                pinned += 1
+    assert pinned >= 3, "server, train and dev each name Ray"
 
 
 def test_the_extras_it_installs_exist(args: dict, pyproject: dict) -> None:
     extras = set(args["GRADWIRE_EXTRAS"].split(","))
-    assert {"server", "ray"} <= extras
+    # the coordinator, the Ray nodes' job drivers and workers, and `gradwire submit`/`jobs` in
+    # `docker-compose exec coordinator ...`
+    assert {"server", "train", "cli"} <= extras
     assert extras <= set(pyproject["project"]["optional-dependencies"]), extras
+
+
+def test_the_image_has_the_rest_client(args: dict, pyproject: dict) -> None:
+    """`gradwire submit` and `gradwire jobs` import httpx: the image's extras must bring it in,
+    followed through self-references such as `gradwire[cli]`."""
+    from packaging.requirements import Requirement
+
+    optional = pyproject["project"]["optional-dependencies"]
+    seen: set[str] = set()
+    names: set[str] = set()
+    pending = args["GRADWIRE_EXTRAS"].split(",")
+    while pending:
+        extra = pending.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for text in optional[extra]:
+            requirement = Requirement(text)
+            if requirement.name == pyproject["project"]["name"]:
+                pending += sorted(requirement.extras)
+            else:
+                names.add(requirement.name.lower())
+    for needed in ("httpx", "typer", "rich", "pyyaml", "fastapi", "uvicorn", "grpcio", "protobuf", "ray"):
+        assert needed in names, f"the image's extras {args['GRADWIRE_EXTRAS']} do not install {needed}"
 
 
 def test_every_copy_source_exists_and_reaches_the_build(steps: list[tuple[str, str]]) -> None:
@@ -293,6 +322,7 @@ def test_what_is_copied_is_what_the_package_build_reads(
     staged = _staged(steps)
     assert all(src == dest for src, dest in staged.items()), f"sources moved on the way in: {staged}"
     needed = {"pyproject.toml", pyproject["project"]["readme"]}
+    needed |= set(pyproject["project"].get("license-files", []))
     needed |= set(pyproject["tool"]["setuptools"]["package-dir"].values())
     for path in needed:
         parts = PurePosixPath(path).parts
@@ -327,7 +357,11 @@ def test_the_package_builds_from_exactly_what_is_copied(
         entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
     for package in pyproject["tool"]["setuptools"]["packages"]:
         assert f"{package.replace('.', '/')}/__init__.py" in names, f"{package} missing from the wheel"
-    assert "gradwire = gradwire.cli:main" in entry_points
+    for name, target in pyproject["project"]["scripts"].items():
+        assert f"{name} = {target}" in entry_points
+    # PEP 639 puts the license files under the dist-info's licenses/; PEP 561's marker for type checkers
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "LICENSE missing from the wheel"
+    assert "gradwire/py.typed" in names, "py.typed missing from the wheel (package-data)"
 
 
 def test_its_gradwire_commands_exist(steps: list[tuple[str, str]], pyproject: dict) -> None:
