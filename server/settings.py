@@ -7,7 +7,9 @@ or passed to :class:`Settings` directly. ``GRADWIRE_TOKENS`` takes a comma-separ
 
 Binding beyond loopback without a token is refused: the REST API starts training jobs (and, with
 ``allow_import_paths``, imports code named in a job spec), so a coordinator reachable from other
-machines must know who is calling.
+machines must know who is calling. So is a token still holding ``.env.example``'s placeholder
+(``replace-me...``): a deployment copied from the example without its secrets replaced would
+otherwise accept a token everyone who read the repository knows.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from gradwire.server.telemetry_sink import is_loopback
 __all__ = ["Settings"]
 
 MIB = 1 << 20
+#: how every secret in .env.example starts; a value that still does was never replaced
+PLACEHOLDER_PREFIX = "replace-me"
 
 
 class Settings(BaseSettings):
@@ -80,6 +84,13 @@ class Settings(BaseSettings):
         for token in tokens:  # never echo a token in the error
             if any(c.isspace() or not c.isprintable() for c in token.get_secret_value()):
                 raise ValueError("a token cannot contain whitespace or control characters")
+            if token.get_secret_value().lower().startswith(PLACEHOLDER_PREFIX):
+                raise ValueError(
+                    "GRADWIRE_TOKENS still holds the placeholder from .env.example "
+                    f"({PLACEHOLDER_PREFIX}...), which anyone who read the repository knows. Generate a "
+                    'token with python3 -c "import secrets; print(secrets.token_urlsafe(32))" and set it '
+                    "in .env."
+                )
         return tokens
 
     @model_validator(mode="after")
