@@ -105,9 +105,10 @@ HTTP_SECONDS_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 
-#: Why a telemetry report was dropped: it failed validation; its job is unknown (refused by the
-#: sink or not in the job store); it was a re-sent copy; or the code storing it raised.
-DROP_REASONS: tuple[str, ...] = ("invalid", "unknown_job", "duplicate", "callback_error")
+#: Why a telemetry report was dropped: it failed validation or broke a bound; its job is unknown or
+#: finished; its caller lacked the job's telemetry secret; it was a re-sent copy; or the coordinator
+#: did not store it (the job store refused or failed).
+DROP_REASONS: tuple[str, ...] = ("invalid", "unknown_job", "unauthenticated", "duplicate", "callback_error")
 
 #: Label value used when a report names no compressor.
 UNKNOWN_COMPRESSOR = "unknown"
@@ -249,8 +250,8 @@ class CoordinatorMetrics:
         )  # fmt: skip
         self.telemetry_received = Counter(
             "gradwire_telemetry_reports_received",
-            "Worker step reports the telemetry sink accepted and handed on without error (including ones "
-            "the coordinator then dropped as unknown_job or callback_error).",
+            "Worker step reports the telemetry sink accepted (authenticated, within bounds, new) and the "
+            "coordinator stored.",
             registry=r,
         )  # fmt: skip
         self.telemetry_dropped = Counter(

@@ -12,6 +12,10 @@ Tables:
   per job from 1.
 - ``job_points``: the telemetry time series, one row per (job, rank, step); the unique key lets
   the at-least-once gRPC sink store a report twice without duplicating it.
+- ``job_telemetry_keys``: per launched job, the SHA-256 digest (hex) of the secret its workers
+  send with their telemetry (never the secret itself). A table of its own, so ``create_all`` adds
+  it to a version-1 database without altering a table (an older coordinator ignores it), and the
+  digest is never part of a job record or an API response.
 - ``gradwire_schema``: a single row holding :data:`SCHEMA_VERSION`.
 
 Schema changes: the tables are created with ``create_all`` on start-up, which never alters an
@@ -172,6 +176,15 @@ class JobPointRow(Base):
     bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_uncompressed: Mapped[int] = mapped_column(BigInteger, default=0)
     stragglers: Mapped[int] = mapped_column(default=0)
+
+
+class JobTelemetryKeyRow(Base):
+    __tablename__ = "job_telemetry_keys"
+
+    job_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    digest: Mapped[str] = mapped_column(String(64))
 
 
 class SchemaVersionRow(Base):

@@ -35,6 +35,7 @@ from gradwire.server.models_db import (
     JobEventRow,
     JobPointRow,
     JobRow,
+    JobTelemetryKeyRow,
     append_event,
     init_schema,
     insert_new_points,
@@ -202,6 +203,12 @@ class JobStore:
         append_event(session, row.id, None, INITIAL_STATE, SUBMITTED, now)
         return JobRecord.model_validate(row)
 
+    def find_by_key(self, idempotency_key: str) -> JobRecord | None:
+        """The job submitted with ``idempotency_key``, if any."""
+        with self._read() as session:
+            row = self._by_key(session, idempotency_key)
+            return None if row is None else JobRecord.model_validate(row)
+
     @staticmethod
     def _by_key(session: Session, key: str) -> JobRow | None:
         return session.scalars(select(JobRow).where(JobRow.idempotency_key == key)).one_or_none()
@@ -310,6 +317,7 @@ class JobStore:
             if row.state not in TERMINAL_STATES:
                 raise JobNotTerminal(job_id, row.state)
             session.execute(delete(JobPointRow).where(JobPointRow.job_id == job_id))
+            session.execute(delete(JobTelemetryKeyRow).where(JobTelemetryKeyRow.job_id == job_id))
             session.execute(delete(JobEventRow).where(JobEventRow.job_id == job_id))
             session.delete(row)
 
@@ -339,6 +347,23 @@ class JobStore:
             for state, count in session.execute(select(JobRow.state, func.count()).group_by(JobRow.state)):
                 counts[JobState(state)] = count
         return counts
+
+    # --- telemetry secrets -------------------------------------------------------------------
+
+    def set_telemetry_digest(self, job_id: str, digest: str) -> None:
+        """Keep the digest (hex SHA-256) of the secret ``job_id``'s workers send with their
+        telemetry, replacing the one of an earlier launch. Raises :class:`JobNotFound`."""
+        with self._write.begin() as session:
+            _row(session, job_id, lock=True)
+            session.execute(delete(JobTelemetryKeyRow).where(JobTelemetryKeyRow.job_id == job_id))
+            session.add(JobTelemetryKeyRow(job_id=job_id, digest=digest))
+
+    def telemetry_digest(self, job_id: str) -> str | None:
+        """The digest :meth:`set_telemetry_digest` kept, or ``None`` (never launched, or unknown)."""
+        with self._read() as session:
+            return session.scalar(
+                select(JobTelemetryKeyRow.digest).where(JobTelemetryKeyRow.job_id == job_id)
+            )
 
     # --- telemetry points --------------------------------------------------------------------
 

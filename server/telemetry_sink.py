@@ -19,18 +19,29 @@ This relies on a rank sending its reports in order, which the client guarantees;
 ``wall_time`` is judged by ``step`` alone. :meth:`TelemetrySink.forget_job` drops a job's entries.
 
 Callback. ``on_reports(list[StepReport])`` is called with each batch's new reports, in arrival order,
-never concurrently (calls are serialised, so the callback needs no locking of its own). If it
-raises, the error is logged, counted in ``callback_errors`` and the stream goes on: telemetry must
-not stall a worker, and re-sending would not help since those reports are already marked as seen.
-Such reports are not counted as received, so the worker's client logs the shortfall.
+never concurrently (calls are serialised, so the callback needs no locking of its own). It returns
+the reports it kept (stored), or ``None`` for all of them; the others, and all of a batch whose call
+raised (the error is logged, counted in ``callback_errors``), are dropped as ``callback_error`` and
+the stream goes on: telemetry must not stall a worker, and re-sending would not help since those
+reports are already marked as seen. Only kept reports count as received, so the worker's client
+logs the shortfall.
 
 Counts. ``on_counts(what, n)``, when given, hears about every report as it is settled: ``what`` is
-``"received"`` or a drop reason (``invalid``, ``unknown_job``, ``duplicate``, ``callback_error``);
-the coordinator feeds its Prometheus counters from it. The same numbers are kept in the sink
-(:attr:`received`, :meth:`dropped`).
+``"received"`` or a drop reason (``invalid``, ``unknown_job``, ``unauthenticated``, ``duplicate``,
+``callback_error``); the coordinator feeds its Prometheus counters from it. The same numbers are
+kept in the sink (:attr:`received`, :meth:`dropped`). Nothing is kept per refused job id.
 
-Security. The sink binds 127.0.0.1 unless ``allow_remote=True``; it has no authentication of its
-own, so reaching it from other hosts needs a trusted network (as a Ray cluster's is).
+Security. With a ``gate`` (:class:`~gradwire.server.telemetry_gate.TelemetryGate`, what the
+coordinator runs) every batch is checked before anything else happens: the caller's per-job secret
+(gRPC metadata ``gradwire-telemetry-token``, read once per call) must match the job's, the job must
+be STARTING, RUNNING or RESTARTING, and each report must lie within the gate's bounds (rank, step,
+wall time near now, bytes), its ``compressor`` label being set to the job's own. The first report of
+a job the caller may not write ends the call with ``UNAUTHENTICATED`` (one status for unknown jobs,
+finished jobs and wrong secrets alike, so the sink is no oracle of which job ids exist); that and
+the rest of its batch are dropped as ``unknown_job`` or ``unauthenticated``. Bounds are checked
+before de-duplication, so no report can make the sink drop later genuine ones. ``tls_cert`` and
+``tls_key`` (PEM files) make the sink serve TLS only (``grpc.ssl_server_credentials``). Binding
+beyond loopback still needs ``allow_remote=True``.
 """
 
 from __future__ import annotations
@@ -39,13 +50,16 @@ import ipaddress
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 
+from gradwire.protos import TELEMETRY_TOKEN_METADATA
 from gradwire.protos import telemetry_pb2 as pb
 from gradwire.protos import telemetry_pb2_grpc as pb_grpc
+from gradwire.server.telemetry_gate import TelemetryGate, token_digest
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +114,13 @@ class TelemetrySink:
     a job holds one stream per rank); further calls are refused with ``RESOURCE_EXHAUSTED`` and
     the worker clients retry with backoff. ``max_receive_message_length`` caps one ``ReportBatch``
     in bytes. ``accept_job(job_id) -> bool``, when given, is asked once per job and stream; a report
-    for a job it refuses aborts the stream with ``NOT_FOUND``.
+    for a job it refuses aborts the stream with ``NOT_FOUND`` (without a ``gate`` only: a gate
+    decides instead, see the module docstring).
     """
 
     def __init__(
         self,
-        on_reports: Callable[[list[pb.StepReport]], None],
+        on_reports: Callable[[list[pb.StepReport]], Iterable[pb.StepReport] | None],
         *,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -114,12 +129,17 @@ class TelemetrySink:
         allow_remote: bool = False,
         accept_job: Callable[[str], bool] | None = None,
         on_counts: Callable[[str, int], None] | None = None,
+        gate: TelemetryGate | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
     ) -> None:
         if not allow_remote and not is_loopback(host):
             raise ValueError(
-                f"refusing to serve telemetry on non-loopback host {host!r}: the sink has no "
-                "authentication; pass allow_remote=True to expose it on a trusted network"
+                f"refusing to serve telemetry on non-loopback host {host!r}; pass allow_remote=True "
+                "(with a gate, and TLS unless the network is trusted) to expose it"
             )
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("TLS needs both a certificate and its key (tls_cert and tls_key)")
         if max_workers < 1 or max_receive_message_length < 1:
             raise ValueError("max_workers and max_receive_message_length must be >= 1")
         self.on_reports = on_reports
@@ -129,6 +149,9 @@ class TelemetrySink:
         self.max_receive_message_length = int(max_receive_message_length)
         self.accept_job = accept_job
         self.on_counts = on_counts
+        self.gate = gate
+        # read now: a missing or unreadable file fails the coordinator's start, not the first call
+        self._tls = None if tls_cert is None else (Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())
         self._lock = threading.Lock()  # counters and de-duplication state
         self._deliver = threading.Lock()  # serialises on_reports
         self._last: dict[tuple[str, int], tuple[int, int]] = {}  # (job, rank) -> (step, wall_time ns)
@@ -136,6 +159,7 @@ class TelemetrySink:
         self._duplicates = 0
         self._invalid = 0
         self._unknown_job = 0
+        self._unauthenticated = 0
         self._callback_errors = 0
         self._callback_lost = 0
         self._server: grpc.Server | None = None
@@ -158,7 +182,10 @@ class TelemetrySink:
         pb_grpc.add_TelemetryServicer_to_server(_Servicer(self), server)
         target = f"{_bracket(self.host)}:{self.port}"
         try:
-            bound = server.add_insecure_port(target)
+            if self._tls is not None:
+                bound = server.add_secure_port(target, grpc.ssl_server_credentials([self._tls]))
+            else:
+                bound = server.add_insecure_port(target)
         except RuntimeError as exc:  # newer grpcio raises instead of returning 0
             raise OSError(f"telemetry sink could not bind {target}: {exc}") from exc
         if not bound:
@@ -205,17 +232,18 @@ class TelemetrySink:
 
     @property
     def rejected(self) -> int:
-        """Invalid reports, and reports for jobs ``accept_job`` refused."""
+        """Invalid reports, and reports for jobs refused (unknown, finished, or a wrong secret)."""
         with self._lock:
-            return self._invalid + self._unknown_job
+            return self._invalid + self._unknown_job + self._unauthenticated
 
     def dropped(self) -> dict[str, int]:
-        """Reports dropped so far by reason: ``invalid``, ``unknown_job``, ``duplicate`` and
-        ``callback_error`` (reports in batches whose ``on_reports`` call raised)."""
+        """Reports dropped so far by reason: ``invalid``, ``unknown_job``, ``unauthenticated``,
+        ``duplicate`` and ``callback_error`` (reports ``on_reports`` did not keep)."""
         with self._lock:
             return {
                 "invalid": self._invalid, "unknown_job": self._unknown_job,
-                "duplicate": self._duplicates, "callback_error": self._callback_lost,
+                "unauthenticated": self._unauthenticated, "duplicate": self._duplicates,
+                "callback_error": self._callback_lost,
             }  # fmt: skip
 
     def _count(self, what: str, n: int) -> None:
@@ -264,7 +292,21 @@ class TelemetrySink:
         self._last[key] = (step, wall)
         return True
 
+    def _drop(self, kind: str, n: int) -> None:
+        if n <= 0:
+            return
+        with self._lock:
+            if kind == "invalid":
+                self._invalid += n
+            elif kind == "unauthenticated":
+                self._unauthenticated += n
+            else:
+                self._unknown_job += n
+        self._count(kind, n)
+
     def _serve_stream(self, batches: Iterator[pb.ReportBatch], context: grpc.ServicerContext):
+        if self.gate is not None:
+            return self._serve_gated(self.gate, batches, context)
         accepted = 0
         verdicts: dict[str, bool] = {}  # accept_job answers for this stream
         for batch in batches:
@@ -293,6 +335,40 @@ class TelemetrySink:
                 context.abort(grpc.StatusCode.NOT_FOUND, refused)
         return pb.StreamSummary(received=accepted)
 
+    def _serve_gated(
+        self, gate: TelemetryGate, batches: Iterator[pb.ReportBatch], context: grpc.ServicerContext
+    ):
+        caller = _caller_digest(context)
+        accepted = 0
+        for batch in batches:
+            admitted: list[pb.StepReport] = []
+            refused: str | None = None
+            invalid = 0
+            reports = batch.reports
+            for i, report in enumerate(reports):
+                if validate_report(report) is not None:
+                    invalid += 1
+                    continue
+                why = gate.admit(report.job_id, caller)
+                if why is not None:  # this report and the rest of the batch; then the call ends
+                    self._drop(why, len(reports) - i)
+                    refused = report.job_id
+                    break
+                admitted.append(report)
+            kept, broken = gate.screen(admitted)
+            for reason in broken[:3]:
+                log.debug("telemetry report out of bounds (%s) from %s", reason, context.peer())
+            self._drop("invalid", invalid + len(broken))
+            accepted += self._deliver_new(kept)
+            if refused is not None:
+                log.debug("telemetry for job %.64r refused from %s", refused, context.peer())
+                context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"job {refused[:64]!r} accepts no telemetry from this caller (unknown, finished, or "
+                    "a missing or wrong telemetry secret)",
+                )
+        return pb.StreamSummary(received=accepted)
+
     def _deliver_new(self, reports: list[pb.StepReport]) -> int:
         """De-duplicate and hand the new reports to ``on_reports``; returns how many were delivered."""
         if not reports:
@@ -305,7 +381,8 @@ class TelemetrySink:
             if not fresh:
                 return 0
             try:
-                self.on_reports(fresh)
+                result = self.on_reports(fresh)
+                kept = fresh if result is None else list(result)
             except Exception:
                 log.exception("telemetry callback failed on %d report(s); they are dropped", len(fresh))
                 with self._lock:
@@ -313,10 +390,24 @@ class TelemetrySink:
                     self._callback_lost += len(fresh)
                 self._count("callback_error", len(fresh))
                 return 0
+            if self.gate is not None:
+                self.gate.commit(kept)
+        lost = len(fresh) - len(kept)
         with self._lock:
-            self._received += len(fresh)
-        self._count("received", len(fresh))
-        return len(fresh)
+            self._received += len(kept)
+            self._callback_lost += lost
+        self._count("received", len(kept))
+        self._count("callback_error", lost)
+        return len(kept)
+
+
+def _caller_digest(context: grpc.ServicerContext) -> bytes | None:
+    """SHA-256 of the telemetry secret the caller sent, or ``None`` when it sent none."""
+    for key, value in context.invocation_metadata() or ():
+        if key == TELEMETRY_TOKEN_METADATA:
+            text = value.decode("latin-1") if isinstance(value, bytes) else value
+            return token_digest(text)
+    return None
 
 
 def _bracket(host: str) -> str:

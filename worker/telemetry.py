@@ -27,6 +27,7 @@ import datetime as _dt
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -34,6 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gradwire.protos import TELEMETRY_CA_ENV, TELEMETRY_TOKEN_ENV, TELEMETRY_TOKEN_METADATA
 from gradwire.protos import telemetry_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,12 @@ class TelemetryClient:
     ``close(timeout)`` sends what it can within ``timeout`` seconds; reports
     still unsent then are added to ``dropped``. A sink that cannot be reached
     once closing has begun is not retried: the job's end is not held up by it.
+
+    ``token`` is the job's telemetry secret, sent as gRPC metadata
+    (``gradwire-telemetry-token``) on every call; a coordinator refuses reports without it.
+    ``ca_file`` is a PEM file of CA certificates: given, the client dials the sink over TLS and
+    checks its certificate against them. Both default to the environment the coordinator gives a
+    launched job (``GRADWIRE_TELEMETRY_TOKEN``, ``GRADWIRE_TELEMETRY_CA``).
     """
 
     def __init__(
@@ -137,6 +145,8 @@ class TelemetryClient:
         stream_max_reports: int = 5_000,
         stream_max_s: float = 30.0,
         connect_timeout_s: float = 1.0,
+        token: str | None = None,
+        ca_file: str | Path | None = None,
     ) -> None:
         if max_buffer < 1 or batch_size < 1:
             raise ValueError("max_buffer and batch_size must be >= 1")
@@ -153,6 +163,11 @@ class TelemetryClient:
         self.stream_max_reports = int(stream_max_reports)
         self.stream_max_s = float(stream_max_s)
         self.connect_timeout_s = float(connect_timeout_s)
+        token = token if token is not None else os.environ.get(TELEMETRY_TOKEN_ENV) or None
+        self._metadata = ((TELEMETRY_TOKEN_METADATA, token),) if token else ()
+        ca_file = ca_file if ca_file is not None else os.environ.get(TELEMETRY_CA_ENV) or None
+        # read now: a missing CA file should fail the job at its first step, not retry forever
+        self._root_certificates = Path(ca_file).read_bytes() if ca_file else None
 
         self._buf: deque[pb.StepReport] = deque()
         self._cv = threading.Condition()
@@ -253,6 +268,9 @@ class TelemetryClient:
             ("grpc.max_reconnect_backoff_ms", int(self.backoff_max_s * 1000)),
             ("grpc.enable_retries", 0),
         ]
+        if self._root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=self._root_certificates)
+            return grpc.secure_channel(self.address, credentials, options=options)
         return grpc.insecure_channel(self.address, options=options)
 
     def _sleep(self, seconds: float) -> None:
@@ -314,7 +332,7 @@ class TelemetryClient:
         with self._cv:
             self._current = stream
         try:
-            summary = stub.StreamReports(self._batches(stream))
+            summary = stub.StreamReports(self._batches(stream), metadata=self._metadata)
         except BaseException:
             with self._cv:
                 stream.dead = True

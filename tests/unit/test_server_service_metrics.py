@@ -118,7 +118,9 @@ def test_telemetry_received_and_dropped_by_reason() -> None:
         assert stream(sink.address, [report("a", 0, 7), report("a", 0, 8)]).received == 0  # callback raised
         with pytest.raises(grpc.RpcError):
             stream(sink.address, [report("ghost", 0, 0)])
-        assert sink.dropped() == {"invalid": 1, "unknown_job": 1, "duplicate": 2, "callback_error": 2}
+        assert sink.dropped() == {
+            "invalid": 1, "unknown_job": 1, "unauthenticated": 0, "duplicate": 2, "callback_error": 2,
+        }  # fmt: skip
 
     samples = scrape_text(metrics.render()[0].decode())
     dropped = "gradwire_telemetry_reports_dropped_total"
