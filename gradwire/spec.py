@@ -40,6 +40,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from gradwire.compressors.config import CompressorConfig
 from gradwire.compressors.registry import UnknownCompressorError, parse_config
+from gradwire.policy import JobPolicy, PolicyViolation
 from gradwire.spec_io import (
     Problem,
     SpecError,
@@ -324,7 +325,7 @@ class JobSpec(_Section):
     @field_validator("name")
     @classmethod
     def _dns_label(cls, name: str) -> str:
-        if not _DNS_LABEL.match(name):
+        if not _DNS_LABEL.fullmatch(name):  # match's $ would let a trailing newline through
             raise ValueError(
                 f"{name!r} is not a DNS label: use 1-63 lowercase letters, digits and '-', "
                 "starting and ending with a letter or digit"
@@ -365,6 +366,20 @@ class JobSpec(_Section):
     def resume_path(self) -> str | None:
         """``resume_from`` when it is a checkpoint path (or URI), else ``None``."""
         return self.resume_from if self.resume_from and not self.resume_job() else None
+
+    def confined(self, policy: JobPolicy | None) -> JobSpec:
+        """This spec as ``policy`` places it (``checkpoint.storage`` under its checkpoint root,
+        absolute), or :class:`PolicyError` naming each field the policy refuses
+        (:mod:`gradwire.policy`). ``None`` (no policy) returns the spec unchanged."""
+        if policy is None:
+            return self
+        found = policy.violations(self)
+        if found:
+            raise PolicyError(found)
+        storage = policy.storage(self)
+        if storage == self.checkpoint.storage:
+            return self
+        return self.model_copy(update={"checkpoint": self.checkpoint.model_copy(update={"storage": storage})})
 
     def compressor_config(self) -> CompressorConfig:
         """The compression section as the compressor's validated config model."""
@@ -493,3 +508,13 @@ def _straggler_problems(st: RepetitionCodeSpec | SequentialCodeSpec, n: int, com
 
 
 # --- errors -----------------------------------------------------------------------------------
+
+
+class PolicyError(SpecError):
+    """A valid spec that asks for what the policy does not allow; ``kind`` is the first
+    violation's (``limit-exceeded``, ``import-path-refused`` or ``path-refused``)."""
+
+    def __init__(self, violations: list[PolicyViolation]):
+        self.violations = violations
+        self.kind = violations[0].kind
+        super().__init__([Problem(v.path, v.message) for v in violations])

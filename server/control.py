@@ -14,8 +14,10 @@ dependency.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol
 
+from gradwire.policy import JobPolicy
 from gradwire.server.metrics import CoordinatorMetrics
 from gradwire.server.records import JobRecord, StateConflict
 from gradwire.server.settings import Settings
@@ -111,3 +113,8 @@ class Services:
     metrics: CoordinatorMetrics
     control: JobControl
     compressor_schemas: dict[str, dict[str, Any]]
+
+    @cached_property
+    def policy(self) -> JobPolicy:
+        """What job specs may ask for here (gradwire/policy.py), from the settings."""
+        return self.settings.job_policy()

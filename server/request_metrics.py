@@ -5,7 +5,9 @@ It sits outermost in the app, so a request refused by an inner middleware (413 f
 limit) and one that fails with an unhandled error (500) are counted like any other. The ``route``
 label is the matched route's path template (``/v1/jobs/{job_id}``), which the router leaves in the
 ASGI scope; requests that match no route, and those refused before routing (413), are labelled
-``unmatched``, so a scan of random paths cannot grow the number of series.
+``unmatched``, so a scan of random paths cannot grow the number of series. The ``method`` label
+is one of :data:`METHODS` or ``other``: HTTP lets a client invent methods (``FOO /``), and each
+would otherwise become a new series, without a token.
 """
 
 from __future__ import annotations
@@ -17,9 +19,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gradwire.server.metrics import CoordinatorMetrics
 
-__all__ = ["UNMATCHED", "RequestMetrics"]
+__all__ = ["METHODS", "OTHER_METHOD", "UNMATCHED", "RequestMetrics", "method_label"]
 
 UNMATCHED = "unmatched"
+#: the methods counted under their own name (RFC 9110 and PATCH); any other is OTHER_METHOD
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+OTHER_METHOD = "other"
+
+
+def method_label(method: str) -> str:
+    """``method`` when it is a known HTTP method, else ``other``."""
+    return method if method in METHODS else OTHER_METHOD
 
 
 def route_template(scope: Scope) -> str:
@@ -60,5 +70,5 @@ class RequestMetrics:
             await self.app(scope, receive, noting_status)
         finally:
             self.metrics.observe_request(
-                route_template(scope), scope["method"], status, time.perf_counter() - started
+                route_template(scope), method_label(scope["method"]), status, time.perf_counter() - started
             )

@@ -5,6 +5,9 @@ Labels may be integers (kept as they are: class ``k`` is label ``k``) or anythin
 (strings, non-integral numbers), which are numbered in sorted order. A file without a test
 split is split with :func:`gradwire.worker.datasets.stratified_split`. Parquet needs pyarrow,
 an optional dependency imported only when a parquet file is loaded.
+
+Error messages name the file, line and column number, never what the file holds (a header, a
+value, an array's name): they end up in a job's reason and logs, which other people read.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def load_npz(
                 standardize=standardize,
             )
     raise ValueError(
-        f"{str(path)!r} holds arrays {sorted(keys)}; expected x_train, y_train, x_test, y_test or x, y"
+        f"{str(path)!r} holds {len(keys)} arrays, but not x_train, y_train, x_test, y_test, nor x, y"
     )
 
 
@@ -97,13 +100,17 @@ def load_csv(
 ) -> Dataset:
     """A CSV file with a header row: ``label_column`` holds the labels, every other column a feature."""
     path = _existing(path, (".csv", ".tsv", ".txt"))
-    with path.open(newline="") as handle:
-        rows = list(csv.reader(handle, delimiter=delimiter))
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle, delimiter=delimiter))
+    except (UnicodeDecodeError, csv.Error):  # their messages quote bytes of the file
+        raise ValueError(f"{str(path)!r} is not a UTF-8 CSV file") from None
     if not rows:
         raise ValueError(f"{str(path)!r} is empty")
     header, body = rows[0], [row for row in rows[1:] if row]
     if label_column not in header:
-        raise ValueError(f"{str(path)!r} has no column {label_column!r}; columns: {', '.join(header)}")
+        message = f"{str(path)!r} has no column {label_column!r} (its header has {len(header)} columns)"
+        raise ValueError(message)
     label_at = header.index(label_column)
     feature_at = [i for i in range(len(header)) if i != label_at]
     x = np.empty((len(body), len(feature_at)), dtype=np.float64)
@@ -114,9 +121,7 @@ def load_csv(
             try:
                 x[r - 2, c] = float(row[i])
             except ValueError:
-                raise ValueError(
-                    f"{str(path)!r} line {r}, column {header[i]!r}: {row[i]!r} is not a number"
-                ) from None
+                raise ValueError(f"{str(path)!r} line {r}, column {i + 1}: not a number") from None
     labels = np.array([row[label_at] for row in body])
     with contextlib.suppress(ValueError):  # string labels are numbered in sorted order by encode_labels
         labels = labels.astype(np.int64)
@@ -143,12 +148,12 @@ def load_parquet(
     table = pq.read_table(path)
     if label_column not in table.column_names:
         raise ValueError(
-            f"{str(path)!r} has no column {label_column!r}; columns: {', '.join(table.column_names)}"
+            f"{str(path)!r} has no column {label_column!r} (it has {len(table.column_names)} columns)"
         )
     features = [name for name in table.column_names if name != label_column]
     try:
         x = np.column_stack([table.column(n).to_numpy().astype(np.float64) for n in features])
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{str(path)!r}: every column but {label_column!r} must be numeric ({err})") from err
+    except (ValueError, TypeError):
+        raise ValueError(f"{str(path)!r}: every column but {label_column!r} must be numeric") from None
     labels = table.column(label_column).to_numpy()
     return _from_table(path.stem, x, labels, test_fraction=test_fraction, seed=seed, standardize=standardize)

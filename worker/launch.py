@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gradwire.policy import ENV as POLICY_ENV
+from gradwire.policy import JobPolicy
 from gradwire.ray_env import apply_local_ray_env, local_ray_env, ray_temp_dir  # noqa: F401 - re-exported
 from gradwire.spec import JobSpec, Problem, SpecError
 from gradwire.worker import runs
@@ -178,15 +180,23 @@ def run_job(
     is continued only with ``resume`` (else :class:`runs.RunConflict`, naming the fields that
     differ); ``resume_from`` in the spec (a path) starts the run from that checkpoint.
 
+    Under a coordinator, the job's environment holds its policy (:data:`gradwire.policy.ENV`):
+    the spec is confined by it first (:class:`gradwire.spec.PolicyError`, before Ray starts) and
+    the workers get it again.
+
     ``telemetry`` is a coordinator's gRPC address (default ``GRADWIRE_TELEMETRY_ADDRESS``);
     without one, each rank writes ``telemetry-rank{r}.jsonl`` in :func:`run_dir`. A job that
     stopped on non-finite gradients returns normally with ``metrics["stopped"]`` set.
     """
+    policy = JobPolicy.from_env()  # set by a coordinator's scheduler; None for gradwire train
+    spec = spec.confined(policy)  # PolicyError before anything is opened, imported or started
     check_runnable(spec)
     telemetry = telemetry or os.environ.get("GRADWIRE_TELEMETRY_ADDRESS") or None
     prepared = prepare_run(spec, job_id, resume=resume)
     changed = prepared.pop("changed")
     options = {"job_id": job_id or spec.name, "telemetry": telemetry, **prepared, **(loop_config or {})}
+    if policy is not None:  # the workers check again, whatever environment Ray gives them
+        options["policy"] = policy.to_env()[POLICY_ENV]
     address = address or os.environ.get("RAY_ADDRESS")
     started_here = False
     if not _ray_initialized():

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradwire.policy import ENV as POLICY_ENV
+from gradwire.policy import PATH_PARAMS, JobPolicy, resolve_under
 from gradwire.spec import JobSpec, OptimizerSpec
 from gradwire.worker.datasets import DATASETS, Dataset, get_dataset
 from gradwire.worker.models import build_model
@@ -55,13 +57,16 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    spec = JobSpec.from_dict(config["spec"])
+    # the coordinator's policy (its driver passes what the job's environment held): refused
+    # again here, before any file is opened or any module imported
+    policy = job_policy(config)
+    spec = JobSpec.from_dict(config["spec"]).confined(policy)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()  # cpu, or this worker's GPU
 
     # --- data: the whole set on every worker; partition j is what rank j trains on without a code
-    data = load_data(spec)
+    data = load_data(spec, policy)
     shares = partition_indices(
         partition_labels(data), world_size, seed=spec.seed, **spec.data.partition.model_dump()
     )
@@ -72,8 +77,9 @@ def train_loop(config: dict[str, Any]) -> None:
     # --- model and step: same init on every rank ------------------------------------------------
     torch.manual_seed(spec.seed)
     model = build_model(
-        spec.model.name, data.num_features, data.num_classes, allow_import_paths=True, **spec.model.params
-    )
+        spec.model.name, data.num_features, data.num_classes,
+        allow_import_paths=policy is None or policy.allow_import_paths, **spec.model.params,
+    )  # fmt: skip
     coded = spec.stragglers is not None and spec.stragglers.code in ("fractional", "cyclic")
     if coded:
         train_step: DdpStep | CodedStep = CodedStep(model, spec, rank, world_size, device)
@@ -196,21 +202,36 @@ class RunState:
         return metrics
 
 
-def load_data(spec: JobSpec) -> Dataset:
+def job_policy(config: dict[str, Any] | None = None) -> JobPolicy | None:
+    """The job's policy: ``config["policy"]`` (the JSON its driver found in the environment),
+    else the environment's own (:data:`gradwire.policy.ENV`); ``None`` outside a coordinator."""
+    text = (config or {}).get("policy")
+    return JobPolicy.from_env({POLICY_ENV: text} if text else None)
+
+
+def load_data(spec: JobSpec, policy: JobPolicy | None = None) -> Dataset:
     """The spec's dataset; its ``seed`` defaults to the job's seed where the dataset takes one.
 
-    ``module:function`` datasets and models are accepted here: a coordinator refuses them at
-    submission unless its operator allows them, the command line always accepts them.
+    Under a coordinator's ``policy`` the spec is confined again first (:class:`PolicyError`: a
+    file outside the data roots, an import path not allowed), and each file parameter is
+    replaced by its resolved path, so what is opened is what was checked. Without a policy
+    (``gradwire train`` on your own machine) ``module:function`` datasets are accepted.
     """
     params = dict(spec.data.params)
-    factory = DATASETS.resolve(spec.data.dataset, allow_import_paths=True)
+    if policy is not None:
+        spec.confined(policy)
+        for key in PATH_PARAMS & set(params):
+            if isinstance(params[key], str):
+                params[key] = resolve_under(params[key], policy.data_roots)
+    allow = policy is None or policy.allow_import_paths
+    factory = DATASETS.resolve(spec.data.dataset, allow_import_paths=allow)
     try:
         takes_seed = "seed" in inspect.signature(factory).parameters
     except (TypeError, ValueError):  # no introspectable signature
         takes_seed = False
     if takes_seed:
         params.setdefault("seed", spec.seed)
-    return get_dataset(spec.data.dataset, allow_import_paths=True, **params)
+    return get_dataset(spec.data.dataset, allow_import_paths=allow, **params)
 
 
 def partition_labels(data: Dataset) -> torch.Tensor:

@@ -23,13 +23,14 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from gradwire.server.admission import QueueGate, submitter
 from gradwire.server.auth import get_services
 from gradwire.server.control import Services
 from gradwire.server.problems import FieldError, ProblemError, problem_responses
 from gradwire.server.records import JobEvent, JobPoint, JobRecord
 from gradwire.server.resume import check_resume
 from gradwire.server.states import JobState
-from gradwire.spec import JobSpec
+from gradwire.spec import JobSpec, PolicyError
 from gradwire.spec_io import unique_json_object
 
 __all__ = ["JobEvents", "JobLinks", "JobList", "JobMetrics", "JobResource", "router"]
@@ -40,6 +41,7 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 JobId = Annotated[str, Path(min_length=1, max_length=64, description="the job's id, e.g. job-0123456789ab")]
 JSON_TYPES = ("application/json", "text/json")
 MAX_DEPTH = 32  # a spec needs about 5; deeper documents only cost memory and recursion
+QUEUE = QueueGate()  # the queue caps (server/admission.py)
 
 
 class JobLinks(BaseModel):
@@ -141,33 +143,20 @@ async def _spec_document(request: Request) -> Any:
     return document
 
 
-def _check_policy(spec: JobSpec, services: Services) -> None:
-    """Refuse what this coordinator's settings do not allow, naming each field."""
-    settings = services.settings
-    limits: list[FieldError] = []
-    for field, value, limit in (
-        ("workers.count", spec.workers.count, settings.max_workers_per_job),
-        ("steps", spec.steps, settings.max_steps_per_job),
-        ("epochs", spec.epochs, settings.max_epochs_per_job),
-    ):
-        if value is not None and value > limit:
-            limits.append(
-                FieldError(field=field, message=f"{value} exceeds this coordinator's limit of {limit}")
-            )
-    if limits:
-        raise ProblemError(422, "the job asks for more than this coordinator allows", kind="limit-exceeded",
-                           title="Job exceeds limits", errors=limits)  # fmt: skip
-    if settings.allow_import_paths:
-        return
-    refused = [
-        FieldError(field=field, message=f"{value!r} is an import path (module:function); this coordinator "
-                   "does not load code named in a spec (GRADWIRE_ALLOW_IMPORT_PATHS is off)")
-        for field, value in (("model.name", spec.model.name), ("data.dataset", spec.data.dataset))
-        if ":" in value
-    ]  # fmt: skip
-    if refused:
-        raise ProblemError(422, "import-path plugins are disabled", kind="import-path-refused",
-                           title="Import paths refused", errors=refused)  # fmt: skip
+def _confined(spec: JobSpec, services: Services) -> JobSpec:
+    """The spec as this coordinator's policy places it (gradwire/policy.py: limits, import paths,
+    data roots, checkpoint root); a 422 naming each refused field otherwise."""
+    try:
+        return spec.confined(services.policy)
+    except PolicyError as err:
+        titles = {"limit-exceeded": "Job exceeds limits", "import-path-refused": "Import paths refused",
+                  "path-refused": "Path refused"}  # fmt: skip
+        details = {"limit-exceeded": "the job asks for more than this coordinator allows",
+                   "import-path-refused": "import-path plugins are disabled",
+                   "path-refused": "the job names files or folders not allowed here"}  # fmt: skip
+        errors = [FieldError(field=v.path, message=v.message) for v in err.violations]
+        kind = err.kind
+        raise ProblemError(422, details[kind], kind=kind, title=titles[kind], errors=errors) from None
 
 
 @router.post(
@@ -177,7 +166,7 @@ def _check_policy(spec: JobSpec, services: Services) -> None:
     summary="Submit a job",
     responses={
         200: {"model": JobResource, "description": "an Idempotency-Key seen before: the job it created"},
-        **problem_responses(400, 413, 415),
+        **problem_responses(400, 413, 415, 429),
     },
     openapi_extra={
         "requestBody": {
@@ -196,17 +185,22 @@ async def submit_job(
     ] = None,
 ) -> JobResource:
     document = await _spec_document(request)  # only the body is read on the event loop
-    job, created = await run_in_threadpool(_queue_job, services, document, priority, idempotency_key)
+    owner = submitter(request.headers.get("authorization"), services.settings)
+    job, created = await run_in_threadpool(_queue_job, services, document, priority, idempotency_key, owner)
     response.status_code = 202 if created else 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobResource.of(job)
 
 
-def _queue_job(services: Services, document: Any, priority: int, key: str | None) -> tuple[JobRecord, bool]:
+def _queue_job(
+    services: Services, document: Any, priority: int, key: str | None, owner: str | None
+) -> tuple[JobRecord, bool]:
     spec = JobSpec.from_dict(document)  # SpecError: 422 naming each field
-    _check_policy(spec, services)
+    spec = _confined(spec, services)
     check_resume(spec, services.store)  # a job id this store knows, finished; never a path
-    job, created = services.store.create(spec, priority=priority, idempotency_key=key)
+    with QUEUE.lock:  # the caps are checked and the job inserted together
+        QUEUE.check(services.store, services.settings, owner, key)  # 429 with Retry-After
+        job, created = services.store.create(spec, priority=priority, idempotency_key=key, owner=owner)
     if created:
         services.control.wake()
     return job, created

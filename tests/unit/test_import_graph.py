@@ -12,8 +12,8 @@ imported), and every import in it counts, at module level or inside a function a
       contract ──▶ nothing else (+ the compressors' config)
 
   The contract is the root package: ``gradwire`` itself, ``gradwire.spec``, ``gradwire.spec_io``,
-  ``gradwire.ray_env`` and ``gradwire.protos.*`` (the telemetry stubs). The one exception: the
-  contract and the server may import the compressors' torch-free config surface
+  ``gradwire.policy``, ``gradwire.ray_env`` and ``gradwire.protos.*`` (the telemetry stubs). The
+  one exception: the contract and the server may import the compressors' torch-free config surface
   (``gradwire.compressors.config`` and ``gradwire.compressors.registry``), so that a JobSpec can
   check its compression section; what those modules import when loaded stays inside that
   surface and never includes torch.
@@ -342,8 +342,8 @@ def test_every_layer_and_package_is_checked(graph: Graph):
 def test_the_root_package_is_only_the_contract(graph: Graph):
     root = sorted(m for m in graph.edges if layer_of(m) == CONTRACT)
     assert root == [
-        "gradwire", "gradwire.protos", "gradwire.protos.telemetry_pb2", "gradwire.protos.telemetry_pb2_grpc",
-        "gradwire.ray_env", "gradwire.spec", "gradwire.spec_io",
+        "gradwire", "gradwire.policy", "gradwire.protos", "gradwire.protos.telemetry_pb2",
+        "gradwire.protos.telemetry_pb2_grpc", "gradwire.ray_env", "gradwire.spec", "gradwire.spec_io",
     ]  # fmt: skip
 
 

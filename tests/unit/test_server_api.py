@@ -135,7 +135,9 @@ def test_submit_returns_202_with_location_and_the_job(api: Api, spec: dict[str, 
     job = response.json()
     assert response.headers["location"] == f"/v1/jobs/{job['id']}" == job["links"]["self"]
     assert job["state"] == "QUEUED" and job["name"] == "digits-powersgd" and job["priority"] == 5
-    assert job["spec"] == JobSpec.from_dict(spec).model_dump(mode="json")
+    placed = JobSpec.from_dict(spec).confined(Settings().job_policy())  # storage: the checkpoint root
+    assert job["spec"] == placed.model_dump(mode="json")
+    assert job["spec"]["checkpoint"]["storage"] == str(Path(".gradwire/checkpoints").resolve())
     assert job["links"]["cancel"] == f"/v1/jobs/{job['id']}:cancel"
     assert api.control.wakes == 1
     assert api.client.get(response.headers["location"]).json() == job
