@@ -193,7 +193,10 @@ def scraped_by(local_ray, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     from gradwire.server.settings import Settings
 
     data = tmp_path_factory.mktemp("prometheus-e2e")
-    settings = Settings(port=free_port(), grpc_port=0, database_url=f"sqlite:///{data}/coordinator.db")
+    settings = Settings(
+        port=free_port(), grpc_port=0, database_url=f"sqlite:///{data}/coordinator.db",
+        checkpoint_root=str(tmp_path_factory.getbasetemp()),  # the tests' storages are tmp folders
+    )  # fmt: skip
     with Coordinator(database_url=settings.database_url, data_dir=data, poll_s=0.5) as coordinator:
         parts = {"store": coordinator.store, "metrics": coordinator.metrics, "control": coordinator.control}
         server = uvicorn.Server(

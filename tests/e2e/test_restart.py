@@ -279,6 +279,7 @@ def seen(local_ray, tmp_path_factory) -> Seen:
         "GRADWIRE_PORT": str(rest_port),
         "GRADWIRE_GRPC_PORT": str(grpc_port),
         "GRADWIRE_DATABASE_URL": database_url,
+        "GRADWIRE_CHECKPOINT_ROOT": str(folder),  # the jobs' storages: folder / "ckpt-*"
         "PYTHONUNBUFFERED": "1",
     }
     ray_jobs = local_ray.jobs_client()
