@@ -9,9 +9,9 @@ slot, never a DDP bucket index). One step for one tensor runs, in order:
 
 The reducer calls the last two only when every rank's gradient was finite, so a
 NaN never enters the buffers. Gradient-unit conventions throughout (the
-learning rate lives in the optimizer; ALGORITHMS.md §2.2).
+learning rate lives in the optimizer; docs/algorithms.md §2.2).
 
-Rules (ALGORITHMS.md §2–4):
+Rules (docs/algorithms.md §2–4):
 
 * ``none``      ``p = g``; output the aggregate.
 * ``ef``        ``p = g + e``; ``e ← p − C(p)`` (Seide et al. 2014; Karimireddy et al.

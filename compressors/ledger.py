@@ -3,7 +3,7 @@
 Two figures per collective, both for *this* rank:
 
 * payload bytes — the size of the buffer this rank contributes to the collective
-  (the figure ALGORITHMS.md's formulas give: PowerSGD ``4·r·Σ(a+b)``, Top-k ``8k``);
+  (the figure docs/algorithms.md's formulas give: PowerSGD ``4·r·Σ(a+b)``, Top-k ``8k``);
 * wire bytes — what a ring algorithm actually sends for it: ``2(n−1)/n · S`` for
   an all-reduce of S bytes, ``(n−1) · S`` for an all-gather of S bytes per rank.
 

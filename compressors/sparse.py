@@ -31,7 +31,7 @@ class TopK(ElementwiseCompressor):
     """Keeps the k largest-magnitude entries of each tensor (contractive, α = k/d).
 
     Wire format per tensor: k values in the gradient's dtype, then k int32 indices,
-    packed as bytes — ``8k`` bytes for fp32 (ALGORITHMS.md §2.3).
+    packed as bytes — ``8k`` bytes for fp32 (docs/algorithms.md §2.3).
     """
 
     name = "topk"

@@ -1,6 +1,6 @@
 """How gradwire runs a single-machine Ray that listens on loopback only (torch-free).
 
-Facts measured on Ray 2.60 (see ENVIRONMENT.md, "Ray 2.60 on one machine"):
+Facts measured on Ray 2.60 (see docs/runtime.md, "Ray on one machine"):
 
 * Ray binds the machine's external address and ``0.0.0.0`` unless the environment holds
   ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` *and* ``ray.init`` gets ``_node_ip_address="127.0.0.1"``;
