@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         print(
             f"gradwire is not installed for {sys.executable}; run `ray up deploy/ray/cluster.yaml` "
-            "(its setup_commands install it) or `pip install -e '.[ray,examples]'`",
+            "(its setup_commands install it) or `pip install -e '.[train,examples]'`",
             file=sys.stderr,
         )
         return 2

@@ -76,9 +76,9 @@ def test_cluster_mounts_the_repository_where_the_script_looks(cluster: dict) -> 
 def test_setup_installs_pinned_torch_before_gradwire(cluster: dict) -> None:
     commands = cluster["setup_commands"]
     torch_at = [i for i, c in enumerate(commands) if re.search(r"pip install\b.*\btorch==\d+\.\d+\.\d+", c)]
-    gradwire_at = [i for i, c in enumerate(commands) if re.search(r"pip install\b.*gradwire\[[^\]]*ray", c)]
+    gradwire_at = [i for i, c in enumerate(commands) if re.search(r"pip install\b.*gradwire\[[^\]]*train", c)]
     assert torch_at, f"no pinned torch install in setup_commands: {commands}"
-    assert gradwire_at, f"no install of gradwire with the ray extra in setup_commands: {commands}"
+    assert gradwire_at, f"no install of gradwire with the train extra in setup_commands: {commands}"
     assert torch_at[0] < gradwire_at[0], "torch must be pinned before gradwire pulls in an unpinned one"
     for i in gradwire_at:  # the project's own install must not bring an unpinned torch along
         assert not re.search(r"\btorch\b(?!==)", commands[i]), commands[i]

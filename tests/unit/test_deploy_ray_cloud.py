@@ -132,7 +132,7 @@ def test_setup_installs_pinned_torch_then_gradwire_from_the_mounted_repository(a
     commands = aws["setup_commands"]
     torch_at = [i for i, c in enumerate(commands) if re.search(r"pip install\b.*\btorch==\d", c)]
     gradwire_at = [
-        i for i, c in enumerate(commands) if re.search(rf'pip install\b.*"?{repo}\[[^\]]*\bray\b', c)
+        i for i, c in enumerate(commands) if re.search(rf'pip install\b.*"?{repo}\[[^\]]*\btrain\b', c)
     ]
     assert torch_at and gradwire_at, commands
     assert torch_at[0] < gradwire_at[0], "torch must be pinned before gradwire pulls in an unpinned one"
