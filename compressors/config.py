@@ -157,6 +157,14 @@ class TopKConfig(_SparseBudget):
 
     name: ClassVar[str] = "topk"
     feedback: FeedbackName = Field("ef", description=_FEEDBACK)
+    select: Literal["auto", "threshold", "exact"] = Field(
+        "auto",
+        description="how the k largest are found: 'threshold' estimates the k-th largest magnitude "
+        "from a seeded sample, takes everything above it in one pass and keeps the k largest of "
+        "those (exact torch.topk when the estimate misses), 'exact' runs torch.topk on the whole "
+        "tensor, 'auto' is 'threshold' for CPU tensors of 2^17 elements or more and 'exact' "
+        "otherwise. The kept set is the same k largest magnitudes either way (up to ties)",
+    )
 
 
 class RandKConfig(_SparseBudget):

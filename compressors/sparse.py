@@ -31,20 +31,85 @@ class TopK(ElementwiseCompressor):
     """Keeps the k largest-magnitude entries of each tensor (contractive, α = k/d).
 
     Wire format per tensor: k values in the gradient's dtype, then k int32 indices,
-    packed as bytes — ``8k`` bytes for fp32 (docs/algorithms.md §2.3).
+    packed as bytes — ``8k`` bytes for fp32 (docs/algorithms.md §2.3). The k are found by
+    ``torch.topk`` or, on large CPU tensors, through a sampled threshold (``select``, §2.1);
+    both keep the same k largest magnitudes (up to ties at the k-th), and the payload is
+    exactly what is sent, so error feedback sees the true ``C(p)``.
     """
 
     name = "topk"
     collective = "all_gather"
-    # torch.topk ranks NaN above everything and |±Inf| above every finite value, so a
+    # torch.topk ranks NaN above everything and |±Inf| above every finite value (the threshold
+    # path keeps every NaN and ±Inf as a candidate, or falls back to torch.topk), so a
     # non-finite input is always among the kept values that every rank receives
     reveals_nonfinite = True
 
+    #: ``select="auto"`` estimates a threshold for CPU tensors at least this large (below it
+    #: ``torch.topk`` is as fast as the sampling: measured crossover about 2^16 on one thread)
+    AUTO_MIN_NUMEL = 1 << 17
+    #: most magnitudes sampled to estimate the threshold
+    SAMPLE = 16384
+    #: bound on the chance that the estimate misses (fewer than k elements above it), which
+    #: costs an exact torch.topk but never changes the result
+    MISS = 1e-4
+
     def __init__(self, config: TopKConfig):
         self.ratio, self.k = config.budget()
+        self.select = config.select
+        self.seed = config.seed
+        #: how each tensor's k were found: "exact", "threshold", "fallback" (estimate missed)
+        self.selections = {"exact": 0, "threshold": 0, "fallback": 0}
 
     def kept(self, numel: int) -> int:
         return topk_budget(numel, self.ratio, self.k)
+
+    def uses_threshold(self, x: torch.Tensor) -> bool:
+        if self.select == "auto":
+            return x.device.type == "cpu" and x.numel() >= self.AUTO_MIN_NUMEL
+        return self.select == "threshold"
+
+    def select_indices(self, a: torch.Tensor, k: int, key: int, step: int) -> torch.Tensor:
+        """Positions (int64) of the ``k`` largest entries of the magnitudes ``a`` (flat,
+        ``k < numel``), in no particular order; NaN ranks above everything, as in torch.topk."""
+        if self.uses_threshold(a):
+            idx = self._threshold_select(a, k, key, step)
+            if idx is not None:
+                self.selections["threshold"] += 1
+                return idx
+            self.selections["fallback"] += 1
+        else:
+            self.selections["exact"] += 1
+        return torch.topk(a, k, sorted=False).indices
+
+    def _threshold_select(self, a: torch.Tensor, k: int, key: int, step: int) -> torch.Tensor | None:
+        """The k largest via an estimated threshold (docs/algorithms.md §2.1), or None when the
+        estimate misses.
+
+        ``m`` magnitudes drawn with replacement (generator seeded by (seed, rank, key, step));
+        ``t`` = the r-th largest of them, r chosen by Bernstein's inequality so that
+        P(fewer than k of ``a`` are ≥ t) ≤ MISS whatever the distribution. Every element with
+        ``|x| ≥ t`` (and every NaN) is a candidate; when there are at least k, the k largest
+        candidates are the k largest of ``a``, since everything else is below ``t``.
+        """
+        d = a.numel()
+        m = min(self.SAMPLE, max(1024, d // 32))
+        mean = m * k / d  # expected sampled elements among the true k largest
+        log = math.log(1 / self.MISS)
+        r = math.ceil(mean + log / 3 + math.sqrt((log / 3) ** 2 + 2 * mean * log))
+        if 4 * r > m:  # the candidates would be a quarter of the tensor or more: no gain
+            return None
+        gen = seeded_generator(a.device, self.seed, self.rank, key, step)
+        sample = a[torch.randint(d, (m,), generator=gen, device=a.device)]
+        # the r-th largest sampled magnitude; NaN if a NaN is among the top r (then no
+        # element is below it, the candidates are everything and the exact path runs)
+        threshold = torch.topk(sample, r, sorted=False).values.min()
+        candidates = (a < threshold).logical_not_().nonzero().squeeze(1)  # |x| ≥ t, or NaN
+        found = candidates.numel()
+        if found < k or 2 * found > d:
+            return None
+        if found == k:
+            return candidates
+        return candidates[torch.topk(a[candidates], k, sorted=False).indices]
 
     def payload_nbytes(self, shape, dtype):
         return self.kept(shape.numel()) * (_itemsize(dtype) + 4)
@@ -55,7 +120,7 @@ class TopK(ElementwiseCompressor):
             idx = torch.arange(k, device=x.device, dtype=torch.int32)
             values = x
         else:
-            idx = torch.topk(x.abs(), k, sorted=False).indices
+            idx = self.select_indices(x.abs(), k, key, step)
             values = x[idx]
             idx = idx.to(torch.int32)
         return torch.cat([values.contiguous().view(torch.uint8), idx.view(torch.uint8)])
