@@ -3,8 +3,14 @@
 ``Authorization: Bearer <token>`` is compared with every configured token in constant time
 (:func:`hmac.compare_digest`), so response timing does not reveal how much of a guess was right.
 A missing or wrong token is answered 401 with ``WWW-Authenticate: Bearer`` (RFC 6750), as
-problem+json. With no tokens configured, auth is off; :class:`~gradwire.server.settings.Settings`
-allows that only on loopback. Tokens are never logged or echoed.
+problem+json. The token names the caller, a :class:`~gradwire.server.principals.Principal`
+(``GRADWIRE_TOKENS`` entries ``name:TOKEN``), which routes receive through :data:`PrincipalDep`.
+With no tokens configured, auth is off and every caller is the anonymous admin;
+:class:`~gradwire.server.settings.Settings` allows that only on loopback.
+
+``/metrics`` is open unless ``GRADWIRE_METRICS_TOKEN`` is set; then :func:`require_metrics_token`
+asks for that token as a bearer token (Prometheus' ``authorization`` in a scrape config). Tokens
+are never logged or echoed.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gradwire.server.control import Services
+from gradwire.server.principals import ANONYMOUS, Principal
 from gradwire.server.problems import ProblemError
 
-__all__ = ["bearer_scheme", "get_services", "require_token"]
+__all__ = ["PrincipalDep", "bearer_scheme", "get_services", "require_metrics_token", "require_token"]
 
 REALM = "gradwire"
 
@@ -32,25 +39,16 @@ async def get_services(request: Request) -> Services:
     return services
 
 
-def _token_matches(given: str, services: Services) -> bool:
+def _matching_principal(given: str, services: Services) -> Principal | None:
     given_bytes = given.encode("utf-8", "surrogateescape")
-    matched = False
-    for token in services.settings.tokens:  # no early exit: every token is compared
-        matched |= hmac.compare_digest(given_bytes, token.get_secret_value().encode())
-    return matched
+    found = None
+    for entry in services.settings.principals:  # no early exit: every token is compared
+        if hmac.compare_digest(given_bytes, entry.token.get_secret_value().encode()):
+            found = entry.principal
+    return found
 
 
-async def require_token(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
-) -> None:
-    """Let the request through only with a configured bearer token (when any are configured).
-
-    ``async`` although it does no I/O: FastAPI runs sync dependencies in a thread pool, and this
-    one runs on every /v1 request."""
-    services: Services = request.app.state.services
-    if not services.settings.auth_enabled:
-        return
+def _checked_bearer(credentials: HTTPAuthorizationCredentials | None) -> str:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise ProblemError(
             401,
@@ -58,10 +56,49 @@ async def require_token(
             kind="unauthenticated",
             headers={"WWW-Authenticate": f'Bearer realm="{REALM}"'},
         )
-    if not _token_matches(credentials.credentials, services):
-        raise ProblemError(
-            401,
-            "the bearer token is not valid for this coordinator",
-            kind="unauthenticated",
-            headers={"WWW-Authenticate": f'Bearer realm="{REALM}", error="invalid_token"'},
-        )
+    return credentials.credentials
+
+
+def _invalid_token() -> ProblemError:
+    return ProblemError(
+        401,
+        "the bearer token is not valid for this coordinator",
+        kind="unauthenticated",
+        headers={"WWW-Authenticate": f'Bearer realm="{REALM}", error="invalid_token"'},
+    )
+
+
+async def require_token(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> Principal:
+    """The principal whose configured bearer token the request carries (the anonymous admin when
+    no tokens are configured); 401 otherwise.
+
+    ``async`` although it does no I/O: FastAPI runs sync dependencies in a thread pool, and this
+    one runs on every /v1 request (once: FastAPI caches it for the route's own ``PrincipalDep``)."""
+    services: Services = request.app.state.services
+    if not services.settings.auth_enabled:
+        return ANONYMOUS
+    principal = _matching_principal(_checked_bearer(credentials), services)
+    if principal is None:
+        raise _invalid_token()
+    return principal
+
+
+#: The calling principal, for route parameters.
+PrincipalDep = Annotated[Principal, Depends(require_token)]
+
+
+async def require_metrics_token(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> None:
+    """With ``GRADWIRE_METRICS_TOKEN`` set, let ``/metrics`` answer only requests bearing it."""
+    services: Services = request.app.state.services
+    expected = services.settings.metrics_token
+    if expected is None:
+        return
+    given = _checked_bearer(credentials).encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(given, expected.get_secret_value().encode()):
+        raise _invalid_token()

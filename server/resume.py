@@ -5,8 +5,9 @@ jobs never share checkpoints, whatever their names. A job continues another only
 says ``resume_from: <job id>``:
 
 * at submission, :func:`check_resume` refuses a path (422: paths would let a client read any
-  folder the cluster can reach), an id the store does not know (422), and a job that has not
-  finished (409: its newest checkpoint is still changing);
+  folder the cluster can reach), an id the store does not know or the submitter may not see
+  (422, the same answer for both: another principal's job is not there for it), and a job that
+  has not finished (409: its newest checkpoint is still changing);
 * at launch, :func:`driver_spec` replaces the id with that job's run folder,
   ``<its checkpoint.storage>/<its id>``; the driver (``gradwire train``) takes that folder's
   furthest checkpoint (``gradwire.worker.runs.resolve_checkpoint``). A relative storage resolves
@@ -18,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from gradwire.server.principals import ANONYMOUS, Principal
 from gradwire.server.store import JobNotFound, JobStore
 from gradwire.spec import JobSpec
 
@@ -26,8 +28,9 @@ __all__ = ["check_resume", "driver_spec"]
 FIELD = "resume_from"
 
 
-def check_resume(spec: JobSpec, store: JobStore) -> None:
-    """Refuse a ``resume_from`` this coordinator will not follow (a problem naming the field)."""
+def check_resume(spec: JobSpec, store: JobStore, principal: Principal = ANONYMOUS) -> None:
+    """Refuse a ``resume_from`` this coordinator will not follow for ``principal`` (a problem
+    naming the field)."""
     from gradwire.server.problems import FieldError, ProblemError  # fastapi: the API's, not the scheduler's
 
     if spec.resume_from is None:
@@ -41,6 +44,8 @@ def check_resume(spec: JobSpec, store: JobStore) -> None:
         raise _invalid(message)
     try:
         job = store.get(job_id)
+        if not principal.can_see(job.owner):
+            raise JobNotFound(job_id)
     except JobNotFound:
         raise _invalid(f"no job {job_id} on this coordinator") from None
     if not job.terminal:

@@ -1,4 +1,5 @@
-"""The coordinator's routers, one per resource: ``/v1/...`` behind bearer auth, probes and metrics open."""
+"""The coordinator's routers, one per resource: ``/v1/...`` behind bearer auth, probes open, metrics
+open unless ``GRADWIRE_METRICS_TOKEN`` is set."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def v1_router() -> APIRouter:
 
 
 def open_router() -> APIRouter:
-    """``/healthz``, ``/readyz`` and ``/metrics``: no auth, for probes and Prometheus."""
+    """``/healthz``, ``/readyz`` and ``/metrics``: no principal, for probes and Prometheus (``/metrics``
+    asks for ``GRADWIRE_METRICS_TOKEN`` when it is set)."""
     router = APIRouter(responses=problem_responses(500))
     router.include_router(health.router)
     return router

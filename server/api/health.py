@@ -4,7 +4,8 @@
 - ``/readyz``: 200 when the job store answers a query and the cluster reports its resources;
   otherwise a 503 problem whose ``checks`` say which part failed (readiness).
 - ``/metrics``: the coordinator's Prometheus exposition. ``gradwire_jobs`` is recounted from the
-  store at each scrape, so it is right even after jobs were deleted.
+  store at each scrape, so it is right even after jobs were deleted. Its series name every job, so
+  with ``GRADWIRE_METRICS_TOKEN`` set it answers only a request bearing that token (401 otherwise).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import text
 
-from gradwire.server.auth import get_services
+from gradwire.server.auth import get_services, require_metrics_token
 from gradwire.server.control import ClusterUnavailable, Services
 from gradwire.server.problems import problem_response, problem_responses
 
@@ -83,7 +84,9 @@ def readyz(request: Request, services: ServicesDep) -> Readiness | JSONResponse:
     "/metrics",
     response_class=Response,
     summary="Prometheus metrics",
-    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    description="Open unless GRADWIRE_METRICS_TOKEN is set; then send it as a bearer token.",
+    dependencies=[Depends(require_metrics_token)],
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **problem_responses(401)},
 )
 def metrics(services: ServicesDep) -> Response:
     try:

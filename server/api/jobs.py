@@ -8,6 +8,11 @@ without queueing another; the same key with a different spec is a 422 problem.
 Listing is in submission order (``order=newest`` reverses it) and pages with a cursor: pass the
 ``next_cursor`` of one page as ``after`` to get the next (``next`` is that URL, ready to follow).
 The cursor stays valid while jobs are added or deleted.
+
+Ownership (server/principals.py): a job's ``owner`` is the principal that submitted it. A
+principal lists, reads, cancels and deletes its own jobs only; another principal's job is a 404,
+word for word the answer for a job that does not exist. Admins see every job. Idempotency keys
+are per principal, and ``resume_from`` may name only a job the submitter can see.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from gradwire.server.admission import QueueGate, submitter
-from gradwire.server.auth import get_services
+from gradwire.server.admission import QueueGate
+from gradwire.server.auth import PrincipalDep, get_services
 from gradwire.server.control import Services
+from gradwire.server.principals import Principal
 from gradwire.server.problems import FieldError, ProblemError, problem_responses
-from gradwire.server.records import JobEvent, JobPoint, JobRecord
+from gradwire.server.records import JobEvent, JobNotFound, JobPoint, JobRecord
 from gradwire.server.resume import check_resume
 from gradwire.server.states import JobState
 from gradwire.spec import JobSpec, PolicyError
@@ -57,6 +63,7 @@ class JobResource(BaseModel):
 
     id: str
     name: str
+    owner: str | None = Field(description="the principal that submitted it (null: stored before owners)")
     state: JobState
     priority: int
     created_at: datetime
@@ -179,25 +186,28 @@ async def submit_job(
     request: Request,
     response: Response,
     services: ServicesDep,
+    principal: PrincipalDep,
     priority: Annotated[int, Query(ge=-1000, le=1000, description="higher runs first")] = 0,
     idempotency_key: Annotated[
         str | None, Header(alias="Idempotency-Key", min_length=1, max_length=256)
     ] = None,
 ) -> JobResource:
     document = await _spec_document(request)  # only the body is read on the event loop
-    owner = submitter(request.headers.get("authorization"), services.settings)
-    job, created = await run_in_threadpool(_queue_job, services, document, priority, idempotency_key, owner)
+    job, created = await run_in_threadpool(
+        _queue_job, services, document, priority, idempotency_key, principal
+    )
     response.status_code = 202 if created else 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobResource.of(job)
 
 
 def _queue_job(
-    services: Services, document: Any, priority: int, key: str | None, owner: str | None
+    services: Services, document: Any, priority: int, key: str | None, principal: Principal
 ) -> tuple[JobRecord, bool]:
     spec = JobSpec.from_dict(document)  # SpecError: 422 naming each field
     spec = _confined(spec, services)
-    check_resume(spec, services.store)  # a job id this store knows, finished; never a path
+    check_resume(spec, services.store, principal)  # a job id it can see, finished; never a path
+    owner = principal.name
     with QUEUE.lock:  # the caps are checked and the job inserted together
         QUEUE.check(services.store, services.settings, owner, key)  # 429 with Retry-After
         job, created = services.store.create(spec, priority=priority, idempotency_key=key, owner=owner)
@@ -213,6 +223,7 @@ def _queue_job(
 def list_jobs(
     request: Request,
     services: ServicesDep,
+    principal: PrincipalDep,
     state: Annotated[
         list[JobState] | None, Query(description="keep jobs in these states (repeatable)")
     ] = None,
@@ -224,8 +235,9 @@ def list_jobs(
     order: Annotated[Literal["oldest", "newest"], Query(description="submission order")] = "oldest",
 ) -> JobList:
     page = services.store.list(
-        state=state, name=name, limit=limit, after=after, newest_first=order == "newest"
-    )
+        state=state, name=name, owner=principal.owner_filter, limit=limit, after=after,
+        newest_first=order == "newest",
+    )  # fmt: skip
     next_url = None
     if page.next_after is not None:
         query = [(k, v) for k, v in request.query_params.multi_items() if k != "after"]
@@ -235,13 +247,22 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobResource, summary="Get a job", responses=problem_responses(404))
-def get_job(job_id: JobId, services: ServicesDep) -> JobResource:
-    return JobResource.of(services.store.get(job_id))
+def get_job(job_id: JobId, services: ServicesDep, principal: PrincipalDep) -> JobResource:
+    return JobResource.of(_visible_job(job_id, services, principal))
+
+
+def _visible_job(job_id: str, services: Services, principal: Principal) -> JobRecord:
+    """The job, if ``principal`` may see it; otherwise the very 404 of a job that does not exist."""
+    job = services.store.get(job_id)
+    if not principal.can_see(job.owner):
+        raise JobNotFound(job_id)
+    return job
 
 
 @router.get("/{job_id}/events", response_model=JobEvents, summary="A job's state history",
             responses=problem_responses(404))  # fmt: skip
-def job_events(job_id: JobId, services: ServicesDep) -> JobEvents:
+def job_events(job_id: JobId, services: ServicesDep, principal: PrincipalDep) -> JobEvents:
+    _visible_job(job_id, services, principal)
     return JobEvents(job=job_id, events=services.store.events(job_id))
 
 
@@ -250,12 +271,14 @@ def job_events(job_id: JobId, services: ServicesDep) -> JobEvents:
 def job_metrics(
     job_id: JobId,
     services: ServicesDep,
+    principal: PrincipalDep,
     rank: Annotated[int, Query(ge=0, le=65535, description="whose reports to show")] = 0,
     all_ranks: Annotated[bool, Query(description="every rank's reports (rank is then ignored)")] = False,
     max_points: Annotated[
         int, Query(ge=2, le=100_000, description="thin longer series to this many evenly spaced points")
     ] = 1000,
 ) -> JobMetrics:
+    _visible_job(job_id, services, principal)
     shown = None if all_ranks else rank
     points = services.store.points(job_id, rank=shown, max_points=max_points)
     return JobMetrics(job=job_id, rank=shown, points=points)
@@ -270,8 +293,8 @@ def job_metrics(
         **problem_responses(404, 503),
     },
 )
-def job_logs(job_id: JobId, services: ServicesDep) -> PlainTextResponse:
-    services.store.get(job_id)  # 404 for an unknown job
+def job_logs(job_id: JobId, services: ServicesDep, principal: PrincipalDep) -> PlainTextResponse:
+    _visible_job(job_id, services, principal)  # 404 for an unknown job, or another principal's
     text = services.control.logs(job_id)
     if text is None:
         raise ProblemError(404, f"job {job_id} has no logs (yet)", kind="no-logs", title="No logs")
@@ -292,8 +315,10 @@ def job_logs(job_id: JobId, services: ServicesDep) -> PlainTextResponse:
         **problem_responses(404, 409, 503),
     },
 )
-def cancel_job(job_id: JobId, response: Response, services: ServicesDep) -> JobResource:
-    job = services.store.get(job_id)
+def cancel_job(
+    job_id: JobId, response: Response, services: ServicesDep, principal: PrincipalDep
+) -> JobResource:
+    job = _visible_job(job_id, services, principal)
     if job.terminal:
         raise ProblemError(409, f"job {job_id} already finished ({job.state.value}); nothing to cancel",
                            kind="state-conflict", title="Job state conflict")  # fmt: skip
@@ -311,7 +336,8 @@ def cancel_job(job_id: JobId, response: Response, services: ServicesDep) -> JobR
     description="Removes the job with its events and metrics; only SUCCEEDED, FAILED or CANCELLED jobs.",
     responses=problem_responses(404, 409),
 )
-def delete_job(job_id: JobId, services: ServicesDep) -> Response:
+def delete_job(job_id: JobId, services: ServicesDep, principal: PrincipalDep) -> Response:
+    _visible_job(job_id, services, principal)
     services.store.delete(job_id)
     services.metrics.forget_job(job_id)
     return Response(status_code=204)

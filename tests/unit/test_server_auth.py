@@ -83,10 +83,15 @@ def test_the_token_check_comes_before_input_checks(client: TestClient) -> None:
 
 
 def test_valid_tokens_work(client: TestClient) -> None:
+    """The bare-token form of GRADWIRE_TOKENS (from before principals): each token is a principal
+    named by its fingerprint, and sees the jobs it submitted."""
     response = client.post("/v1/jobs", json=SPEC, headers=bearer(TOKENS[0]))
     assert response.status_code == 202
-    listed = client.get("/v1/jobs", headers=bearer(TOKENS[1])).json()
+    owner = response.json()["owner"]
+    assert owner.startswith("token:") and TOKENS[0] not in owner
+    listed = client.get("/v1/jobs", headers=bearer(TOKENS[0])).json()
     assert [job["id"] for job in listed["items"]] == [response.json()["id"]]
+    assert client.get("/v1/jobs", headers=bearer(TOKENS[1])).json()["items"] == []  # another principal
 
 
 @pytest.mark.parametrize("url", ["/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"])
