@@ -55,9 +55,15 @@ CONFIGS: list[tuple[str, str, dict]] = [
     ("qsgd", "qsgd", {}),
     ("fp16", "fp16", {}),
     ("topk 1% no feedback", "topk", {"ratio": 0.01, "feedback": "none"}),
+    # the MLP's tensors are below select="auto"'s size floor, so the runs above select with
+    # torch.topk; these force the sampled threshold, which must train identically
+    ("topk 1% ef thr", "topk", {"ratio": 0.01, "feedback": "ef", "select": "threshold"}),
+    ("topk 1% ef21 thr", "topk", {"ratio": 0.01, "feedback": "ef21", "select": "threshold"}),
 ]
 BASELINE = "none"
 NO_FEEDBACK = "topk 1% no feedback"
+#: threshold-selected run -> the torch.topk-selected run it must equal, parameter for parameter
+SAME_AS = {"topk 1% ef thr": "topk 1% ef", "topk 1% ef21 thr": "topk 1% ef21"}
 
 #: compressed runs must reach the baseline's test accuracy minus this many points
 WITHIN_POINTS = 2.0
@@ -132,7 +138,9 @@ def _train_one(
         pred = model.module(data["x_test"]).argmax(dim=1)
         train_loss = loss_fn(model.module(data["x_train"]), data["y_train"]).item()
     stats = state.stats()
+    selections = getattr(state.reducer.compressor, "selections", {})
     return {
+        "threshold_selections": selections.get("threshold", 0),
         "accuracy": 100.0 * (pred == data["y_test"]).float().mean().item(),
         "train_loss": train_loss,
         "bytes_sent": stats["bytes_sent"],
@@ -189,6 +197,9 @@ def test_compressed_accuracy_matches_uncompressed():
     fp16                    96.67     0.00       0.0 /  0.0 /  0.0                 0.5059
     topk 1% no feedback     89.17    -7.50     -12.8 / -7.1 / -3.9                 0.0316
 
+    ``topk 1% ef thr`` and ``topk 1% ef21 thr`` (``select="threshold"``) must end with exactly
+    the parameters of ``topk 1% ef`` and ``topk 1% ef21`` (torch.topk selection).
+
     EF21 is the marginal one: it is within 2 points for seed 0 but trails by 1.9 points on
     average and by more than 2 on 8 of the 20 seeds, ending with about twice the baseline's
     training loss (plain EF21 with small-batch stochastic gradients lags, see Fatkhullin et
@@ -223,6 +234,12 @@ def test_compressed_accuracy_matches_uncompressed():
         and results[label]["accuracy"] < base["accuracy"] - WITHIN_POINTS
     ]
     assert not failures, f"more than {WITHIN_POINTS} points below the uncompressed run: {failures}"
+
+    for label, exact in SAME_AS.items():  # the sampled threshold keeps torch.topk's sets
+        assert results[label]["threshold_selections"] > 0, label
+        assert results[exact]["threshold_selections"] == 0, exact
+        assert torch.equal(results[label]["params"], results[exact]["params"]), label
+        assert results[label]["bytes_sent"] == results[exact]["bytes_sent"], label
 
     for label, _, _ in CONFIGS:
         if label != BASELINE:  # every compressor puts fewer bytes on the wire than fp32
