@@ -52,6 +52,7 @@ from schemathesis.checks import (
 
 from gradwire.server.app import create_app
 from gradwire.server.control import NullControl
+from gradwire.server.principals import derived_name
 from gradwire.server.settings import Settings
 from gradwire.server.states import JobState
 from gradwire.server.store import JobStore
@@ -104,7 +105,8 @@ def _valid_spec(name: str) -> dict[str, Any]:
 
 def _seed(store: JobStore) -> list[str]:
     """Jobs in every kind of state (finished ones to delete), one with telemetry from two ranks."""
-    ids = [store.create(_valid_spec(f"seed-{i}"))[0].id for i in range(8)]
+    owner = derived_name(TOKEN)  # the bare token's principal, who sees them (server/principals.py)
+    ids = [store.create(_valid_spec(f"seed-{i}"), owner=owner)[0].id for i in range(8)]
     _queued, running, succeeded, cancelled, failed, cancelled_2, failed_2, with_points = ids
     for job in (running, succeeded):
         store.transition(job, JobState.STARTING, "fuzz seed")
