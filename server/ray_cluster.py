@@ -1,54 +1,74 @@
-"""The coordinator's handle on Ray: join a cluster by address, or run an embedded loopback head.
+"""The coordinator's handle on Ray: the Jobs API over HTTP, and the embedded single-machine head.
 
-    cluster = RayCluster(num_cpus=2).start()        # embedded head on 127.0.0.1, with the dashboard
+    cluster = RayCluster(num_cpus=2).start()        # embedded head on 127.0.0.1 (a `ray start` subprocess)
     cluster.resources()   # {"total": {"CPU": 2.0, ...}, "available": {...}}
     cluster.jobs_client().submit_job(entrypoint="...")
-    cluster.shutdown()
+    cluster.shutdown()    # stops the head this object started, and nothing else
 
-Embedded mode (no address) starts Ray inside this process with ``ray.init``, bound to 127.0.0.1
-only, *with* the dashboard: the Jobs API (``JobSubmissionClient``) is served by the dashboard,
-so the coordinator cannot launch jobs without it. The dashboard listens on 127.0.0.1 too, on a
-free port. The binding recipe is :mod:`gradwire.ray_env`'s: its environment must be in
-``os.environ`` before ``ray`` is first imported, which :meth:`RayCluster.start` sees to (this
-module imports ``ray`` only inside methods). An embedded head shares the coordinator's fate: it
-stops when the coordinator process ends, and the jobs running on it end with it.
+The coordinator never joins a cluster as a Ray node: it talks to Ray **only over HTTP**, through
+the dashboard's public endpoints, so it drives any Ray it can reach by address (a head behind a
+firewall, KubeRay, a managed Ray) whatever Ray version the coordinator has installed:
 
-With an address (``host:port`` of the GCS, ``auto``, or ``ray://``), the coordinator joins that
-cluster as a driver, and finds the Jobs API at the cluster's dashboard (or at
-``dashboard_address`` when given, e.g. ``http://head:8265``).
+* jobs: ``ray.job_submission.JobSubmissionClient`` (public, used as it is; every call runs on a
+  helper thread and is abandoned after ``request_timeout_s``, since Ray's own HTTP calls have no
+  timeout);
+* resources: ``GET /api/cluster_status`` (the autoscaler's load report: ``usage`` =
+  ``{resource: [used, total]}`` over the live nodes; Ray's monitor refreshes it every few seconds);
+* readiness: ``GET /api/version`` on the dashboard and, for the embedded head, ``GET /api/healthz``
+  on its dashboard agent (the process that actually starts job drivers: without it every
+  submission fails "No available agent").
 
-One Ray per process. When Ray is already initialised in this process (a test session's shared
-Ray, say), :meth:`RayCluster.start` uses it as it is, provided it has a dashboard, and
-:meth:`RayCluster.shutdown` then leaves it running: only a Ray this object started is shut down.
+``address``: the Jobs API of a running cluster, ``http://head:8265`` (``host:port`` means
+``http://host:port``). Without one, :meth:`RayCluster.start` runs an **embedded head** on this
+machine: ``ray start --head --block`` as a child process (its own session), bound to 127.0.0.1
+with :mod:`gradwire.ray_env`'s recipe, with its GCS, dashboard, dashboard-agent and Ray-client
+ports either given or chosen free (never Ray's fixed defaults 6379/8265/52365/10001, which any
+other Ray on the machine may hold), and its own temp dir. A port given that is already taken is
+refused before anything starts, with a message naming the port and its setting; a head that does
+not come up (its process exits, or its agent never answers) is stopped and reported with the tail
+of its log. :meth:`RayCluster.shutdown` stops it by its PID (SIGTERM: Ray drains and stops its
+processes; SIGKILL to its process group if it does not end in time); no other Ray is touched.
 
-The coordinator never imports torch, Ray Train or ``gradwire.worker``: only ray core and
-``ray.job_submission``.
+Of the whole coordinator only this module imports ``ray``, and only ``ray.job_submission``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import shutil
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gradwire.ray_env import LOOPBACK, apply_local_ray_env, local_ray_env, ray_temp_dir
+from gradwire.ray_env import LOOPBACK, local_ray_env, ray_temp_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RayCluster", "RayUnavailable", "free_port", "is_not_found"]
+__all__ = ["HEAD_PORTS", "RayCluster", "RayUnavailable", "free_port", "is_not_found"]
 
-#: seconds to wait for the dashboard's Jobs API after Ray started
-DASHBOARD_WAIT_S = 60.0
-#: the same for a Ray that was already running in this process (its dashboard is up, or absent)
-REUSED_DASHBOARD_WAIT_S = 5.0
+#: seconds to wait for an embedded head (its dashboard and agent) or a cluster's Jobs API
+START_WAIT_S = 90.0
 #: seconds one HTTP call to the Jobs API may take
 REQUEST_TIMEOUT_S = 30.0
+#: seconds a stopping embedded head may drain before its process group is killed
+STOP_WAIT_S = 45.0
+#: the embedded head's ports: RayCluster argument -> (what it is, `ray start` option, gradwire setting)
+HEAD_PORTS: dict[str, tuple[str, str, str]] = {
+    "gcs_port": ("Ray GCS", "--port", "GRADWIRE_RAY_GCS_PORT"),
+    "dashboard_port": ("Ray dashboard (Jobs API)", "--dashboard-port", "GRADWIRE_RAY_DASHBOARD_PORT"),
+    "agent_port": ("Ray dashboard agent", "--dashboard-agent-listen-port", "GRADWIRE_RAY_AGENT_PORT"),
+    "client_port": ("Ray client server", "--ray-client-server-port", "GRADWIRE_RAY_CLIENT_PORT"),
+}
 
 _T = TypeVar("_T")
 
@@ -70,35 +90,36 @@ def free_port(host: str = LOOPBACK) -> int:
         return s.getsockname()[1]
 
 
+def port_is_free(port: int, host: str = LOOPBACK) -> bool:
+    """Whether ``host:port`` can be bound now (a listener on 0.0.0.0 or on ``host`` holds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def _http(address: str) -> str:
-    return address if "://" in address else f"http://{address}"
-
-
-def _job_client_class():
-    from ray.job_submission import JobSubmissionClient
-
-    class TimedJobSubmissionClient(JobSubmissionClient):
-        """A JobSubmissionClient whose HTTP calls give up after ``request_timeout_s`` (Ray's own
-        calls have no timeout, so a wedged dashboard would stall the scheduler forever)."""
-
-        request_timeout_s: float = REQUEST_TIMEOUT_S
-
-        def _do_request(self, method, endpoint, **kwargs):  # Ray's private hook, same signature
-            kwargs.setdefault("timeout", self.request_timeout_s)
-            return super()._do_request(method, endpoint, **kwargs)
-
-    return TimedJobSubmissionClient
+    address = address.rstrip("/")
+    if address.startswith(("http://", "https://")):
+        return address
+    if "://" in address or address == "auto":
+        raise RayUnavailable(
+            f"Ray address {address!r}: the coordinator reaches Ray by its Jobs API only; give the "
+            "head's dashboard address, e.g. http://head:8265 (RAY_ADDRESS / GRADWIRE_RAY_ADDRESS)"
+        )
+    return f"http://{address}"
 
 
 class RayCluster:
     """Ray as the coordinator uses it: resources, the Jobs API, and a clean shutdown.
 
-    ``address``: a cluster to join (``None``: start an embedded head on 127.0.0.1, or use the Ray
-    already initialised in this process). ``num_cpus`` / ``num_gpus``: what an embedded head
-    offers (default: what the machine has). ``dashboard_port``: for the embedded head (default: a
-    free port). ``temp_dir``: Ray's session folder for the embedded head (default:
-    :func:`gradwire.ray_env.ray_temp_dir`). ``dashboard_address``: where the Jobs API is, when it
-    cannot be found from Ray itself.
+    ``address``: the Jobs API of a cluster (``None``: start an embedded head; see the module
+    docstring). ``dashboard_address``: the same, under its older name (wins over ``address``).
+    For the embedded head: ``num_cpus`` / ``num_gpus`` (default: what the machine has),
+    ``gcs_port``, ``dashboard_port``, ``agent_port``, ``client_port`` (default: free ports) and
+    ``temp_dir`` (default :func:`gradwire.ray_env.ray_temp_dir`).
     """
 
     def __init__(
@@ -107,22 +128,31 @@ class RayCluster:
         *,
         num_cpus: float | None = None,
         num_gpus: float | None = None,
+        gcs_port: int | None = None,
         dashboard_port: int | None = None,
+        agent_port: int | None = None,
+        client_port: int | None = None,
         temp_dir: str | Path | None = None,
         dashboard_address: str | None = None,
-        dashboard_wait_s: float = DASHBOARD_WAIT_S,
+        start_wait_s: float = START_WAIT_S,
         request_timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> None:
-        self.address = address or None
+        given = dashboard_address or address or None
+        self._dashboard_url: str | None = _http(given) if given else None
+        self.address = self._dashboard_url
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
-        self.dashboard_port = dashboard_port
+        self.ports: dict[str, int | None] = {
+            "gcs_port": gcs_port, "dashboard_port": dashboard_port,
+            "agent_port": agent_port, "client_port": client_port,
+        }  # fmt: skip
         self.temp_dir = None if temp_dir is None else str(temp_dir)
-        self.dashboard_wait_s = float(dashboard_wait_s)
+        self.start_wait_s = float(start_wait_s)
         self.request_timeout_s = float(request_timeout_s)
-        self._dashboard_url: str | None = _http(dashboard_address) if dashboard_address else None
+        self._head: subprocess.Popen | None = None
+        self._head_log: Path | None = None
+        self._agent_url: str | None = None
         self._gcs_address: str | None = None
-        self._owns_ray = False
         self._started = False
         self._client = None
         self._client_lock = threading.Lock()
@@ -131,7 +161,7 @@ class RayCluster:
 
     @property
     def embedded(self) -> bool:
-        """True when no address was given: Ray runs on this machine, on loopback only."""
+        """True when no address was given: the coordinator runs its own head on 127.0.0.1."""
         return self.address is None
 
     @property
@@ -140,124 +170,162 @@ class RayCluster:
 
     @property
     def owns_ray(self) -> bool:
-        """Whether :meth:`shutdown` will shut Ray down (it started it)."""
-        return self._owns_ray
+        """Whether :meth:`shutdown` stops a Ray head (the embedded one this object started)."""
+        return self._head is not None
+
+    @property
+    def head_pid(self) -> int | None:
+        """PID of the embedded head's ``ray start --block`` process (``None`` without one)."""
+        return None if self._head is None else self._head.pid
 
     def start(self) -> RayCluster:
-        """Connect to Ray or start the embedded head, and wait for the Jobs API. Returns ``self``."""
+        """Start the embedded head, or wait for the cluster's Jobs API. Returns ``self``; raises
+        :class:`RayUnavailable` with what to change when it cannot."""
         if self._started:
             return self
         if self.embedded:
-            apply_local_ray_env()
-        elif "ray" not in sys.modules:
-            # joining a cluster: only the harmless settings; never force the loopback node address
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        import ray
-
-        reused = ray.is_initialized()
-        if reused:
-            log.info("using the Ray already initialised in this process")
-            self._owns_ray = False
-        elif self.embedded:
-            self._init_embedded(ray)
-            self._owns_ray = True
+            self._start_head()
         else:
-            log.info("joining the Ray cluster at %s", self.address)
-            try:
-                ray.init(address=self.address, log_to_driver=False)
-            except Exception as err:
-                raise RayUnavailable(f"cannot join the Ray cluster at {self.address}: {err}") from err
-            self._owns_ray = True  # our driver connection; shutting it down leaves the cluster up
-        try:
-            self._gcs_address = ray.get_runtime_context().gcs_address
-            if self._dashboard_url is None:
-                url = _dashboard_url_of_this_ray()
-                if not url:
-                    raise RayUnavailable(
-                        "the Ray in this process names no dashboard, so it has no Jobs API; start it "
-                        "with include_dashboard=True (RayCluster does), or give dashboard_address"
-                    )
-                self._dashboard_url = _http(url)
-            if reused:  # a Ray started without the dashboard still names an address for it
-                hint = "; was the Ray already running in this process started with include_dashboard=False?"
-                self._wait_for_jobs_api(min(self.dashboard_wait_s, REUSED_DASHBOARD_WAIT_S), hint)
-            else:
-                self._wait_for_jobs_api(self.dashboard_wait_s)
-        except BaseException:
-            if self._owns_ray:
-                ray.shutdown()
-                self._owns_ray = False
-            raise
+            deadline = time.monotonic() + self.start_wait_s
+            what = (
+                f"the Ray Jobs API at {self._dashboard_url} (RAY_ADDRESS / GRADWIRE_RAY_ADDRESS must "
+                "be the head's dashboard address, e.g. http://head:8265, not its GCS port)"
+            )
+            self._wait(deadline, self._jobs_api_error, what)
         self._started = True
-        log.info("Ray ready: GCS %s, Jobs API %s", self._gcs_address, self._dashboard_url)
+        log.info("Ray ready: Jobs API %s", self._dashboard_url)
         return self
 
-    def _init_embedded(self, ray: Any) -> None:
-        _loopback_even_if_imported_early()
-        temp_dir = self.temp_dir or ray_temp_dir()
-        Path(temp_dir).mkdir(parents=True, exist_ok=True)
-        port = self.dashboard_port or free_port()
+    def _start_head(self) -> None:
+        ray = _ray_cli()
+        ports = {name: port for name, port in self.ports.items()}
+        for name, port in ports.items():
+            if port is not None and not port_is_free(port):
+                what, option, setting = HEAD_PORTS[name]
+                raise RayUnavailable(
+                    f"cannot start the embedded Ray head: port {port} (the {what} port, {option}) is "
+                    f"already in use on {LOOPBACK}, probably by another Ray; set {setting} to a free "
+                    "port, or leave it unset to have one chosen"
+                )
+        taken: set[int] = {p for p in ports.values() if p is not None}
+        for name, port in ports.items():
+            while port is None or (port in taken and self.ports[name] is None):
+                port = free_port()
+            taken.add(port)
+            ports[name] = port
+        temp_dir = Path(self.temp_dir or ray_temp_dir()).resolve()
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        command = [ray, "start", "--head", "--block", "--node-ip-address", LOOPBACK]
+        command += ["--dashboard-host", LOOPBACK, "--include-dashboard", "true"]
+        for name, port in ports.items():
+            command += [HEAD_PORTS[name][1], str(port)]
+        command += ["--temp-dir", str(temp_dir), "--disable-usage-stats"]
+        if self.num_cpus is not None:
+            command += ["--num-cpus", str(_whole(self.num_cpus, "num_cpus"))]
+        if self.num_gpus is not None:
+            command += ["--num-gpus", str(_whole(self.num_gpus, "num_gpus"))]
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+        env.update(local_ray_env())
+        self._head_log = temp_dir / f"gradwire-head-{os.getpid()}-{ports['dashboard_port']}.log"
         started = time.monotonic()
+        with open(self._head_log, "wb") as out:
+            self._head = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,  # its own process group: stopped as one, never with others
+            )  # fmt: skip
+        self._dashboard_url = f"http://{LOOPBACK}:{ports['dashboard_port']}"
+        self._agent_url = f"http://{LOOPBACK}:{ports['agent_port']}"
+        self._gcs_address = f"{LOOPBACK}:{ports['gcs_port']}"
+        self.ports = dict(ports)
+        log.info("starting an embedded Ray head: %s", " ".join(command))
         try:
-            context = ray.init(
-                address="local",  # a new head even when RAY_ADDRESS is set
-                num_cpus=self.num_cpus,
-                num_gpus=self.num_gpus,
-                include_dashboard=True,
-                dashboard_host=LOOPBACK,
-                dashboard_port=port,
-                _node_ip_address=LOOPBACK,
-                _temp_dir=temp_dir,
-                log_to_driver=False,
-            )
-        except Exception as err:
-            raise RayUnavailable(f"cannot start an embedded Ray head: {err}") from err
-        gcs_host = str(ray.get_runtime_context().gcs_address).rsplit(":", 1)[0]
-        if gcs_host != LOOPBACK:
-            ray.shutdown()
-            raise RayUnavailable(
-                f"the embedded Ray head came up on {gcs_host}, not {LOOPBACK}; it was shut down. Put "
-                "gradwire.ray_env.local_ray_env() in the environment before ray is first imported"
-            )
-        self._dashboard_url = _http(context.dashboard_url or f"{LOOPBACK}:{port}")
-        log.info("embedded Ray head started in %.1f s (temp dir %s)", time.monotonic() - started, temp_dir)
+            deadline = time.monotonic() + self.start_wait_s
+            self._wait(deadline, self._head_error, "the embedded Ray head")
+        except BaseException:
+            self._stop_head()
+            raise
+        log.info(
+            "embedded Ray head up in %.1f s: PID %d, Jobs API %s, agent %s, temp dir %s",
+            time.monotonic() - started, self._head.pid, self._dashboard_url, self._agent_url, temp_dir,
+        )  # fmt: skip
 
-    def _wait_for_jobs_api(self, wait_s: float, hint: str = "") -> None:
-        deadline = time.monotonic() + wait_s
+    def _wait(self, deadline: float, problem: Callable[[], str | None], what: str) -> None:
+        """Poll ``problem()`` until it says nothing is wrong (``None``) or the deadline passes."""
         while True:
-            try:
-                self._client = self._new_client()
+            error = problem()
+            if error is None:
                 return
-            except Exception as err:  # the dashboard's HTTP server starts after ray.init returns
-                if time.monotonic() > deadline:
-                    raise RayUnavailable(
-                        f"the Ray Jobs API at {self._dashboard_url} did not answer within {wait_s:g} s "
-                        f"({err}){hint}"
-                    ) from err
-                time.sleep(0.5)
+            if self._head is not None and self._head.poll() is not None:
+                raise RayUnavailable(
+                    f"{what} exited with code {self._head.returncode} before it was ready "
+                    f"({error}); its log ({self._head_log}) ends:\n{self._head_log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                tail = f"; its log ({self._head_log}) ends:\n{self._head_log_tail()}" if self._head else ""
+                raise RayUnavailable(f"{what} was not ready within {self.start_wait_s:g} s: {error}{tail}")
+            time.sleep(0.5)
 
-    def _new_client(self):
-        cls = _job_client_class()
-        # JobSubmissionClient prefers RAY_API_SERVER_ADDRESS / RAY_ADDRESS over its argument;
-        # the URL is given explicitly, so drop them for the constructor's look-up only
-        saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
+    def _head_error(self) -> str | None:
+        """What keeps the embedded head from taking jobs (``None``: nothing)."""
+        return self._jobs_api_error() or self._agent_error() or self._resources_error()
+
+    def _jobs_api_error(self) -> str | None:
         try:
-            client = cls(address=self._dashboard_url)
-        finally:
-            os.environ.update(saved)
-        client.request_timeout_s = self.request_timeout_s
-        return client
+            version = _get_json(f"{self._dashboard_url}/api/version", min(5.0, self.request_timeout_s))
+        except Exception as err:
+            return f"the Jobs API at {self._dashboard_url} does not answer ({err})"
+        if not isinstance(version, dict) or "ray_version" not in version:
+            return f"{self._dashboard_url} is not a Ray dashboard (GET /api/version: {version!r})"
+        return None
+
+    def _agent_error(self) -> str | None:
+        if self._agent_url is None:
+            return None
+        try:
+            with urllib.request.urlopen(f"{self._agent_url}/api/healthz", timeout=5.0) as answer:
+                answer.read()
+        except Exception as err:
+            return (
+                f"the Ray dashboard agent at {self._agent_url}, which starts job drivers, does not "
+                f"answer ({err})"
+            )
+        return None
+
+    def _resources_error(self) -> str | None:
+        try:
+            self._read_resources()
+        except RayUnavailable as err:
+            return str(err)
+        return None
+
+    def _head_log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self._head_log.read_text(errors="replace") if self._head_log else ""
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.rstrip().splitlines()[-lines:]) or "(empty)"
 
     def shutdown(self) -> None:
-        """Shut Ray down if this object started it (an embedded head, or its driver connection to a
-        joined cluster); a Ray found already initialised in the process is left alone."""
+        """Stop the embedded head if this object started it (a cluster given by address is left
+        alone)."""
         self._client = None
-        if self._owns_ray:
-            import ray
-
-            ray.shutdown()
-            self._owns_ray = False
+        self._stop_head()
         self._started = False
+
+    def _stop_head(self) -> None:
+        head, self._head = self._head, None
+        if head is None:
+            return
+        if head.poll() is None:
+            head.send_signal(signal.SIGTERM)  # `ray start --block` drains and stops its processes
+            try:
+                head.wait(STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                log.warning("the embedded Ray head (PID %d) did not stop; killing it", head.pid)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(head.pid, signal.SIGKILL)  # leftovers of its own session only
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(10)
 
     def __enter__(self) -> RayCluster:
         return self.start()
@@ -269,119 +337,153 @@ class RayCluster:
 
     @property
     def dashboard_url(self) -> str:
-        """``http://host:port`` of the dashboard that serves the Jobs API (once started)."""
-        self._require_started()
-        assert self._dashboard_url is not None
+        """``http://host:port`` of the dashboard that serves the Jobs API."""
+        if self._dashboard_url is None:
+            raise RayUnavailable("the embedded Ray head is not started (call RayCluster.start())")
         return self._dashboard_url
 
     @property
     def gcs_address(self) -> str | None:
-        """The cluster's GCS address (``host:port``), what ``RAY_ADDRESS`` would hold."""
+        """The embedded head's GCS address (``host:port``: what a Ray driver or a worker
+        node's ``ray start --address`` joins); ``None`` for a cluster given by address."""
         return self._gcs_address
+
+    def ready(self) -> str | None:
+        """``None`` when the Jobs API would take a job now; else what is wrong (for ``/readyz``)."""
+        if self.embedded and self._head is not None and self._head.poll() is not None:
+            return f"the embedded Ray head (PID {self._head.pid}) exited with code {self._head.returncode}"
+        return self._jobs_api_error() or self._agent_error()
 
     def resources(self, *, timeout_s: float | None = None) -> dict[str, dict[str, float]]:
         """``{"total": {...}, "available": {...}}``: Ray's resources (CPU, GPU, memory, ...) summed
-        over the cluster's live nodes; per-node marker resources (``node:...``) are left out.
+        over the cluster's live nodes, from the dashboard's ``/api/cluster_status``; per-node
+        marker resources (``node:...``) are left out. Raises :class:`RayUnavailable`."""
+        self._require_address()
+        return self._read_resources(timeout_s)
 
-        With ``timeout_s``, gives up after that long (a Ray whose head died can block the call
-        for a long time). Raises :class:`RayUnavailable`.
-        """
-        self._require_started()
-        if timeout_s is not None:
-            return _with_timeout(self.resources, timeout_s, "reading the Ray cluster's resources")
-        import ray
-
+    def _read_resources(self, timeout_s: float | None = None) -> dict[str, dict[str, float]]:
+        url = f"{self._dashboard_url}/api/cluster_status"
         try:
-            total = ray.cluster_resources()
-            available = ray.available_resources()
+            document = _get_json(url, timeout_s or self.request_timeout_s)
         except Exception as err:
-            raise RayUnavailable(f"cannot read the Ray cluster's resources: {err}") from err
-        return {"total": _plain(total), "available": _plain(available)}
+            raise RayUnavailable(f"cannot read the Ray cluster's resources from {url}: {err}") from err
+        status = ((document or {}).get("data") or {}).get("clusterStatus") or {}
+        usage = (status.get("loadMetricsReport") or {}).get("usage")
+        if not usage:
+            raise RayUnavailable(f"Ray has not published its cluster status yet ({url})")
+        total, available = {}, {}
+        for name, pair in usage.items():
+            if name.startswith("node:"):
+                continue
+            used, whole = float(pair[0]), float(pair[1])
+            key = _snake(name)
+            total[key], available[key] = whole, max(0.0, whole - used)
+        return {"total": dict(sorted(total.items())), "available": dict(sorted(available.items()))}
 
-    def jobs_client(self):
-        """The ``ray.job_submission.JobSubmissionClient`` for this cluster's Jobs API (one, reused;
-        its calls are thread-safe and time out after ``request_timeout_s``)."""
-        self._require_started()
+    def jobs_client(self) -> _TimedJobs:
+        """The public ``ray.job_submission.JobSubmissionClient`` for this cluster's Jobs API (one,
+        reused), each call given ``request_timeout_s`` to answer (:class:`RayUnavailable` after)."""
+        self._require_address()
         with self._client_lock:
             if self._client is None:
                 try:
-                    self._client = self._new_client()
+                    self._client = _call(self._new_client, self.request_timeout_s, "connecting to")
+                except RayUnavailable:
+                    raise
                 except Exception as err:
                     raise RayUnavailable(
                         f"the Ray Jobs API at {self._dashboard_url} is unreachable: {err}"
                     ) from err
-            return self._client
+            return _TimedJobs(self._client, self.request_timeout_s)
+
+    def _new_client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        # the URL is given explicitly; RAY_ADDRESS (often a GCS address) must not be consulted
+        saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
+        try:
+            return JobSubmissionClient(address=self._dashboard_url)
+        finally:
+            os.environ.update(saved)
 
     def job_env(self) -> dict[str, str]:
-        """Environment variables every job driver should get: the loopback recipe for an embedded
-        head (a joined multi-node cluster must not get it: it pins node addresses to 127.0.0.1)."""
+        """Environment variables every job driver should get: the loopback recipe for the embedded
+        head (a multi-node cluster must not get it: it pins node addresses to 127.0.0.1)."""
         return dict(local_ray_env()) if self.embedded else {}
 
-    def _require_started(self) -> None:
-        if not self._started:
-            raise RayUnavailable("the Ray cluster is not started (call RayCluster.start())")
+    def _require_address(self) -> None:
+        if self._dashboard_url is None:
+            raise RayUnavailable("the embedded Ray head is not started (call RayCluster.start())")
 
 
-def _loopback_even_if_imported_early() -> None:
-    """Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` into a module constant when it is first
-    imported; if that import came before :func:`apply_local_ray_env`, the constant still says
-    "cluster" and the head would pick the machine's external address. Ray consults the constant
-    at call time, so setting it now is enough (the processes Ray spawns read the environment)."""
-    try:
-        from ray._private import ray_constants
-    except ImportError:  # a Ray without this private module: the address check after init decides
-        return
-    if os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR) == "0":
-        ray_constants.ENABLE_RAY_CLUSTER = False
+class _TimedJobs:
+    """A ``JobSubmissionClient``'s methods, each abandoned after ``timeout_s`` (Ray's own HTTP
+    calls have none, so a wedged dashboard would stall the scheduler forever). Ray's errors pass
+    through unchanged (``is_not_found`` still reads them); a timeout raises :class:`RayUnavailable`."""
+
+    def __init__(self, client: Any, timeout_s: float) -> None:
+        self._client, self._timeout_s = client, timeout_s
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._client, name)
+        if not callable(method) or name.startswith("_"):
+            raise AttributeError(name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            return _call(lambda: method(*args, **kwargs), self._timeout_s, name)
+
+        return timed
 
 
-def _plain(resources: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in sorted(resources.items()) if not k.startswith("node:")}
-
-
-def _dashboard_url_of_this_ray() -> str | None:
-    """The dashboard address of the Ray this process is connected to, if it runs one."""
-    import ray
-
-    try:
-        from ray._private.worker import get_dashboard_url  # not public; stable since Ray 1.x
-
-        url = get_dashboard_url()
-    except Exception:
-        url = None
-    if url:
-        return str(url)
-    try:  # ask the GCS: the dashboard registers its address in the internal KV store
-        from ray._private import ray_constants
-        from ray.experimental.internal_kv import _internal_kv_get
-
-        raw = _internal_kv_get(
-            ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD
-        )
-    except Exception:
-        raw = None
-    del ray
-    return raw.decode() if raw else None
-
-
-def _with_timeout(fn: Callable[[], _T], timeout_s: float, what: str) -> _T:
-    """``fn()`` on a helper thread, abandoned (RayUnavailable) if it takes longer than ``timeout_s``."""
+def _call(fn: Callable[[], _T], timeout_s: float, what: str) -> _T:
+    """``fn()`` on a helper thread: its result or its own exception, or :class:`RayUnavailable`
+    (the thread abandoned) when it takes longer than ``timeout_s``."""
     box: dict[str, Any] = {}
 
-    def call() -> None:
+    def run() -> None:
         try:
             box["value"] = fn()
         except BaseException as err:
             box["error"] = err
 
-    thread = threading.Thread(target=call, name="gradwire-ray-call", daemon=True)
+    thread = threading.Thread(target=run, name=f"gradwire-ray-{what}", daemon=True)
     thread.start()
     thread.join(timeout_s)
     if thread.is_alive():
-        raise RayUnavailable(f"{what}: Ray did not answer within {timeout_s:g} s")
+        raise RayUnavailable(f"Ray Jobs API ({what}): no answer within {timeout_s:g} s")
     if "error" in box:
-        err = box["error"]
-        if isinstance(err, RayUnavailable):
-            raise err
-        raise RayUnavailable(f"{what}: {err}") from err
+        raise box["error"]
     return box["value"]
+
+
+def _get_json(url: str, timeout_s: float) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout_s) as answer:
+        return json.loads(answer.read().decode())
+
+
+def _snake(name: str) -> str:
+    """The dashboard camel-cases its JSON keys (``objectStoreMemory``); Ray's own names are
+    ``object_store_memory``. Names that start upper-case (``CPU``, ``GPU``) are left as they are."""
+    if not name[:1].islower():
+        return name
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name)
+
+
+def _whole(value: float, what: str) -> int:
+    if float(value) != int(value):
+        raise RayUnavailable(f"{what}={value}: `ray start` takes whole numbers for the embedded head")
+    return int(value)
+
+
+def _ray_cli() -> str:
+    """The ``ray`` command of the Ray installed with this Python."""
+    beside = Path(sys.executable).with_name("ray")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("ray")
+    if found:
+        return found
+    raise RayUnavailable(
+        "cannot start the embedded Ray head: no `ray` command next to this Python or on PATH "
+        "(install the 'ray' extra), or give the address of a running Ray's Jobs API"
+    )

@@ -66,6 +66,8 @@ def serve(
         import uvicorn
 
         from gradwire.server.app import create_app
+        from gradwire.server.instance_lock import AlreadyRunning
+        from gradwire.server.ray_cluster import RayUnavailable
         from gradwire.server.service import Coordinator
         from gradwire.server.settings import Settings
 
@@ -76,7 +78,12 @@ def serve(
         raise _fail(err, 2) from None
     Path(".gradwire").mkdir(exist_ok=True)
     console = Console(stderr=True)
-    with Coordinator.from_settings(settings, num_cpus=num_cpus) as coordinator:
+    coordinator = Coordinator.from_settings(settings, num_cpus=num_cpus)
+    try:  # a second coordinator in this folder, or a Ray head that cannot start: say so, exit 1
+        coordinator.start()
+    except (AlreadyRunning, RayUnavailable) as err:
+        raise _fail(Exception(f"gradwire serve: {err}")) from None
+    with coordinator:
         app = create_app(
             settings, store=coordinator.store, metrics=coordinator.metrics, control=coordinator.control
         )

@@ -14,8 +14,8 @@ and the tests check what it saw:
 No Ray job is needed to show that a job larger than the cluster fails at once, that start-up
 reconciliation fails a job Ray never saw, or that restarts are found in telemetry.
 
-This module starts Ray in the pytest process unless a Ray *with a dashboard* is already running
-there (the e2e session fixture), which it then shares and leaves running.
+The Ray is the e2e session's embedded head (a child process of pytest); the coordinator reaches
+it by its Jobs API address alone, as it would a remote cluster, and leaves it running.
 """
 
 from __future__ import annotations
@@ -109,7 +109,10 @@ def cluster(local_ray, pytestconfig):
 @pytest.fixture(scope="module")
 def coordinator(cluster, tmp_path_factory):
     data = tmp_path_factory.mktemp("coordinator")
-    with Coordinator(database_url=f"sqlite:///{data}/coordinator.db", data_dir=data, poll_s=0.5) as coord:
+    with Coordinator(
+        database_url=f"sqlite:///{data}/coordinator.db", data_dir=data, poll_s=0.5,
+        ray_address=cluster.dashboard_url,  # the Jobs API address alone
+    ) as coord:  # fmt: skip
         assert coord.cluster is not None and not coord.cluster.owns_ray  # shares the module's Ray
         yield coord
 
@@ -221,7 +224,7 @@ def test_restart_in_telemetry_is_recorded_once(tmp_path):
     store = JobStore(f"sqlite:///{tmp_path}/restart.db")
     metrics = CoordinatorMetrics()
     # the cluster is never asked: restarts are found in telemetry alone
-    scheduler = Scheduler(store, RayCluster(), metrics, telemetry_address="127.0.0.1:1", spec_dir=tmp_path)
+    scheduler = Scheduler(store, RayCluster(), metrics, telemetry_address="127.0.0.1:1")
     job, _ = store.create(spec("sched-restart", tmp_path))
     store.transition(job.id, JobState.STARTING, "test", ray_job_id=submission_id(job.id))
     store.transition(job.id, JobState.RUNNING, "test")
@@ -306,9 +309,7 @@ def test_diverging_job_fails_with_the_reason(flow):
 def test_reconcile_follows_ray_and_fails_lost_jobs(flow, cluster, tmp_path):
     """A restarted coordinator's store: one job per case, checked against Ray's own records."""
     store = JobStore(f"sqlite:///{tmp_path}/reconcile.db")
-    scheduler = Scheduler(
-        store, cluster, CoordinatorMetrics(), telemetry_address="127.0.0.1:1", spec_dir=tmp_path
-    )
+    scheduler = Scheduler(store, cluster, CoordinatorMetrics(), telemetry_address="127.0.0.1:1")
     known = {"ok": flow.jobs["ok"].ray_job_id, "long": flow.jobs["long"].ray_job_id}
     assert all(known.values()), flow.errors
 

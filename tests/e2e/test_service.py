@@ -38,7 +38,10 @@ def served(local_ray, tmp_path_factory):
         port=free_port(), grpc_port=0, database_url=f"sqlite:///{data}/coordinator.db",
         checkpoint_root=str(tmp_path_factory.getbasetemp()),  # the tests' storages are tmp folders
     )  # fmt: skip
-    with Coordinator(database_url=settings.database_url, data_dir=data, poll_s=0.5) as coordinator:
+    coordinator = Coordinator(
+        database_url=settings.database_url, data_dir=data, poll_s=0.5, ray_address=local_ray.dashboard_url
+    )
+    with coordinator:
         parts = {"store": coordinator.store, "metrics": coordinator.metrics, "control": coordinator.control}
         app = create_app(settings, **parts)
         config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning")

@@ -58,7 +58,7 @@ class Telemetry:
         self.store = JobStore(f"sqlite:///{tmp}/jobs.db")
         self.metrics = CoordinatorMetrics()
         self.scheduler = Scheduler(
-            self.store, RayCluster(), self.metrics, telemetry_address=None, spec_dir=tmp
+            self.store, RayCluster(), self.metrics, telemetry_address=None
         )
         self.gate = TelemetryGate(TelemetryBounds(max_bytes_per_step=CAP, max_clock_skew_s=60.0))
         self.gate.attach(self.store)
