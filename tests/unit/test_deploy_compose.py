@@ -21,7 +21,6 @@ Ray's CLI is asked for its flags in a subprocess.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -44,6 +43,8 @@ DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 SERVICES = {"ray-head", "ray-worker", "coordinator", "prometheus", "grafana"}
 #: services that run the gradwire image (built from deploy/Dockerfile)
 GRADWIRE_SERVICES = ("ray-head", "ray-worker", "coordinator")
+#: the services that are Ray nodes (the coordinator reaches Ray by its Jobs API only)
+RAY_NODES = ("ray-head", "ray-worker")
 #: services that check credentials themselves, and those that do not
 AUTHENTICATING = {"coordinator": "BIND_ADDRESS", "grafana": "BIND_ADDRESS"}
 UNAUTHENTICATED = {"ray-head": "NOAUTH_BIND_ADDRESS", "prometheus": "NOAUTH_BIND_ADDRESS"}
@@ -518,7 +519,7 @@ def test_coordinator_environment_is_accepted_by_gradwire(coordinator_settings, s
     assert settings.host == "0.0.0.0" and settings.grpc_host == "0.0.0.0"
     assert settings.auth_enabled
     head = flags(ray_start(services["ray-head"]))
-    assert settings.ray_address == f"ray-head:{head['--port']}"
+    assert settings.ray_address == f"http://ray-head:{head['--dashboard-port']}"  # the Jobs API alone
     assert settings.telemetry_address() == f"coordinator:{settings.grpc_port}"
     exposed = set(map(int, services["coordinator"]["expose"]))
     assert {settings.port, settings.grpc_port} <= exposed
@@ -528,23 +529,18 @@ def test_the_cluster_addresses_agree(services: dict[str, dict]) -> None:
     head = flags(ray_start(services["ray-head"]))
     assert "--head" in head and "--block" in head
     assert head["--dashboard-host"] == "0.0.0.0", "the coordinator reaches the Jobs API over the network"
-    for name in ("ray-worker", "coordinator"):
-        joined = flags(ray_start(services[name]))
-        assert joined["--address"] == f"ray-head:{head['--port']}", name
     worker = flags(ray_start(services["ray-worker"]))
+    assert worker["--address"] == f"ray-head:{head['--port']}"
     assert "--block" in worker, "the worker container must live as long as its raylet"
-    coordinator = flags(ray_start(services["coordinator"]))
-    assert coordinator["--num-cpus"] == "0" and coordinator["--num-gpus"] == "0", "no training there"
     env = services["coordinator"]["environment"]
-    assert env["RAY_OVERRIDE_DASHBOARD_URL"] == f"http://ray-head:{head['--dashboard-port']}"
-    metrics_ports = {flags(ray_start(services[n]))["--metrics-export-port"] for n in GRADWIRE_SERVICES}
+    assert env["RAY_ADDRESS"] == f"http://ray-head:{head['--dashboard-port']}"
+    metrics_ports = {flags(ray_start(services[n]))["--metrics-export-port"] for n in RAY_NODES}
     assert len(metrics_ports) == 1, "give every Ray node the same metrics port"
 
 
-def test_the_coordinator_serves_after_joining(services: dict[str, dict]) -> None:
-    lines = command_lines(services["coordinator"])
-    assert lines[0][:2] == ["ray", "start"] and "--block" not in lines[0]
-    assert lines[-1] == ["exec", "gradwire", "serve"]
+def test_the_coordinator_is_no_ray_node(services: dict[str, dict]) -> None:
+    assert command_lines(services["coordinator"]) == [["gradwire", "serve"]]  # no `ray start`
+    assert "RAY_OVERRIDE_DASHBOARD_URL" not in services["coordinator"]["environment"]
 
 
 def test_ray_auth_mode_is_explicit_and_the_same_everywhere(services: dict[str, dict]) -> None:
@@ -583,7 +579,7 @@ def test_the_commands_exist(services: dict[str, dict]) -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     known = set(re.findall(r"--[a-z0-9][a-z0-9-]*", done.stdout))
-    for name in GRADWIRE_SERVICES:
+    for name in RAY_NODES:
         unknown = set(flags(ray_start(services[name]))) - known
         assert not unknown, f"{name}: `ray start` has no {sorted(unknown)}"
 
@@ -594,8 +590,9 @@ def test_the_commands_exist(services: dict[str, dict]) -> None:
 def test_named_volumes_are_declared_and_used(resolved: dict) -> None:
     used = set().union(*(named_mounts(s) for s in resolved["services"].values()))
     assert used == set(resolved.get("volumes", {})), "volumes used but not declared, or declared but unused"
-    for name in ("jobstore", "checkpoints", "specs", "prometheus-data", "grafana-data"):
+    for name in ("jobstore", "checkpoints", "prometheus-data", "grafana-data"):
         assert name in used
+    assert "specs" not in used, "specs travel with each Ray job; no folder is shared for them"
 
 
 def test_working_directories_match_the_image(services: dict[str, dict]) -> None:
@@ -604,17 +601,13 @@ def test_working_directories_match_the_image(services: dict[str, dict]) -> None:
         assert services[name]["working_dir"] == workdir, name
 
 
-def test_specs_and_checkpoints_are_shared_where_gradwire_resolves_them(services: dict[str, dict]) -> None:
-    from gradwire.server.service import Coordinator
+def test_checkpoints_are_shared_where_gradwire_resolves_them(services: dict[str, dict]) -> None:
     from gradwire.spec import CheckpointSpec
 
     workdir = PurePosixPath(dockerfile_workdir())
-    data_dir = inspect.signature(Coordinator.__init__).parameters["data_dir"].default
-    specs = str(workdir / data_dir / "specs")  # where the scheduler writes, relative to the coordinator
     checkpoints = str(workdir / CheckpointSpec.model_fields["storage"].default)  # relative to the driver
     for name in GRADWIRE_SERVICES:
         named = named_mounts(services[name])
-        assert named.get("specs") == specs, f"{name}: specs volume not at {specs}"
         assert named.get("checkpoints") == checkpoints, f"{name}: checkpoints volume not at {checkpoints}"
 
 
