@@ -25,25 +25,27 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # Debian packages some tests use (a real Prometheus and promtool, docker-compose to validate the
-# compose file, iproute2's ip and tc for the shaped-link harness): installed when missing and we
+# compose file, iproute2's ip and tc for the shaped-link harness, PostgreSQL's server binaries for
+# the job-store tests, which start a throwaway cluster of their own): installed when missing and we
 # are root with apt-get; otherwise their tests skip. Debian's prometheus package would start a
 # Prometheus service on every interface: where no policy-rc.d exists, one that answers 101 ("do not
 # start") is in place for this apt-get only, so no service starts (tests run their own Prometheus
 # on 127.0.0.1) and nothing has to be stopped afterwards. An existing policy-rc.d is left as it is.
 POLICY_RC := /usr/sbin/policy-rc.d
 system-deps:
-	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null || ! command -v tc >/dev/null; then \
+	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null || ! command -v tc >/dev/null \
+	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    made_policy=; \
 	    if [ ! -e $(POLICY_RC) ]; then \
 	      printf '#!/bin/sh\n# written by gradwire make system-deps for one apt-get; removed after it\nexit 101\n' > $(POLICY_RC) \
 	        && chmod 755 $(POLICY_RC) && made_policy=1; \
 	    fi; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus docker-compose iproute2 >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus docker-compose iproute2 postgresql >/dev/null; \
 	    status=$$?; \
 	    if [ -n "$$made_policy" ]; then rm -f $(POLICY_RC); fi; \
 	    [ $$status = 0 ] || exit $$status; \
-	  else echo "promtool, docker-compose or tc missing and no root apt-get: their tests will be skipped"; fi; fi
+	  else echo "promtool, docker-compose, tc or PostgreSQL missing and no root apt-get: their tests will be skipped"; fi; fi
 
 # the coordinator on 127.0.0.1 with an embedded Ray; one digits job submitted over REST, followed to the end
 demo: setup

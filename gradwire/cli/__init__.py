@@ -6,6 +6,7 @@ It is the only package that may import the worker runtime (``gradwire.worker``),
 * :mod:`~gradwire.cli.commands` — the typer app: ``compressors``, ``train``, ``--version``;
 * :mod:`~gradwire.cli.service` — ``serve``, ``submit`` and ``jobs``;
 * :mod:`~gradwire.cli.remote` — the client of the coordinator's REST API;
+* :mod:`~gradwire.cli.db` — ``db upgrade`` and ``db current`` (the job store's migrations);
 * :mod:`~gradwire.cli.plan` — ``plan``, with :mod:`~gradwire.cli.costmodel` and ``calibration.json``;
 * :mod:`~gradwire.cli.console` — the progress bar and the run summary;
 * :mod:`~gradwire.cli.extras` — which extra a command needs.

@@ -28,6 +28,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
         "uvicorn",
         "pydantic_settings",
         "sqlalchemy",
+        "alembic",
         "prometheus_client",
         "yaml",
         "ray",

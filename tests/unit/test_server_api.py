@@ -1,4 +1,5 @@
-"""The coordinator's REST API on a real SQLite file and real metrics: every route and error path."""
+"""The coordinator's REST API on a real store (a SQLite file, and a PostgreSQL server: ``store_url``
+in tests/conftest.py) and real metrics: every route and error path."""
 
 from __future__ import annotations
 
@@ -84,11 +85,13 @@ def spec() -> dict[str, Any]:
 
 
 @pytest.fixture
-def make_api(tmp_path: Path) -> Iterator[Callable[..., Api]]:
+def make_api(store_url: str, tmp_path: Path) -> Iterator[Callable[..., Api]]:
     stores: list[JobStore] = []
 
     def make(control: Callable[[JobStore], JobControl] = FakeScheduler, **settings: Any) -> Api:
-        store = JobStore(f"sqlite:///{tmp_path / f'jobs{len(stores)}.db'}")
+        # SQLite: a file per app; PostgreSQL: the test's database, shared by the test's apps
+        sqlite = f"sqlite:///{tmp_path / f'jobs{len(stores)}.db'}"
+        store = JobStore(sqlite if store_url.startswith("sqlite") else store_url)
         stores.append(store)
         ctl = control(store)
         app = create_app(

@@ -1,10 +1,11 @@
 """Load: 1000 job submissions from 50 concurrent clients against a real uvicorn server on loopback.
 
-The coordinator runs as it would in production (uvicorn on a socket bound to 127.0.0.1, a SQLite
-file store, bearer auth) with :class:`NullControl` as its scheduler side: no cluster, so nothing
-is ever admitted and every job stays QUEUED. 50 threads, each with its own ``httpx.Client``,
-submit 20 jobs apiece with distinct names and an ``Idempotency-Key`` each; two submissions per
-client (10 %) are sent again later with the same key and body.
+The coordinator runs as it would in production (uvicorn on a socket bound to 127.0.0.1, a job
+store in a SQLite file or on a PostgreSQL server (``store_url``, tests/conftest.py), bearer auth)
+with :class:`NullControl` as its scheduler side: no cluster, so nothing is ever admitted and
+every job stays QUEUED. 50 threads, each with its own ``httpx.Client``, submit 20 jobs apiece
+with distinct names and an ``Idempotency-Key`` each; two submissions per client (10 %) are sent
+again later with the same key and body.
 
 Afterwards the store must hold exactly 1000 jobs: every id a client was given, no other, all
 QUEUED, each with its submission as its only event; each client's jobs in the order that client
@@ -96,11 +97,11 @@ class ServerThread:
 
 
 @pytest.fixture
-def coordinator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, JobStore]]:
+def coordinator(store_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, JobStore]]:
     for name in list(os.environ):  # an operator's GRADWIRE_* settings must not change the app
         if name.upper().startswith("GRADWIRE_") or name.upper() == "RAY_ADDRESS":
             monkeypatch.delenv(name)
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store = JobStore(store_url)
     app = create_app(Settings(tokens=(TOKEN,)), store=store, control=NullControl(store))
     with ServerThread(app) as server:
         yield server.url, store
