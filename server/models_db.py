@@ -7,21 +7,24 @@ Tables:
 
 - ``jobs``: one row per submitted job. ``seq`` is the primary key, an integer that only grows
   (SQLite ``AUTOINCREMENT``, so a deleted job's number is never reused); it is the FIFO and
-  listing order. ``id`` is the public id (``job-`` + 12 hex digits).
+  listing order. ``id`` is the public id (``job-`` + 12 hex digits). ``owner`` is the name of
+  the principal that submitted it (server/principals.py; NULL for jobs stored before owners were
+  recorded); an ``idempotency_key`` is unique per owner (``uq_jobs_owner_idempotency_key``, since
+  schema version 2; version 1 had the key unique on its own).
 - ``job_events``: the state history, one row per transition (the submission included), numbered
   per job from 1.
 - ``job_points``: the telemetry time series, one row per (job, rank, step); the unique key lets
   the at-least-once gRPC sink store a report twice without duplicating it.
 - ``job_telemetry_keys``: per launched job, the SHA-256 digest (hex) of the secret its workers
-  send with their telemetry (never the secret itself). A table of its own, so ``create_all`` adds
-  it to a version-1 database without altering a table (an older coordinator ignores it), and the
-  digest is never part of a job record or an API response.
+  send with their telemetry (never the secret itself). A table of its own, so the digest is
+  never part of a job record or an API response.
 - ``gradwire_schema``: a single row holding :data:`SCHEMA_VERSION`.
 
-Schema changes: the tables are created with ``create_all`` on start-up, which never alters an
-existing table. The first change to the schema should bring in Alembic, with a first revision
-equal to version 1 here; :func:`init_schema` is the hook, and it refuses to open a database
-whose recorded version differs from the code's instead of guessing.
+Schema changes: the tables are made and changed by the Alembic migrations of
+:mod:`gradwire.server.schema` (``server/migrations/versions/``), run when a store opens and by
+``gradwire db upgrade``; a change here needs a new revision there (a test compares the newest
+revision with these models). ``gradwire_schema`` is what the release before migrations read: it
+holds 1 there and 2 from migration 0002 on, so that release refuses a migrated database.
 
 SQLite (the default): every connection turns on foreign keys and WAL journaling (readers do
 not block the writer) with ``synchronous=NORMAL``: a committed transaction survives a crash of
@@ -60,15 +63,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
 from gradwire.server.states import JobState
 
-#: Version of the table layout below; bump it (with an Alembic revision) whenever it changes.
-SCHEMA_VERSION = 1
+#: What ``gradwire_schema`` holds: 1 in the release before migrations (which reads only 1), 2 once
+#: Alembic manages the schema (migration 0002; the revision itself is in ``alembic_version``).
+SCHEMA_VERSION = 2
 
 #: Execution option read by the SQLite ``begin`` hook: ``"IMMEDIATE"`` takes the write lock at
 #: ``BEGIN``; anything else (the default) starts a deferred, read-first transaction.
@@ -125,6 +128,7 @@ class JobRow(Base):
     __table_args__ = (
         Index("ix_jobs_queue", "state", "priority", "seq"),
         Index("ix_jobs_name", "name", "seq"),
+        UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
         {"sqlite_autoincrement": True},
     )
 
@@ -134,7 +138,7 @@ class JobRow(Base):
     state: Mapped[JobState]
     priority: Mapped[int] = mapped_column(default=0)
     spec: Mapped[dict[str, Any]]
-    idempotency_key: Mapped[str | None] = mapped_column(String(256), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(256))  # unique per owner: __table_args__
     owner: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
@@ -243,30 +247,6 @@ def _configure_sqlite(engine: Engine, *, wal: bool) -> None:
 def writer(engine: Engine) -> Engine:
     """The same engine (same pool) whose transactions take the SQLite write lock at BEGIN."""
     return engine.execution_options(**{BEGIN_OPTION: "IMMEDIATE"})
-
-
-def init_schema(engine: Engine) -> None:
-    """Create missing tables and check (or record) the schema version.
-
-    This is where a migration would run: compare the stored version with
-    :data:`SCHEMA_VERSION` and upgrade. Until the first change there is nothing to upgrade, so a
-    different version is an error.
-    """
-    Base.metadata.create_all(engine)
-    try:
-        with writer(engine).begin() as connection:
-            found = connection.scalar(select(SchemaVersionRow.version).where(SchemaVersionRow.id == 1))
-            if found is None:
-                connection.execute(insert(SchemaVersionRow).values(id=1, version=SCHEMA_VERSION))
-                return
-    except IntegrityError:  # another process recorded the version first; read what it wrote
-        with engine.connect() as connection:
-            found = connection.scalar(select(SchemaVersionRow.version).where(SchemaVersionRow.id == 1))
-    if found != SCHEMA_VERSION:
-        raise SchemaMismatch(
-            f"the job store at {engine.url.render_as_string(hide_password=True)} has schema version "
-            f"{found}; this gradwire reads version {SCHEMA_VERSION}"
-        )
 
 
 def append_event(

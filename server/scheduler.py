@@ -21,19 +21,25 @@ One background thread polls (every ``poll_s``, or at once after :meth:`Scheduler
 
 3. **Launch.** The state is written first, then acted on: QUEUED → STARTING, with the Ray
    submission id ``gradwire-<job id>`` stored, *then* ``JobSubmissionClient.submit_job``. The
-   entrypoint is ``<python> -m gradwire.cli train <spec file> --job-id <id> --telemetry <addr>
-   --no-progress``; ``--job-id`` names the job's Ray Train run, so its checkpoints are its own.
+   entrypoint is ``<python> -m gradwire.cli train --spec-env GRADWIRE_JOB_SPEC --job-id <id>
+   --telemetry <addr> --no-progress``; ``--job-id`` names the job's Ray Train run, so its
+   checkpoints are its own.
 
-The spec reaches the driver as a JSON file under ``spec_dir`` (``resume_from: <job id>`` replaced
-by that job's run folder, ``resume.py``), so the coordinator and Ray must
-share that folder (true for an embedded head; docker-compose shares a volume). What needs no
+The spec travels with the job: its JSON (``resume_from: <job id>`` replaced by that job's run
+folder, ``resume.py``) is the ``GRADWIRE_JOB_SPEC`` variable of the Ray job's ``runtime_env``, so
+the coordinator and the cluster share no folder; it reaches Ray by the Jobs API address alone.
+The submission is retried (Ray answers "No available agent" while a head's agent starts, and a
+head may be briefly unreachable) with the scheduler lock *released*: the lock only covers the
+state changes, so a cancel is answered at once whatever Ray does, and a job cancelled while its
+submission was being retried is not submitted, or is stopped once Ray has it. What needs no
 thread has modules of its own: ``ray_jobs.py`` (submission ids, failure reasons), ``demand.py``
 (what a job asks of the cluster and whether it fits), ``restarts.py`` (restarts seen in
 telemetry), ``report_points.py`` (a StepReport as a stored point).
 
-Cancel writes CANCELLED before it stops the Ray job; whatever Ray reports afterwards for a
-cancelled job is ignored, and a stop that did not get through is retried every poll until Ray
-reports the job ended. Start-up :meth:`Scheduler.reconcile` applies the follow rules once to
+Cancel writes CANCELLED and returns; the Ray job is stopped on a helper thread (a Ray that does
+not answer cannot hold the caller). Whatever Ray reports afterwards for a cancelled job is
+ignored, and a stop that did not get through is retried every poll until Ray reports the job
+ended. Start-up :meth:`Scheduler.reconcile` applies the follow rules once to
 every non-terminal job (queued ones stay queued).
 
 Restarts come from telemetry: a rank reporting a step at or below one it reported before (the
@@ -52,9 +58,10 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
+from gradwire.policy import JobPolicy
+from gradwire.protos import TELEMETRY_TOKEN_ENV
 from gradwire.protos import telemetry_pb2 as pb
 from gradwire.server.control import ClusterUnavailable
 from gradwire.server.demand import Demand
@@ -67,16 +74,19 @@ from gradwire.server.restarts import RestartTracker
 from gradwire.server.resume import driver_spec
 from gradwire.server.states import TERMINAL_STATES, IllegalTransition, JobState
 from gradwire.server.store import JobStore
+from gradwire.server.telemetry_gate import new_secret, secret_digest
 from gradwire.spec import SpecError
 
 log = logging.getLogger(__name__)
 
 SUBMIT_ATTEMPTS, SUBMIT_BACKOFF_S = 6, 1.0  # while Ray answers "No available agent" (agent starting)
+#: the runtime_env variable that carries the job's spec (JSON) to its driver (`gradwire train --spec-env`)
+SPEC_ENV = "GRADWIRE_JOB_SPEC"
 #: the states of a job that has a Ray job (submitted, running, or being restored)
 LAUNCHED = (JobState.STARTING, JobState.RUNNING, JobState.RESTARTING)
 CANCELLED_BY_USER = "cancelled by user"
 
-__all__ = ["CANCELLED_BY_USER", "LAUNCHED", "Scheduler"]
+__all__ = ["CANCELLED_BY_USER", "LAUNCHED", "SPEC_ENV", "Scheduler"]
 
 
 class Scheduler:
@@ -85,7 +95,9 @@ class Scheduler:
     Implements the ``control`` protocol of :mod:`gradwire.server.control` (``cancel``, ``logs``,
     ``cluster``, ``wake``) and the telemetry sink's callback (:meth:`on_reports`).
     ``telemetry_address`` is the ``host:port`` workers send step reports to (settable until the
-    first launch). ``spec_dir``: where job specs are written for the drivers. A job Ray reports
+    first launch). ``policy``: what specs
+    may ask for (gradwire/policy.py), put in each job's environment so that its driver and
+    workers refuse what the REST door would have. A job Ray reports
     RUNNING counts as placed after ``placement_grace_s`` even if no telemetry arrived.
     """
 
@@ -98,16 +110,18 @@ class Scheduler:
         telemetry_address: str | None,
         poll_s: float = 0.5,
         python: str = sys.executable,
-        spec_dir: str | Path = ".gradwire/specs",
         placement_grace_s: float = 120.0,
         cluster_timeout_s: float = 10.0,
+        policy: JobPolicy | None = None,
+        telemetry_env: Mapping[str, str] | None = None,
     ) -> None:
         self.store, self.metrics = store, metrics
+        self.telemetry_env = dict(telemetry_env or {})  # e.g. GRADWIRE_TELEMETRY_CA for every job
+        self.policy = policy  # into every job's environment: its driver and workers check again
         self._cluster = cluster
         self.telemetry_address = telemetry_address
         self.poll_s = float(poll_s)
         self.python = python
-        self.spec_dir = Path(spec_dir).resolve()
         self.placement_grace_s = float(placement_grace_s)
         self.cluster_timeout_s = float(cluster_timeout_s)
         self._lock = threading.RLock()  # launch and cancel: state change and Ray call together
@@ -115,6 +129,7 @@ class Scheduler:
         self._unplaced: dict[str, float | None] = {}  # launched, not yet placed -> when Ray said RUNNING
         self._demands: dict[str, Demand] = {}
         self._stopping: dict[str, float] = {}  # submission id -> last stop request (monotonic)
+        self._aborts: dict[str, threading.Event] = {}  # job id -> set by cancel while it is submitted
         self._restarts = RestartTracker()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -168,11 +183,12 @@ class Scheduler:
     # ---------------------------------------------------------------- the control protocol
 
     def cancel(self, job_id: str) -> JobRecord:
-        """Cancel a job: CANCELLED is written first, then its Ray job (if any) is stopped (a stop
-        that does not get through is retried every poll). Returns the CANCELLED record; raises
-        :class:`StateConflict` for a finished job and :class:`JobNotFound` for an unknown one.
+        """Cancel a job: CANCELLED is written, then its Ray job (if any) is stopped on a helper
+        thread (a stop that does not get through is retried every poll), so the answer never
+        waits for Ray. Returns the CANCELLED record; raises :class:`StateConflict` for a finished
+        job and :class:`JobNotFound` for an unknown one.
         """
-        with self._lock:
+        with self._lock:  # held for store calls only, never for Ray's
             for attempt in range(3):  # the follow loop may move the job (STARTING → RUNNING) meanwhile
                 job = self.store.get(job_id)
                 if job.terminal:
@@ -185,9 +201,18 @@ class Scheduler:
                 except StateConflict:
                     if attempt == 2:
                         raise
+            with self._state:
+                abort = self._aborts.get(job_id)
+            if abort is not None:
+                abort.set()  # its submission, being retried, stops (or stops the Ray job it made)
             self._finished(job_id)
-            if job.state in LAUNCHED:
-                self._stop_ray_job(job.ray_job_id or submission_id(job_id))
+        if job.state in LAUNCHED:
+            sid = job.ray_job_id or submission_id(job_id)
+            with self._state:
+                self._stopping[sid] = time.monotonic()
+            threading.Thread(
+                target=self._stop_ray_job, args=(sid,), name=f"gradwire-stop-{job_id}", daemon=True
+            ).start()
         self.wake()  # its resources are free for the next job
         return record
 
@@ -207,8 +232,12 @@ class Scheduler:
 
     def cluster(self) -> dict[str, Any]:
         """``{"total": {...}, "available": {...}}`` of the Ray cluster; ``ClusterUnavailable`` when
-        Ray does not answer within ``cluster_timeout_s``."""
+        Ray does not answer within ``cluster_timeout_s``, or its Jobs API would not take a job now
+        (``RayCluster.ready``: the dashboard, and an embedded head's agent)."""
         try:
+            problem = self._cluster.ready()
+            if problem is not None:
+                raise ClusterUnavailable(problem)
             return self._cluster.resources(timeout_s=self.cluster_timeout_s)
         except ClusterUnavailable:
             raise
@@ -291,12 +320,11 @@ class Scheduler:
             return None
 
     def _finished(self, job_id: str) -> None:
-        """Forget a job that reached a terminal state (the reservation, restarts, its spec file)."""
+        """Forget a job that reached a terminal state (the reservation, restarts)."""
         with self._state:
             self._unplaced.pop(job_id, None)
             self._demands.pop(job_id, None)
             self._restarts.forget(job_id)
-        self._spec_file(job_id).unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- stop
 
@@ -374,56 +402,81 @@ class Scheduler:
         except SpecError:
             return Demand(0, 0.0, 0.0)
 
-    def _spec_file(self, job_id: str) -> Path:
-        return self.spec_dir / f"{job_id}.json"
-
     def entrypoint(self, job_id: str) -> str:
-        """The shell command the Ray job runs for ``job_id``."""
+        """The shell command the Ray job runs for ``job_id`` (its spec is in ``SPEC_ENV``)."""
         if not self.telemetry_address:
             raise RuntimeError("the scheduler has no telemetry address to give jobs")
-        spec = str(self._spec_file(job_id))
-        words = [self.python, "-m", "gradwire.cli", "train", spec, "--job-id", job_id]
+        words = [self.python, "-m", "gradwire.cli", "train", "--spec-env", SPEC_ENV, "--job-id", job_id]
         words += ["--telemetry", self.telemetry_address, "--no-progress"]
         return shlex.join(words)
 
     def _launch(self, job: JobRecord, demand: Demand) -> None:
+        """QUEUED → STARTING under the lock, then the submission, retried *outside* it."""
         sid = submission_id(job.id)
-        path = self._spec_file(job.id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".json.partial")
         try:
             spec = driver_spec(job.spec, self.store)  # resume_from: a job id becomes its run folder
         except JobNotFound as err:
             self._move(job, JobState.FAILED, f"resume_from: the job to resume is gone: {err}")
             return
-        partial.write_text(json.dumps(spec, indent=2), encoding="utf-8")
-        partial.replace(path)
         entrypoint = self.entrypoint(job.id)
+        abort = threading.Event()
         with self._lock:
+            # the job's telemetry secret: its digest is stored before the job can report (STARTING),
+            # the secret itself goes only into the Ray job's environment
+            secret = new_secret()
+            try:
+                self.store.set_telemetry_digest(job.id, secret_digest(secret))
+            except JobNotFound:
+                return
             started = self._move_launch(job, sid, demand)
             if started is None:
                 return
-            env = {"PYTHONUNBUFFERED": "1", **self._cluster.job_env()}
-            for attempt in range(SUBMIT_ATTEMPTS):
-                try:
-                    self._cluster.jobs_client().submit_job(
-                        entrypoint=entrypoint,
-                        submission_id=sid,
-                        runtime_env={"env_vars": env},
-                        metadata={"gradwire_job": job.id},
-                    )
-                    break
-                except Exception as err:
-                    if "already exists" in str(err):  # submitted before (another coordinator? a retry)
-                        log.warning("scheduler: Ray job %s already existed; following it", sid)
-                        return
-                    if "No available agent" in str(err) and attempt + 1 < SUBMIT_ATTEMPTS:
-                        # a Ray head that just started answers this until its job agent is up
-                        time.sleep(SUBMIT_BACKOFF_S * (attempt + 1))
-                        continue
+            with self._state:
+                self._aborts[job.id] = abort  # a cancel from now on sets it
+        try:
+            env = {"PYTHONUNBUFFERED": "1", **self._cluster.job_env(), **self.telemetry_env}
+            env[TELEMETRY_TOKEN_ENV] = secret
+            if self.policy is not None:
+                env.update(self.policy.to_env())
+            env[SPEC_ENV] = json.dumps(spec, separators=(",", ":"))  # the spec travels with the job
+            submitted = self._submit(started, sid, entrypoint, env, abort)
+        finally:
+            with self._state:
+                self._aborts.pop(job.id, None)
+        if submitted and abort.is_set():  # cancelled while the submission was in flight
+            self._stop_ray_job(sid)
+        elif submitted:
+            log.info("scheduler: launched %s as Ray job %s (%s)", job.id, sid, demand)
+
+    def _submit(
+        self, started: JobRecord, sid: str, entrypoint: str, env: dict[str, str], abort: threading.Event
+    ) -> bool:
+        """Submit the Ray job, retrying what may pass (no agent yet, Ray briefly unreachable) with
+        growing pauses that a cancel cuts short; whether Ray has the job. A submission that fails
+        for good fails the job."""
+        for attempt in range(SUBMIT_ATTEMPTS):
+            if abort.is_set():
+                return False
+            try:
+                self._cluster.jobs_client().submit_job(
+                    entrypoint=entrypoint,
+                    submission_id=sid,
+                    runtime_env={"env_vars": env},
+                    metadata={"gradwire_job": started.id},
+                )
+                return True
+            except Exception as err:
+                if "already exists" in str(err):  # submitted before (another coordinator? a retry)
+                    log.warning("scheduler: Ray job %s already existed; following it", sid)
+                    return True
+                if _retryable(err) and attempt + 1 < SUBMIT_ATTEMPTS:
+                    log.info("scheduler: submitting %s failed, retrying: %s", sid, err)
+                    abort.wait(SUBMIT_BACKOFF_S * (attempt + 1))  # no lock held
+                    continue
+                if not abort.is_set():
                     self._move(started, JobState.FAILED, f"could not submit the Ray job {sid}: {err}")
-                    return
-        log.info("scheduler: launched %s as Ray job %s (%s)", job.id, sid, demand)
+                return False
+        return False
 
     def _move_launch(self, job: JobRecord, sid: str, demand: Demand) -> JobRecord | None:
         try:
@@ -440,22 +493,28 @@ class Scheduler:
 
     # ---------------------------------------------------------------- telemetry
 
-    def on_reports(self, reports: list[pb.StepReport]) -> None:
-        """The telemetry sink's callback: store the points, feed the metrics, spot restarts. Reports of
-        jobs the store does not have are dropped (counted as ``unknown_job``, no series of their own)."""
+    def on_reports(self, reports: list[pb.StepReport]) -> list[pb.StepReport]:
+        """The telemetry sink's callback: store the points, then feed the metrics and spot restarts
+        from the reports of the jobs whose points the store took; returns those reports (the sink
+        counts the rest as dropped). A report of a step run again after a restore is kept (it
+        counts in the metrics, and shows the restart) though the store keeps the first point of
+        each (rank, step). Behind the coordinator's sink only authenticated reports within bounds
+        of open jobs get here (:mod:`gradwire.server.telemetry_gate`), so nothing else can move a
+        metric, a stored point or a job's state."""
         by_job: dict[str, list[pb.StepReport]] = {}
         for report in reports:
             by_job.setdefault(report.job_id, []).append(report)
+        kept: list[pb.StepReport] = []
         for job_id, batch in by_job.items():
             try:
                 self.store.add_points(job_id, [report_point(r) for r in batch])
             except JobNotFound:
                 log.debug("telemetry for unknown job %s dropped (%d reports)", job_id, len(batch))
-                self.metrics.reports_dropped("unknown_job", len(batch))
                 continue
             except Exception:
                 log.exception("could not store %d telemetry points of %s", len(batch), job_id)
-                self.metrics.reports_dropped("callback_error", len(batch))
+                continue
+            kept.extend(batch)
             self.metrics.observe_reports(batch)
             self._placed(job_id)
             for report in batch:
@@ -463,6 +522,7 @@ class Scheduler:
                     previous = self._restarts.observe(job_id, report.rank, report.step)
                 if previous is not None:
                     self._restarted(job_id, report.rank, previous, report.step)
+        return kept
 
     def _placed(self, job_id: str) -> None:
         with self._state:
@@ -493,3 +553,11 @@ class Scheduler:
             )  # fmt: skip
         except (StateConflict, IllegalTransition, JobNotFound) as err:
             log.debug("%s did not return to RUNNING: %s", job_id, err)
+
+
+def _retryable(err: BaseException) -> bool:
+    """Whether a failed submission may pass if tried again: a head whose job agent is not up yet
+    ("No available agent"), or a Jobs API that did not answer or refused the connection."""
+    if "No available agent" in str(err) or isinstance(err, (RayUnavailable, ConnectionError, TimeoutError)):
+        return True
+    return any(c.__name__ in ("ConnectionError", "Timeout") for c in type(err).__mro__)  # requests'

@@ -25,12 +25,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gradwire.policy import JobPolicy
+from gradwire.protos import TELEMETRY_CA_ENV
+from gradwire.server.instance_lock import InstanceLock
 from gradwire.server.metrics import CoordinatorMetrics
 from gradwire.server.ray_cluster import RayCluster
 from gradwire.server.records import JobRecord
 from gradwire.server.scheduler import Scheduler
 from gradwire.server.states import JobState
 from gradwire.server.store import DEFAULT_URL, JobStore
+from gradwire.server.telemetry_gate import TelemetryBounds, TelemetryGate
 from gradwire.server.telemetry_sink import TelemetrySink, is_loopback
 
 log = logging.getLogger(__name__)
@@ -46,8 +50,19 @@ class Coordinator:
     ``grpc_host`` / ``grpc_port``: where the telemetry sink listens (port 0: any free port; a host
     beyond loopback needs ``allow_remote_telemetry``). ``telemetry_address``: the ``host:port``
     the jobs' workers dial, when it differs from the sink's own address (a coordinator behind a
-    name or a NAT). ``data_dir``: where job specs are written for the Ray drivers (and the
-    embedded Ray's temp dir goes when its path is short enough).
+    name or a NAT). ``data_dir``: the coordinator's folder, locked while it runs (one coordinator
+    per folder, :mod:`gradwire.server.instance_lock`; the embedded Ray's temp dir goes there when
+    its path is short enough). ``ray_address`` / ``dashboard_address``: the cluster's Jobs API
+    (``http://head:8265``); ``ray_ports``: the embedded head's ``gcs_port``, ``dashboard_port``,
+    ``agent_port``, ``client_port`` (unset: free ports). ``policy``: what job specs may
+    ask for, put in every job's environment (``from_settings`` passes the settings'; without one,
+    as in tests, jobs run unconfined).
+
+    Telemetry: only a job's own workers may write it (each launch gets a secret, see
+    :mod:`gradwire.server.telemetry_gate`), within ``telemetry_bounds``. ``telemetry_tls_cert`` /
+    ``telemetry_tls_key``: PEM files that make the sink serve TLS only; ``telemetry_tls_ca``: the
+    CA file *as the workers see it* (``GRADWIRE_TELEMETRY_CA`` in every job's environment; default
+    the certificate's path, right for a self-signed certificate on a shared file system).
     """
 
     def __init__(
@@ -64,29 +79,41 @@ class Coordinator:
         num_gpus: float | None = None,
         ray_temp_dir: str | Path | None = None,
         dashboard_address: str | None = None,
+        ray_ports: dict[str, int | None] | None = None,
         poll_s: float = 0.5,
         python: str = sys.executable,
         metrics_retention_s: float = 900.0,
+        policy: JobPolicy | None = None,
+        telemetry_tls_cert: str | Path | None = None,
+        telemetry_tls_key: str | Path | None = None,
+        telemetry_tls_ca: str | Path | None = None,
+        telemetry_bounds: TelemetryBounds | None = None,
     ) -> None:
         self.database_url = database_url
         self.data_dir = Path(data_dir)
         self._public_telemetry = telemetry_address
         self._sink_args: dict[str, Any] = {
             "host": grpc_host, "port": grpc_port, "allow_remote": allow_remote_telemetry,
+            "tls_cert": telemetry_tls_cert, "tls_key": telemetry_tls_key,
         }  # fmt: skip
+        ca = telemetry_tls_ca or telemetry_tls_cert
+        self._telemetry_env = {TELEMETRY_CA_ENV: str(ca)} if ca and telemetry_tls_cert else {}
+        self._telemetry_bounds = telemetry_bounds
         self._ray_args: dict[str, Any] = {
             "num_cpus": num_cpus, "num_gpus": num_gpus, "temp_dir": ray_temp_dir,
-            "dashboard_address": dashboard_address,
+            "dashboard_address": dashboard_address, **(ray_ports or {}),
         }  # fmt: skip
         self.ray_address = ray_address
-        self._scheduler_args: dict[str, Any] = {"poll_s": poll_s, "python": python}
+        self._scheduler_args: dict[str, Any] = {"poll_s": poll_s, "python": python, "policy": policy}
         self._metrics_retention_s = metrics_retention_s
         self.store: JobStore | None = None
         self.metrics: CoordinatorMetrics | None = None
         self.sink: TelemetrySink | None = None
+        self.gate: TelemetryGate | None = None
         self.cluster: RayCluster | None = None
         self.scheduler: Scheduler | None = None
         self._listening = False
+        self._lock: InstanceLock | None = None
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> Coordinator:
@@ -102,6 +129,21 @@ class Coordinator:
             # Settings refuses a non-loopback sink without tokens, so exposing it here was asked for
             "allow_remote_telemetry": not is_loopback(settings.grpc_host),
             "metrics_retention_s": settings.metrics_retention_s,
+            "ray_ports": {
+                "gcs_port": settings.ray_gcs_port,
+                "dashboard_port": settings.ray_dashboard_port,
+                "agent_port": settings.ray_agent_port,
+                "client_port": settings.ray_client_port,
+            },
+            # the REST door's policy (Services.policy); its checkpoint root follows data_dir
+            "policy": settings.job_policy(overrides.get("data_dir", ".gradwire")),
+            "telemetry_tls_cert": settings.grpc_tls_cert,
+            "telemetry_tls_key": settings.grpc_tls_key,
+            "telemetry_tls_ca": settings.telemetry_tls_ca,
+            "telemetry_bounds": TelemetryBounds(
+                max_bytes_per_step=settings.telemetry_max_bytes_per_step,
+                max_clock_skew_s=settings.telemetry_max_clock_skew_s,
+            ),
         }
         return cls(**{**arguments, **overrides})
 
@@ -119,7 +161,8 @@ class Coordinator:
         return self
 
     def _start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # one coordinator per data folder: a second one is refused here, naming the first's PID
+        self._lock = InstanceLock(self.data_dir).acquire()
         self.store = JobStore(self.database_url)
         self.metrics = CoordinatorMetrics(retention_s=self._metrics_retention_s)
         self.store.add_listener(self._on_transition)
@@ -131,9 +174,14 @@ class Coordinator:
         # coordinator) have somewhere to go; its telemetry address is known once the sink is bound
         scheduler = Scheduler(
             self.store, self.cluster, self.metrics, telemetry_address=None,
-            spec_dir=self.data_dir / "specs", **self._scheduler_args,
+            telemetry_env=self._telemetry_env, **self._scheduler_args,
         )  # fmt: skip
-        self.sink = TelemetrySink(scheduler.on_reports, on_counts=self._count_reports, **self._sink_args)
+        # which jobs accept telemetry, from whom: the launched ones, by their stored secret digests
+        self.gate = TelemetryGate(self._telemetry_bounds)
+        self.gate.attach(self.store)
+        self.sink = TelemetrySink(
+            scheduler.on_reports, on_counts=self._count_reports, gate=self.gate, **self._sink_args
+        )
         self._resume_telemetry(self.sink)
         self.sink.start()
         scheduler.telemetry_address = self._public_telemetry or self.sink.address
@@ -177,12 +225,18 @@ class Coordinator:
         if self.sink is not None:
             self.sink.stop()
             self.sink = None
+        if self.gate is not None:
+            self.gate.detach()
+            self.gate = None
         if self.store is not None:
             if self._listening:
                 self.store.remove_listener(self._on_transition)
                 self._listening = False
             self.store.close()
             self.store = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> Coordinator:
         return self.start()
@@ -212,9 +266,8 @@ class Coordinator:
         self, job: JobRecord, from_state: JobState | None, to_state: JobState, reason: str
     ) -> None:
         """Store listener: count the move, refresh the per-state gauge, and start a finished
-        job's metrics retention. (The sink keeps its few bytes of de-duplication state per rank:
-        a worker still flushing after its job was cancelled must not have its re-sent reports
-        counted twice.)
+        job's metrics retention, and drop its de-duplication state from the sink (the gate refuses
+        a finished job's reports, so a worker still flushing cannot have them counted twice).
 
         Restarts are counted by the scheduler (``worker_restarted``), so the move is observed
         without ``job=`` here, which would count them a second time.
@@ -226,3 +279,5 @@ class Coordinator:
         metrics.set_job_counts(store.counts_by_state())
         if to_state.terminal:
             metrics.job_ended(job.id)
+            if self.sink is not None:
+                self.sink.forget_job(job.id)

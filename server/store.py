@@ -37,7 +37,6 @@ from gradwire.server.models_db import (
     JobRow,
     JobTelemetryKeyRow,
     append_event,
-    init_schema,
     insert_new_points,
     make_engine,
     writer,
@@ -52,6 +51,7 @@ from gradwire.server.records import (
     JobRecord,
     StateConflict,
 )
+from gradwire.server.schema import upgrade as upgrade_schema
 from gradwire.server.states import INITIAL_STATE, TERMINAL_STATES, JobState, check_transition
 
 __all__ = ["DEFAULT_URL", "JobStore", "Listener", "evenly_spaced", "new_job_id", "utc_now"]
@@ -95,7 +95,7 @@ class JobStore:
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self._engine = engine if engine is not None else make_engine(url)
-        init_schema(self._engine)
+        upgrade_schema(self._engine)  # Alembic migrations (gradwire.server.schema); adopts an old database
         self._read = sessionmaker(self._engine, expire_on_commit=False)
         self._write = sessionmaker(writer(self._engine), expire_on_commit=False)
         self._clock = clock
@@ -156,24 +156,28 @@ class JobStore:
         """Store a new QUEUED job; returns ``(job, created)``.
 
         ``spec`` is the JobSpec as a JSON-ready dict (or a JobSpec). When ``idempotency_key`` was
-        used before, the job submitted with it is returned with ``created=False``, provided the
-        spec is the same; a different spec raises :class:`IdempotencyConflict`. Keys are unique
-        across the whole store. Two threads racing with one key both get the same job: the
-        unique index decides, and the loser reads the winner's row.
+        used before by the same ``owner``, the job submitted with it is returned with
+        ``created=False``, provided the spec is the same; a different spec raises
+        :class:`IdempotencyConflict`. Keys are unique per owner (two owners' equal keys make two
+        jobs), so a key needs an owner (``ValueError`` otherwise). Two threads racing with one
+        key both get the same job: the unique index on (owner, key) decides, and the loser reads
+        the winner's row.
         """
+        if idempotency_key is not None and owner is None:
+            raise ValueError("an idempotency key is unique per owner: pass the owner with it")
         body = _spec_body(spec)
         for _ in range(5):  # more than one round only if a random id collides
             try:
                 with self._write.begin() as session:
                     if idempotency_key is not None:
-                        found = self._by_key(session, idempotency_key)
+                        found = self._by_key(session, idempotency_key, owner)
                         if found is not None:
                             return _replay(found, body), False
                     record = self._insert(session, body, priority, idempotency_key, owner)
             except IntegrityError:
                 if idempotency_key is not None:
                     with self._read() as session:
-                        found = self._by_key(session, idempotency_key)
+                        found = self._by_key(session, idempotency_key, owner)
                     if found is not None:
                         return _replay(found, body), False
                 continue
@@ -203,15 +207,16 @@ class JobStore:
         append_event(session, row.id, None, INITIAL_STATE, SUBMITTED, now)
         return JobRecord.model_validate(row)
 
-    def find_by_key(self, idempotency_key: str) -> JobRecord | None:
-        """The job submitted with ``idempotency_key``, if any."""
+    def find_by_key(self, idempotency_key: str, *, owner: str | None) -> JobRecord | None:
+        """The job ``owner`` submitted with ``idempotency_key``, if any."""
         with self._read() as session:
-            row = self._by_key(session, idempotency_key)
+            row = self._by_key(session, idempotency_key, owner)
             return None if row is None else JobRecord.model_validate(row)
 
     @staticmethod
-    def _by_key(session: Session, key: str) -> JobRow | None:
-        return session.scalars(select(JobRow).where(JobRow.idempotency_key == key)).one_or_none()
+    def _by_key(session: Session, key: str, owner: str | None) -> JobRow | None:
+        query = select(JobRow).where(JobRow.idempotency_key == key, JobRow.owner == owner)
+        return session.scalars(query).one_or_none()
 
     def get(self, job_id: str) -> JobRecord:
         with self._read() as session:

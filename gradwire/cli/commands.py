@@ -4,6 +4,7 @@ come from :mod:`gradwire.cli.service`, `plan` from :mod:`gradwire.cli.plan`."""
 from __future__ import annotations
 
 import json
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +15,7 @@ from rich.table import Table
 
 from gradwire import __version__
 from gradwire.cli.console import TelemetryProgress, summary
+from gradwire.cli.db import register as register_db_commands
 from gradwire.cli.extras import command_needs
 from gradwire.cli.plan import register as register_plan_command
 from gradwire.cli.service import register as register_service_commands
@@ -66,7 +68,21 @@ def compressors(
 
 @app.command()
 def train(
-    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="job spec (.yaml, .yml or .json)")],
+    spec_path: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="SPEC", help="job spec (.yaml, .yml or .json); or give --spec-env", show_default=False
+        ),
+    ] = None,
+    spec_env: Annotated[
+        str | None,
+        typer.Option(
+            "--spec-env",
+            metavar="VAR",
+            help="read the spec (JSON) from environment variable VAR instead of a file: how the "
+            "coordinator's Ray jobs get theirs, with the job",
+        ),
+    ] = None,
     workers: Annotated[
         int | None, typer.Option("--workers", min=1, help="same as --set workers.count=N")
     ] = None,
@@ -106,12 +122,24 @@ def train(
     """Train a job spec on Ray and print a summary."""
     from gradwire.spec import JobSpec, SpecError
 
+    if (spec_path is None) == (spec_env is None):
+        typer.echo("give one spec: a file (SPEC) or --spec-env VAR", err=True)
+        raise typer.Exit(2)
     if workers is not None:
         overrides = [*(overrides or []), f"workers.count={workers}"]
+    source = str(spec_path) if spec_path is not None else f"${spec_env}"
     try:
-        spec = JobSpec.from_file(spec_path).with_overrides(overrides or [])
+        if spec_env is not None:
+            text = os.environ.get(spec_env)
+            if not text:
+                typer.echo(f"{source}: the environment variable {spec_env} is not set", err=True)
+                raise typer.Exit(2)
+            loaded = JobSpec.from_json(text)  # JSON text (never a file name: it ends with "}")
+        else:
+            loaded = JobSpec.from_file(spec_path)
+        spec = loaded.with_overrides(overrides or [])
     except (SpecError, OSError) as err:
-        typer.echo(f"{spec_path}: {err}", err=True)
+        typer.echo(f"{source}: {err}", err=True)
         raise typer.Exit(2) from None
 
     with command_needs("gradwire train", "train"):
@@ -124,7 +152,7 @@ def train(
         with follow if progress and not telemetry else nullcontext():
             metrics = run_job(spec, address=address, job_id=job_id, telemetry=telemetry, resume=resume)
     except (NotEnoughResourcesError, SpecError, RunConflict) as err:
-        typer.echo(f"{spec_path}: {err}", err=True)
+        typer.echo(f"{source}: {err}", err=True)
         raise typer.Exit(2) from None
     if metrics.get("changed"):
         typer.echo(f"{spec.name}: resumed with a changed spec: {'; '.join(metrics['changed'])}", err=True)
@@ -136,3 +164,4 @@ def train(
 
 register_service_commands(app)
 register_plan_command(app)
+register_db_commands(app)

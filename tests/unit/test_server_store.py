@@ -1,4 +1,5 @@
-"""JobStore on a real SQLite file: persistence, idempotency, ordering, paging, points, concurrency."""
+"""JobStore on a real SQLite file and a real PostgreSQL server (``store_url``, tests/conftest.py):
+persistence across restarts, idempotency, ordering, paging, points, concurrency."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +17,7 @@ from sqlalchemy import text
 
 from gradwire.server.models_db import POINT_FIELDS, SCHEMA_VERSION, SchemaMismatch
 from gradwire.server.records import IdempotencyConflict, JobNotFound, JobNotTerminal, JobPoint, StateConflict
+from gradwire.server.schema import head_revision
 from gradwire.server.states import IllegalTransition, JobState
 from gradwire.server.store import JobStore, evenly_spaced
 from gradwire.spec import JobSpec
@@ -44,13 +45,9 @@ def point(step: int, rank: int = 0, **changes: Any) -> dict[str, Any]:
     return values
 
 
-def url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'state' / 'jobs.db'}"
-
-
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[JobStore]:
-    with JobStore(url(tmp_path)) as store:
+def store(store_url: str) -> Iterator[JobStore]:
+    with JobStore(store_url) as store:
         yield store
 
 
@@ -106,9 +103,9 @@ def test_unknown_jobs_and_bad_input_are_refused(store: JobStore):
         store.transition(job.id, S, "x", state="RUNNING")
 
 
-def test_transitions_keep_timestamps_restarts_and_events(tmp_path: Path):
+def test_transitions_keep_timestamps_restarts_and_events(store_url: str):
     times = iter(datetime(2026, 1, 1, 0, 0, s, tzinfo=timezone.utc) for s in range(60))
-    store = JobStore(url(tmp_path), clock=lambda: next(times))
+    store = JobStore(store_url, clock=lambda: next(times))
     job, _ = store.create(spec())
     moves = [
         (S, "admitted"),
@@ -142,36 +139,39 @@ def test_expect_guards_the_current_state(store: JobStore):
         store.transition(job.id, R, "late", expect=CANCEL)
 
 
-def test_everything_survives_reopening_the_file(tmp_path: Path):
-    first = JobStore(url(tmp_path))
-    done, _ = first.create(spec("done"), idempotency_key="key-1")
+def test_everything_survives_reopening_the_file(store_url: str):
+    first = JobStore(store_url)
+    done, _ = first.create(spec("done"), idempotency_key="key-1", owner="alice")
     for to in (S, R, OK):
         first.transition(done.id, to, f"-> {to}")
     waiting, _ = first.create(spec("waiting"), priority=5)
     first.add_points(done.id, [point(s) for s in range(4)])
     first.close()
 
-    again = JobStore(url(tmp_path))  # a coordinator restart
+    again = JobStore(store_url)  # a coordinator restart
     assert again.get(done.id).state is OK and again.get(waiting.id).state is Q
     assert [e.to_state for e in again.events(done.id)] == [Q, S, R, OK]
     assert [p.step for p in again.points(done.id)] == [0, 1, 2, 3]
     assert again.non_terminal() == [again.get(waiting.id)]
     assert again.next_queued() == again.get(waiting.id)
-    assert again.create(spec("done"), idempotency_key="key-1") == (again.get(done.id), False)
+    assert again.create(spec("done"), idempotency_key="key-1", owner="alice") == (again.get(done.id), False)
     later, _ = again.create(spec("later"))
     assert later.seq > waiting.seq > done.seq
     with again.engine.connect() as connection:
         assert connection.execute(text("SELECT version FROM gradwire_schema")).scalar() == SCHEMA_VERSION
-        assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-        assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == head_revision()
+        if again.engine.dialect.name == "sqlite":
+            assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+            assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    again.close()
 
 
-def test_a_database_from_another_schema_version_is_refused(tmp_path: Path):
-    JobStore(url(tmp_path)).close()
-    with JobStore(url(tmp_path)).engine.begin() as connection:
-        connection.execute(text("UPDATE gradwire_schema SET version = 99"))
-    with pytest.raises(SchemaMismatch, match="99"):
-        JobStore(url(tmp_path))
+def test_a_database_from_a_newer_gradwire_is_refused(store_url: str):
+    JobStore(store_url).close()
+    with JobStore(store_url).engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    with pytest.raises(SchemaMismatch, match="9999"):
+        JobStore(store_url)
 
 
 def test_records_are_frozen(store: JobStore):
@@ -184,13 +184,25 @@ def test_records_are_frozen(store: JobStore):
 
 
 def test_idempotency_key_returns_the_first_job(store: JobStore):
-    first, created = store.create(spec(), idempotency_key="abc")
-    again, created_again = store.create(spec(), idempotency_key="abc")
+    first, created = store.create(spec(), idempotency_key="abc", owner="alice")
+    again, created_again = store.create(spec(), idempotency_key="abc", owner="alice")
     assert created and not created_again and again == first
     with pytest.raises(IdempotencyConflict, match="abc"):
-        store.create(spec(steps=99), idempotency_key="abc")
+        store.create(spec(steps=99), idempotency_key="abc", owner="alice")
     assert store.create(spec())[1] and store.create(spec())[1]  # no key: always a new job
     assert store.list().total == 3
+
+
+def test_idempotency_keys_are_per_owner(store: JobStore):
+    alice, _ = store.create(spec(), idempotency_key="abc", owner="alice")
+    bob, created = store.create(spec(steps=99), idempotency_key="abc", owner="bob")  # no conflict
+    assert created and bob.id != alice.id and (alice.owner, bob.owner) == ("alice", "bob")
+    assert store.create(spec(steps=99), idempotency_key="abc", owner="bob") == (bob, False)
+    assert store.find_by_key("abc", owner="alice") == alice
+    assert store.find_by_key("abc", owner="carol") is None
+    with pytest.raises(ValueError, match="owner"):  # a key without an owner would be unique nowhere
+        store.create(spec(), idempotency_key="abc")
+    assert store.list(owner="bob").total == 1 and store.list().total == 2
 
 
 def test_many_threads_submit_each_job_once_in_order(store: JobStore):
@@ -199,7 +211,7 @@ def test_many_threads_submit_each_job_once_in_order(store: JobStore):
     def submit(t: int) -> list[tuple[str, int]]:
         made = []
         for i in range(per_thread):
-            job, created = store.create(spec(f"t{t}"), idempotency_key=f"t{t}-{i}")
+            job, created = store.create(spec(f"t{t}"), idempotency_key=f"t{t}-{i}", owner="alice")
             assert created
             made.append((job.id, job.seq))
         return made
@@ -215,7 +227,7 @@ def test_many_threads_submit_each_job_once_in_order(store: JobStore):
 
 
 def test_racing_submissions_with_one_key_make_one_job(store: JobStore):
-    results = run_threads(16, lambda _: store.create(spec(), idempotency_key="same"))
+    results = run_threads(16, lambda _: store.create(spec(), idempotency_key="same", owner="alice"))
     assert not [r for r in results if isinstance(r, Exception)]
     assert len({job.id for job, _ in results}) == 1
     assert sum(created for _, created in results) == 1
@@ -404,8 +416,8 @@ def test_listeners_hear_each_change_once_after_commit(store: JobStore):
     with pytest.raises(IllegalTransition):
         store.transition(job.id, OK, "b")
     store.transition(job.id, R, "c")
-    store.create(spec(), idempotency_key="k")
-    store.create(spec(), idempotency_key="k")  # a replay is not a change
+    store.create(spec(), idempotency_key="k", owner="alice")
+    store.create(spec(), idempotency_key="k", owner="alice")  # a replay is not a change
     assert heard[:3] == [(job.id, None, Q, "submitted", Q), (job.id, Q, S, "a", S), (job.id, S, R, "c", R)]
     assert len(heard) == 4
     store.remove_listener(listener)
