@@ -107,7 +107,8 @@ def orthonormalise(p: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch
         if bool((diag.abs() > 4 * floor).all()):  # False for NaN: then Gram–Schmidt shows it
             q.mul_(diag.sign())
             kept = torch.ones(p.shape[:-2] + (r,), dtype=torch.bool, device=p.device)
-            return q.to(p.dtype).reshape(p.shape), kept
+            # row-major, as the loop's: LAPACK's column-major Q slows the matmuls that use P̂
+            return q.to(p.dtype, memory_format=torch.contiguous_format).contiguous().reshape(p.shape), kept
     return _gram_schmidt(x, floor, p)
 
 
