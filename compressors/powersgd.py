@@ -106,7 +106,7 @@ def orthonormalise(p: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch
         diag = rr.diagonal(dim1=-2, dim2=-1).unsqueeze(1)  # (batch, 1, r)
         if bool((diag.abs() > 4 * floor).all()):  # False for NaN: then Gram–Schmidt shows it
             q.mul_(diag.sign())
-            kept = torch.ones(p.shape[:-2] + (r,), dtype=torch.bool, device=p.device)
+            kept = torch.ones((*p.shape[:-2], r), dtype=torch.bool, device=p.device)
             # row-major, as the loop's: LAPACK's column-major Q slows the matmuls that use P̂
             return q.to(p.dtype, memory_format=torch.contiguous_format).contiguous().reshape(p.shape), kept
     return _gram_schmidt(x, floor, p)

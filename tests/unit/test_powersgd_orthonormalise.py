@@ -41,7 +41,7 @@ def test_full_rank_takes_the_qr_path_and_equals_gram_schmidt(shape, dtype, loop_
     p = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)), dtype=dtype)
     fast, kept = orthonormalise(p, 1e-8)
     assert loop_calls == []  # no fallback on full-rank input
-    assert kept.all() and kept.shape == p.shape[:-2] + (p.shape[-1],)
+    assert kept.all() and kept.shape == (*p.shape[:-2], p.shape[-1])
     # row-major like the loop's: LAPACK's column-major Q made the later matmuls ~15 ms slower per step
     assert fast.is_contiguous()
     slow, slow_kept = gram_schmidt(p, 1e-8)

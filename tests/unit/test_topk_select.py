@@ -30,8 +30,9 @@ INPUTS = {
     "normal": lambda g, d: torch.randn(d, generator=g),
     "heavy-tailed": lambda g, d: torch.randn(d, generator=g) / torch.rand(d, generator=g).clamp_min(1e-6),
     "uniform": lambda g, d: torch.rand(d, generator=g) - 0.5,
-    "mostly-tiny": lambda g, d: torch.randn(d, generator=g)
-    * torch.where(torch.rand(d, generator=g) < 0.02, 1.0, 1e-6),
+    "mostly-tiny": lambda g, d: (
+        torch.randn(d, generator=g) * torch.where(torch.rand(d, generator=g) < 0.02, 1.0, 1e-6)
+    ),
     "float64": lambda g, d: torch.randn(d, generator=g, dtype=torch.float64),
 }
 
@@ -83,7 +84,7 @@ def test_sparse_input_with_zero_threshold_falls_back():
     x = torch.where(torch.rand(200_000, generator=g) < 0.005, torch.randn(200_000, generator=g), 0.0)
     topk = TopK(TopKConfig(ratio=0.01, select="threshold"))
     k = topk.kept(x.numel())
-    values, idx = topk._split(topk.encode(x, key=0, step=0), x)
+    values, _ = topk._split(topk.encode(x, key=0, step=0), x)
     assert topk.selections["fallback"] == 1
     assert torch.equal(values.abs().sort().values, torch.topk(x.abs(), k).values.sort().values)
 
@@ -148,7 +149,10 @@ def test_feedback_trajectories_equal_exact_selection(feedback):
     fast = make_reducer("topk", select="auto", **params)
     exact = make_reducer("topk", select="exact", **params)
     for step in range(4):
-        g = [torch.randn(s, generator=torch.Generator().manual_seed(10 * step + i)) for i, s in enumerate(shapes)]
+        g = [
+            torch.randn(s, generator=torch.Generator().manual_seed(10 * step + i))
+            for i, s in enumerate(shapes)
+        ]
         out_fast, out_exact = fast.reduce([t.clone() for t in g]), exact.reduce([t.clone() for t in g])
         for a, b in zip(out_fast, out_exact):
             assert torch.equal(a, b)
