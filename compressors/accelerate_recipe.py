@@ -27,10 +27,8 @@ from typing import Any
 from accelerate import Accelerator
 from torch.nn.parallel import DistributedDataParallel
 
-from gradwire.compressors import gather_state_dicts, load_own_state, make_hook
-
-#: version of the dict stored in accelerate's custom checkpoint file
-CHECKPOINT_VERSION = 1
+from gradwire.compressors import make_hook
+from gradwire.compressors.reducer import all_ranks_checkpoint, restore_all_ranks
 
 
 class CompressorCheckpoint:
@@ -42,26 +40,10 @@ class CompressorCheckpoint:
 
     def state_dict(self) -> dict[str, Any]:
         """Collective: accelerate's ``save_state`` calls it on every process."""
-        states = gather_state_dicts(self.hook_state)
-        return {
-            "version": CHECKPOINT_VERSION,
-            "compressor": self.name,
-            "world_size": len(states),
-            "states": states,
-        }
+        return all_ranks_checkpoint(self.hook_state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(
-                f"gradwire compressor checkpoint of version {state.get('version')!r}; "
-                f"this gradwire reads version {CHECKPOINT_VERSION}"
-            )
-        if state["compressor"] != self.name:
-            raise ValueError(
-                f"the checkpoint holds compressor {state['compressor']!r} state, "
-                f"this run attached {self.name!r}"
-            )
-        load_own_state(self.hook_state, state["states"])
+        restore_all_ranks(self.hook_state, state)
 
 
 def attach(

@@ -28,10 +28,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
-from gradwire.compressors import gather_state_dicts, load_own_state, make_hook, parse_config
-
-#: version of the dict this callback stores in a Lightning checkpoint
-CHECKPOINT_VERSION = 1
+from gradwire.compressors import make_hook, parse_config
+from gradwire.compressors.reducer import all_ranks_checkpoint, restore_all_ranks
 
 
 class GradwireCompression(Callback):
@@ -92,7 +90,7 @@ class GradwireCompression(Callback):
         if self.hook_state is None:  # a second fit() in the same process keeps its buffers
             self.hook_state, self._hook = make_hook(self.name, overlap=self.overlap, **self.params)
         if self._pending is not None:
-            load_own_state(self.hook_state, self._pending["states"])
+            restore_all_ranks(self.hook_state, self._pending)
             self._pending = None
         model.register_comm_hook(self.hook_state, self._hook)
 
@@ -123,26 +121,10 @@ class GradwireCompression(Callback):
         every rank while it builds a checkpoint (``trainer.save_checkpoint``, ``ModelCheckpoint``)."""
         if self.hook_state is None:
             return dict(self._pending) if self._pending is not None else {}
-        states = gather_state_dicts(self.hook_state)
-        return {
-            "version": CHECKPOINT_VERSION,
-            "compressor": self.name,
-            "world_size": len(states),
-            "states": states,
-        }
+        return all_ranks_checkpoint(self.hook_state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(
-                f"GradwireCompression checkpoint entry of version {state_dict.get('version')!r}; "
-                f"this gradwire reads version {CHECKPOINT_VERSION}"
-            )
-        if state_dict["compressor"] != self.name:
-            raise ValueError(
-                f"the checkpoint holds compressor {state_dict['compressor']!r} state, this "
-                f"GradwireCompression runs {self.name!r}"
-            )
         if self.hook_state is not None:
-            load_own_state(self.hook_state, state_dict["states"])
+            restore_all_ranks(self.hook_state, state_dict)
         else:  # Lightning restores callbacks before it wraps the model in DDP
             self._pending = state_dict

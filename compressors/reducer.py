@@ -372,6 +372,38 @@ def gather_state_dicts(target: Any) -> list[dict[str, Any]]:
     return [_on_cpu(s) for s in states]
 
 
+#: version of the dict :func:`all_ranks_checkpoint` makes
+CHECKPOINT_VERSION = 1
+
+
+def all_ranks_checkpoint(target: Any) -> dict[str, Any]:
+    """Every rank's state as one checkpoint entry that a single process writes (a collective, as
+    :func:`gather_state_dicts`): what the Lightning callback and the Accelerate recipe store."""
+    states = gather_state_dicts(target)
+    return {
+        "version": CHECKPOINT_VERSION,
+        "compressor": _reducer_of(target).name,
+        "world_size": len(states),
+        "states": states,
+    }
+
+
+def restore_all_ranks(target: Any, checkpoint: dict[str, Any]) -> None:
+    """Load this rank's own state from an :func:`all_ranks_checkpoint` entry (no collective)."""
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"gradwire compressor checkpoint of version {checkpoint.get('version')!r}; "
+            f"this gradwire reads version {CHECKPOINT_VERSION}"
+        )
+    running = _reducer_of(target).name
+    if checkpoint.get("compressor") != running:
+        raise ValueError(
+            f"the checkpoint holds compressor {checkpoint.get('compressor')!r} state, "
+            f"this run compresses with {running!r}"
+        )
+    load_own_state(target, checkpoint["states"])
+
+
 def load_own_state(target: Any, states: Sequence[dict[str, Any]]) -> None:
     """Restore ``target`` from a list made by :func:`gather_state_dicts` (entry ``i``: rank ``i``).
 
