@@ -2,8 +2,8 @@
 
 The session's Ray (``local_ray``: a loopback head in the pytest process, with its dashboard, the
 Jobs API) must outlive the coordinator, so the coordinator runs as a child process, ``python -m
-gradwire.cli serve``, joining that Ray by its GCS address (``RAY_ADDRESS``; it finds the Jobs API
-through the dashboard address Ray keeps in its GCS). Both coordinator processes get the same
+gradwire.cli serve``, reaching that Ray by its Jobs API address (``RAY_ADDRESS``, the head's
+dashboard URL). Both coordinator processes get the same
 REST port, the same gRPC telemetry port (the jobs' workers keep dialling the address they were
 launched with) and the same SQLite file. One scenario (the module fixture) runs once:
 
@@ -275,7 +275,7 @@ def seen(local_ray, tmp_path_factory) -> Seen:
     database_url = f"sqlite:///{folder / 'coordinator.db'}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADWIRE_")}
     env |= local_ray_env() | {
-        "RAY_ADDRESS": local_ray.gcs_address,
+        "RAY_ADDRESS": local_ray.dashboard_url,
         "GRADWIRE_PORT": str(rest_port),
         "GRADWIRE_GRPC_PORT": str(grpc_port),
         "GRADWIRE_DATABASE_URL": database_url,
