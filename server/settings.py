@@ -115,6 +115,8 @@ class Settings(BaseSettings):
     telemetry_public_address: str | None = Field(
         None, description="host:port workers dial for telemetry; default 127.0.0.1:<grpc port>"
     )
+    tls_cert: str | None = Field(None, description="PEM certificate: the REST API serves HTTPS only")
+    tls_key: str | None = Field(None, description="PEM private key of tls_cert")
     grpc_tls_cert: str | None = Field(None, description="PEM certificate: the telemetry sink serves TLS only")
     grpc_tls_key: str | None = Field(None, description="PEM private key of grpc_tls_cert")
     telemetry_tls_ca: str | None = Field(
@@ -201,6 +203,8 @@ class Settings(BaseSettings):
     def _tls_pair(self) -> Settings:
         if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
             raise ValueError("set both GRADWIRE_GRPC_TLS_CERT and GRADWIRE_GRPC_TLS_KEY, or neither")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both GRADWIRE_TLS_CERT and GRADWIRE_TLS_KEY, or neither")
         return self
 
     @model_validator(mode="after")

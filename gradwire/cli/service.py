@@ -87,17 +87,25 @@ def serve(
         app = create_app(
             settings, store=coordinator.store, metrics=coordinator.metrics, control=coordinator.control
         )
+        scheme = "https" if settings.tls_cert else "http"
         console.print(
-            f"gradwire coordinator: REST http://{settings.host}:{settings.port}  "
+            f"gradwire coordinator: REST {scheme}://{settings.host}:{settings.port}  "
             f"telemetry {coordinator.telemetry_address}  Ray {coordinator.cluster.dashboard_url}"
         )
-        server = uvicorn.Server(
-            uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")
-        )
+        server = uvicorn.Server(rest_server_config(app, settings))
         # returns on Ctrl-C / SIGTERM (uvicorn then re-raises Ctrl-C); the with-block stops the rest
         with contextlib.suppress(KeyboardInterrupt):
             server.run()
     console.print("gradwire coordinator stopped")
+
+
+def rest_server_config(app: Any, settings: Any) -> Any:
+    """uvicorn's config for the REST API: the settings' address, and HTTPS only when
+    ``GRADWIRE_TLS_CERT`` / ``GRADWIRE_TLS_KEY`` are set."""
+    import uvicorn
+
+    tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key} if settings.tls_cert else {}
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", **tls)
 
 
 def submit(
