@@ -117,59 +117,117 @@ def rest_server(db_url: str, profile_path: str | None, conn: Connection) -> None
 # --- the telemetry sink process ----------------------------------------------------------------
 
 
-def sink_server(db_url: str, jobs: int, profile_path: str | None, conn: Connection) -> None:
-    """Child process: the gRPC sink, its callback storing points and feeding the metrics."""
+def rss_bytes() -> int:
+    """This process's resident set size now (``VmRSS``), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class _NoCluster:
+    """The scheduler's Ray cluster, never reached: the telemetry callback does not use it."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"the telemetry benchmark has no Ray cluster (asked for {name})")
+
+
+def sink_server(
+    db_url: str, jobs: int, ranks_per_job: int, steps: int, profile_path: str | None, conn: Connection
+) -> None:
+    """Child process: the telemetry path as ``Coordinator._start`` wires it, without Ray.
+
+    The job store (SQLite file), the metrics, a :class:`TelemetryGate` attached to the store, the
+    :class:`Scheduler` whose ``on_reports`` is the sink's callback, and the :class:`TelemetrySink`
+    with the gate and the drop/receive counters; ``jobs`` jobs of ``ranks_per_job`` workers are
+    launched (a telemetry secret each, moved to RUNNING), and their secrets handed to the parent.
+    """
+    from sqlalchemy import func, select
+
     from gradwire.server.metrics import CoordinatorMetrics
-    from gradwire.server.report_points import report_point
+    from gradwire.server.models_db import JobPointRow
+    from gradwire.server.scheduler import Scheduler
+    from gradwire.server.states import JobState
     from gradwire.server.store import JobStore
+    from gradwire.server.telemetry_gate import TelemetryGate, new_secret, secret_digest
     from gradwire.server.telemetry_sink import TelemetrySink
 
     profiles = ThreadProfiles() if profile_path else None
     store = JobStore(db_url)
     metrics = CoordinatorMetrics()
     spec = yaml.safe_load(EXAMPLE.read_text())
-    job_ids = [store.create({**spec, "name": f"telemetry-{j}"})[0].id for j in range(jobs)]
+    spec["workers"]["count"] = ranks_per_job
+    spec["steps"] = steps
+    launched: list[tuple[str, str]] = []
+    for j in range(jobs):
+        job = store.create({**spec, "name": f"telemetry-{j}"})[0]
+        secret = new_secret()
+        store.set_telemetry_digest(job.id, secret_digest(secret))
+        store.transition(job.id, JobState.STARTING, "benchmark launch")
+        store.transition(job.id, JobState.RUNNING, "benchmark launch")
+        launched.append((job.id, secret))
+
+    scheduler = Scheduler(store, _NoCluster(), metrics, telemetry_address=None)  # type: ignore[arg-type]
+    gate = TelemetryGate()
+    gate.attach(store)
     clock = {"first": None, "last": 0.0, "store_s": 0.0, "metrics_s": 0.0, "reports": 0, "calls": 0}
 
-    def on_reports(reports: list) -> None:
-        """What the scheduler's callback does with a batch: store the points, feed the metrics."""
+    def timed(fn: Callable, key: str) -> Callable:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                clock[key] += time.perf_counter() - began
+
+        return wrapper
+
+    # instance attributes shadow the methods the scheduler's callback calls: timing only
+    for name in ("add_points", "add_reports"):  # whichever the scheduler's callback uses
+        if hasattr(store, name):
+            setattr(store, name, timed(getattr(store, name), "store_s"))
+    metrics.observe_reports = timed(metrics.observe_reports, "metrics_s")  # type: ignore[method-assign]
+
+    def on_reports(reports: list) -> Any:
         began = time.perf_counter()
-        by_job: dict[str, list] = {}
-        for report in reports:
-            by_job.setdefault(report.job_id, []).append(report)
-        for job_id, batch in by_job.items():
-            store.add_points(job_id, [report_point(r) for r in batch])
-        stored = time.perf_counter()
-        metrics.observe_reports(reports)
+        kept = scheduler.on_reports(reports)
         ended = time.perf_counter()
         if clock["first"] is None:
             clock["first"] = began
         clock["last"] = ended
-        clock["store_s"] += stored - began
-        clock["metrics_s"] += ended - stored
         clock["reports"] += len(reports)
         clock["calls"] += 1
+        return kept
 
-    sink = TelemetrySink(on_reports, host="127.0.0.1", port=0)
+    def on_counts(what: str, count: int) -> None:  # Coordinator._count_reports
+        if what == "received":
+            metrics.reports_received(count)
+        else:
+            metrics.reports_dropped(what, count)
+
+    sink = TelemetrySink(on_reports, host="127.0.0.1", port=0, on_counts=on_counts, gate=gate)
     if profiles is not None:
         profiles.start()
     port = sink.start()
     done = threading.Event()
 
     def stats() -> dict:
-        points = sum(len(store.points(job_id, rank=None, max_points=None)) for job_id in job_ids)
+        with store.engine.connect() as connection:
+            points = connection.scalar(select(func.count()).select_from(JobPointRow.__table__)) or 0
         steps = 0.0
         for family in metrics.registry.collect():
             if family.name == "gradwire_train_steps":
                 steps = sum(s.value for s in family.samples if s.name.endswith("_total"))
         return {**clock, "received": sink.received, "duplicates": sink.duplicates,
-                "rejected": sink.rejected, "callback_errors": sink.callback_errors,
-                "points": points, "metric_steps": steps}  # fmt: skip
+                "rejected": sink.rejected, "dropped": sink.dropped(), "callback_errors": sink.callback_errors,
+                "points": points, "metric_steps": steps, "rss": rss_bytes(),
+                "max_streams": sink.max_workers}  # fmt: skip
 
     threading.Thread(target=_control_loop, args=(conn, done.set, stats), daemon=True).start()
-    conn.send((port, job_ids))
+    conn.send((port, launched))
     done.wait()
     sink.stop()
+    gate.detach()
     if profiles is not None and profile_path:
         profiles.dump(Path(profile_path))
     store.close()

@@ -52,6 +52,7 @@ which :meth:`~CoordinatorMetrics.render` runs before each scrape.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import math
@@ -121,6 +122,29 @@ def _state_name(state: Any) -> str:
 def _finite_nonneg(value: float) -> float:
     """A duration or byte increase that is safe to add to a counter (NaN and negatives count as 0)."""
     return value if math.isfinite(value) and value > 0 else 0.0
+
+
+def _observe_many(child: Any, values: list[float]) -> None:
+    """``child.observe(v)`` for every ``v``, with one bucket increment per bucket hit and one sum
+    increment (prometheus_client's histogram child keeps ``_upper_bounds``, ``_buckets`` and
+    ``_sum``; without them, one ``observe`` per value)."""
+    if not values:
+        return
+    bounds = getattr(child, "_upper_bounds", None)
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values:
+            child.observe(value)
+        return
+    child._raise_if_not_observable()
+    hits = [0] * len(bounds)
+    for value in values:
+        hits[bisect.bisect_left(bounds, value)] += 1  # the first bound >= value; the last is +Inf
+    total.inc(math.fsum(values))
+    for i, n in enumerate(hits):
+        if n:
+            buckets[i].inc(n)
 
 
 class _Report:
@@ -297,9 +321,83 @@ class CoordinatorMetrics:
         self.straggler_wait.labels(job).inc(_finite_nonneg(float(wait or 0.0)))
 
     def observe_reports(self, reports: Iterable[pb.StepReport | Mapping[str, Any]]) -> None:
-        """:meth:`observe_report` for each report, in order (fits ``TelemetrySink(on_reports=...)``)."""
+        """:meth:`observe_report` for each report, in order (fits ``TelemetrySink(on_reports=...)``).
+
+        ``StepReport`` messages are folded per job first and each series is touched once per call
+        (the same values as report by report: byte increases summed, histogram buckets counted,
+        the gauges set to the last report's values); mappings go one by one."""
+        protos: list[pb.StepReport] = []
         for report in reports:
-            self.observe_report(report)
+            if isinstance(report, pb.StepReport):
+                protos.append(report)
+            else:
+                if protos:
+                    self._observe_protos(protos)
+                    protos = []
+                self.observe_report(report)
+        if protos:
+            self._observe_protos(protos)
+
+    def _observe_protos(self, reports: list[pb.StepReport]) -> None:
+        by_job: dict[str, list[pb.StepReport]] = {}
+        for report in reports:
+            if not report.job_id:
+                raise ValueError("a step report needs a non-empty job_id")
+            by_job.setdefault(report.job_id, []).append(report)
+        for job, batch in by_job.items():
+            self._observe_job(job, batch)
+
+    def _observe_job(self, job: str, reports: list[pb.StepReport]) -> None:
+        """Fold one job's reports (in order) into its series, each series touched once."""
+        byte_sums: dict[str, list[int]] = {}  # compressor -> [sent, uncompressed] increases
+        with self._lock:
+            self._jobs.add(job)
+            used = self._compressors.setdefault(job, set())
+            baselines = self._baselines
+            for r in reports:
+                compressor = r.compressor or UNKNOWN_COMPRESSOR
+                used.add(compressor)
+                key = (job, r.rank)
+                prev = baselines.get(key, (0, 0))
+                sent, uncompressed = r.bytes_sent, r.bytes_uncompressed
+                baselines[key] = (sent, uncompressed)
+                sent, uncompressed = sent - prev[0], uncompressed - prev[1]
+                if sent >= 0 and uncompressed >= 0:  # else: a restore; the new values are the baseline
+                    sums = byte_sums.setdefault(compressor, [0, 0])
+                    sums[0] += sent
+                    sums[1] += uncompressed
+        for compressor, (sent, uncompressed) in byte_sums.items():
+            self.bytes_sent.labels(job, compressor).inc(sent)
+            self.bytes_uncompressed.labels(job, compressor).inc(uncompressed)
+
+        for phase, name in PHASES.items():
+            values = [getattr(r, name) for r in reports]
+            _observe_many(
+                self.step_seconds.labels(job, phase),
+                [max(0.0, float(v)) for v in values if math.isfinite(v)],
+            )
+
+        steps, stragglers, wait = 0, 0, 0.0
+        loss: float | None = None
+        accuracy: float | None = None
+        for r in reports:
+            if r.rank != 0:
+                continue
+            steps += 1
+            loss = r.loss
+            if r.HasField("accuracy"):
+                accuracy = r.accuracy
+            stragglers += len(r.stragglers)
+            wait += _finite_nonneg(r.wait_s)
+        if not steps:
+            return
+        self.train_steps.labels(job).inc(steps)
+        assert loss is not None
+        self.train_loss.labels(job).set(float(loss))
+        if accuracy is not None:
+            self.eval_accuracy.labels(job).set(float(accuracy))
+        self.stragglers.labels(job).inc(stragglers)
+        self.straggler_wait.labels(job).inc(wait)
 
     # ---------------------------------------------------------------- the service itself
 

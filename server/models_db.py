@@ -289,3 +289,29 @@ def insert_new_points(session: Session, job_id: str, values: list[dict[str, Any]
     if fresh:
         session.execute(insert(table), fresh)
     return len(fresh)
+
+
+def insert_point_rows(session: Session, rows: list[dict[str, Any]]) -> list[str]:
+    """Insert ``job_points`` rows of any jobs (each row names its ``job_id``; one row per
+    (job, rank, step) in ``rows``), skipping the keys already stored; returns the ``job_id`` of
+    each row that went in. On SQLite and PostgreSQL this is one ``INSERT ... ON CONFLICT DO
+    NOTHING ... RETURNING`` over all the rows (batched into multi-row statements by SQLAlchemy)."""
+    if not rows:
+        return []
+    table = JobPointRow.__table__
+    dialect = session.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        make_insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+        statement = (
+            make_insert(table)
+            .on_conflict_do_nothing(index_elements=["job_id", "rank", "step"])
+            .returning(table.c.job_id)
+        )
+        return list(session.execute(statement, rows).scalars())
+    by_job: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_job.setdefault(row["job_id"], []).append(row)
+    added: list[str] = []
+    for job_id, values in by_job.items():
+        added += [job_id] * insert_new_points(session, job_id, values)
+    return added

@@ -69,7 +69,6 @@ from gradwire.server.metrics import CoordinatorMetrics
 from gradwire.server.ray_cluster import RayCluster, RayUnavailable, is_not_found
 from gradwire.server.ray_jobs import failure_reason, submission_id
 from gradwire.server.records import JobNotFound, JobRecord, StateConflict
-from gradwire.server.report_points import report_point
 from gradwire.server.restarts import RestartTracker
 from gradwire.server.resume import driver_spec
 from gradwire.server.states import TERMINAL_STATES, IllegalTransition, JobState
@@ -501,27 +500,28 @@ class Scheduler:
         each (rank, step). Behind the coordinator's sink only authenticated reports within bounds
         of open jobs get here (:mod:`gradwire.server.telemetry_gate`), so nothing else can move a
         metric, a stored point or a job's state."""
+        try:
+            stored = self.store.add_reports(reports)  # one transaction for the whole batch
+        except Exception:
+            log.exception("could not store %d telemetry points", len(reports))
+            return []
         by_job: dict[str, list[pb.StepReport]] = {}
         for report in reports:
-            by_job.setdefault(report.job_id, []).append(report)
-        kept: list[pb.StepReport] = []
+            if report.job_id in stored:
+                by_job.setdefault(report.job_id, []).append(report)
+            # else: the job is unknown (deleted meanwhile): dropped
+        kept = [report for report in reports if report.job_id in stored]
+        self.metrics.observe_reports(kept)
         for job_id, batch in by_job.items():
-            try:
-                self.store.add_points(job_id, [report_point(r) for r in batch])
-            except JobNotFound:
-                log.debug("telemetry for unknown job %s dropped (%d reports)", job_id, len(batch))
-                continue
-            except Exception:
-                log.exception("could not store %d telemetry points of %s", len(batch), job_id)
-                continue
-            kept.extend(batch)
-            self.metrics.observe_reports(batch)
             self._placed(job_id)
-            for report in batch:
-                with self._state:
-                    previous = self._restarts.observe(job_id, report.rank, report.step)
-                if previous is not None:
-                    self._restarted(job_id, report.rank, previous, report.step)
+            with self._state:
+                restarts = [
+                    (report.rank, previous, report.step)
+                    for report in batch
+                    if (previous := self._restarts.observe(job_id, report.rank, report.step)) is not None
+                ]
+            for rank, previous, step in restarts:
+                self._restarted(job_id, rank, previous, step)
         return kept
 
     def _placed(self, job_id: str) -> None:

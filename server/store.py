@@ -31,6 +31,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from gradwire.protos import telemetry_pb2 as pb
 from gradwire.server.models_db import (
     JobEventRow,
     JobPointRow,
@@ -38,6 +39,7 @@ from gradwire.server.models_db import (
     JobTelemetryKeyRow,
     append_event,
     insert_new_points,
+    insert_point_rows,
     make_engine,
     writer,
 )
@@ -51,6 +53,7 @@ from gradwire.server.records import (
     JobRecord,
     StateConflict,
 )
+from gradwire.server.report_points import report_rows
 from gradwire.server.schema import upgrade as upgrade_schema
 from gradwire.server.states import INITIAL_STATE, TERMINAL_STATES, JobState, check_transition
 
@@ -388,6 +391,22 @@ class JobStore:
                 return 0
             values = [{"job_id": job_id, **p.model_dump()} for p in unique.values()]
             return insert_new_points(session, job_id, values)
+
+    def add_reports(self, reports: Iterable[pb.StepReport]) -> dict[str, int]:
+        """Store the points of StepReports of any jobs in one transaction (the telemetry sink's
+        batches); returns, for each job that exists, how many of its points were new. Reports of
+        unknown (or deleted) jobs are left out; like :meth:`add_points`, a (rank, step) the job
+        already has is skipped. One insert statement for all the rows."""
+        by_job = report_rows(reports)
+        if not by_job:
+            return {}
+        with self._write.begin() as session:
+            known = set(session.scalars(select(JobRow.id).where(JobRow.id.in_(sorted(by_job)))))
+            rows = [row for job_id, job_rows in by_job.items() if job_id in known for row in job_rows]
+            added = dict.fromkeys(known, 0)
+            for job_id in insert_point_rows(session, rows):
+                added[job_id] += 1
+        return added
 
     def last_points(self, job_id: str) -> dict[int, JobPoint]:
         """Each rank's point with the highest step (``{}`` before any telemetry): where the job's

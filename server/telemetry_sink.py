@@ -124,7 +124,7 @@ class TelemetrySink:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        max_workers: int = 64,
+        max_workers: int = 1024,
         max_receive_message_length: int = 4 * 1024 * 1024,
         allow_remote: bool = False,
         accept_job: Callable[[str], bool] | None = None,

@@ -230,3 +230,35 @@ def test_registries_are_independent() -> None:
     a.observe_report(report("x", 0, 0, 5, 20))
     assert value(scrape(a), "gradwire_train_steps_total", job_id="x") == 1
     assert value(scrape(b), "gradwire_train_steps_total", job_id="x") is None
+
+
+def test_a_batch_of_reports_gives_the_same_series_as_one_report_at_a_time():
+    """observe_reports folds StepReports per job before touching the series: same result."""
+    batch = []
+    for step in range(1, 13):
+        for rank in range(3):
+            sent = 0 if (step == 7 and rank == 1) else 1_000 * step  # rank 1 restored at step 7
+            r = pb.StepReport(
+                job_id=f"job-{step % 2}", rank=rank, step=step,
+                loss=float("nan") if step == 5 else 1.0 / step,
+                compute_s=0.003 * step, compress_s=float("inf") if step == 3 else 0.0005, communicate_s=0.02,
+                wait_s=-0.1 if step == 4 else 0.2 * rank, bytes_sent=sent, bytes_uncompressed=10 * sent,
+                compressor="powersgd" if step < 9 else "", stragglers=[2] * (step % 3),
+            )  # fmt: skip
+            if step % 4 == 0:
+                r.accuracy = 0.5 + step / 100
+            batch.append(r)
+    one, many = CoordinatorMetrics(), CoordinatorMetrics()
+    for r in batch:
+        one.observe_report(r)
+    many.observe_reports(batch[:10])
+    many.observe_reports(batch[10:])
+    a, b = scrape(one), scrape(many)
+    assert a.keys() == b.keys()
+    for key in a:
+        if a[key] != a[key]:  # NaN loss
+            assert b[key] != b[key], key
+        else:
+            assert b[key] == pytest.approx(a[key], rel=1e-12), key
+    assert value(b, "gradwire_train_steps_total", job_id="job-0") == 6
+    assert value(b, "gradwire_step_seconds_count", job_id="job-1", phase="compress") == 15  # inf left out

@@ -446,3 +446,36 @@ def test_the_store_imports_no_torch_or_ray():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_add_reports_stores_many_jobs_in_one_call_like_add_points(store: JobStore):
+    from gradwire.protos import telemetry_pb2 as pb
+
+    a, _ = store.create(spec("a"))
+    b, _ = store.create(spec("b"))
+    store.add_points(a.id, [point(0)])
+
+    def report(job_id: str, step: int, rank: int = 0, **fields: Any) -> pb.StepReport:
+        fields.setdefault("loss", 1.0 / (step + 1))
+        r = pb.StepReport(job_id=job_id, rank=rank, step=step, bytes_sent=7, **fields)
+        r.wall_time.FromNanoseconds(1_700_000_000_000_000_000 + step)
+        return r
+
+    reports = [
+        report(a.id, 0),  # already stored
+        report(a.id, 1, accuracy=float("nan")),
+        report(b.id, 1, rank=1, stragglers=[0, 2]),
+        report("job-unknown", 1),
+        report(a.id, 1, loss=5.0),  # same (rank, step) again in the batch: the first one is kept
+        report(b.id, 2, loss=float("inf")),
+    ]
+    assert store.add_reports(reports) == {a.id: 1, b.id: 2}
+    assert [(p.step, p.loss, p.accuracy) for p in store.points(a.id)] == [(0, 1.0, None), (1, 0.5, None)]
+    stored_b = store.points(b.id)
+    assert [(p.rank, p.step, p.stragglers, p.bytes_sent) for p in stored_b] == [(1, 1, 2, 7), (0, 2, 0, 7)]
+    assert stored_b[1].loss is None  # non-finite, as JobPoint stores it
+    assert stored_b[0].wall_time == pytest.approx(1_700_000_000.0)
+    assert store.add_reports(reports) == {a.id: 0, b.id: 0}
+    assert store.add_reports([report("job-unknown", 3)]) == {}
+    with pytest.raises(ValueError):
+        store.add_reports([report(a.id, 9, rank=-1)])
