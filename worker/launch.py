@@ -35,13 +35,16 @@ class NotEnoughResourcesError(RuntimeError):
 
 
 def start_local_ray(num_cpus: int | None = None) -> None:
-    """``ray.init`` on 127.0.0.1 only, without the dashboard."""
+    """A new single-machine Ray (``ray.init(address="local")``) on 127.0.0.1 only, without the
+    dashboard. Never one that happens to run already: ``ray.init()`` without an address would join
+    the last cluster ``ray start`` made in the same temp dir (a coordinator's embedded head, say)."""
     apply_local_ray_env()
     import ray
 
     temp_dir = ray_temp_dir()
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
