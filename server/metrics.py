@@ -52,7 +52,6 @@ which :meth:`~CoordinatorMetrics.render` runs before each scrape.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import functools
 import math
@@ -125,26 +124,10 @@ def _finite_nonneg(value: float) -> float:
 
 
 def _observe_many(child: Any, values: list[float]) -> None:
-    """``child.observe(v)`` for every ``v``, with one bucket increment per bucket hit and one sum
-    increment (prometheus_client's histogram child keeps ``_upper_bounds``, ``_buckets`` and
-    ``_sum``; without them, one ``observe`` per value)."""
-    if not values:
-        return
-    bounds = getattr(child, "_upper_bounds", None)
-    buckets = getattr(child, "_buckets", None)
-    total = getattr(child, "_sum", None)
-    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
-        for value in values:
-            child.observe(value)
-        return
-    child._raise_if_not_observable()
-    hits = [0] * len(bounds)
+    """``child.observe(v)`` for every ``v`` of a batch (the series' child is looked up once per batch;
+    prometheus_client's own observe keeps its buckets and sum consistent under its lock)."""
     for value in values:
-        hits[bisect.bisect_left(bounds, value)] += 1  # the first bound >= value; the last is +Inf
-    total.inc(math.fsum(values))
-    for i, n in enumerate(hits):
-        if n:
-            buckets[i].inc(n)
+        child.observe(value)
 
 
 class _Report:

@@ -36,6 +36,8 @@ reading a row and one failing on upgrade to a write lock.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -234,7 +236,7 @@ def _configure_sqlite(engine: Engine, *, wal: bool) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA foreign_keys=ON")
         if wal:
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(cursor)
             cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
@@ -242,6 +244,22 @@ def _configure_sqlite(engine: Engine, *, wal: bool) -> None:
     def _on_begin(connection: Any) -> None:
         immediate = connection.get_execution_options().get(BEGIN_OPTION) == "IMMEDIATE"
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _switch_to_wal(cursor: Any, timeout_s: float = 30.0) -> None:
+    """WAL mode for a file database. Switching takes SQLite's exclusive lock and does not wait in
+    the busy handler, so several processes opening a new file at once (coordinators starting
+    together) retry here, as the busy timeout would, instead of failing "database is locked"."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.005
+    while cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
 
 def writer(engine: Engine) -> Engine:

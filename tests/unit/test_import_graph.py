@@ -87,23 +87,25 @@ def layer_of(module: str) -> str:
 # --- reading the package ------------------------------------------------------------------------
 
 
+def package_folder(package: str, dirs: Mapping[str, str], root: Path = ROOT) -> Path:
+    """Where ``package`` lives: its own ``package-dir`` entry, or its nearest mapped parent's folder."""
+    parts = package.split(".")
+    for i in range(len(parts), 0, -1):
+        mapped = dirs.get(".".join(parts[:i]))
+        if mapped is not None:
+            return root / mapped / Path(*parts[i:])
+    return root / Path(*parts)
+
+
 def package_sources(root: Path = ROOT) -> dict[str, str]:
     """``{module: source}`` of every module of every package pyproject.toml installs."""
     setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
     dirs: Mapping[str, str] = setuptools["package-dir"]
     packages: list[str] = setuptools["packages"]
 
-    def folder(package: str) -> Path:
-        parts = package.split(".")
-        for i in range(len(parts), 0, -1):
-            mapped = dirs.get(".".join(parts[:i]))
-            if mapped is not None:
-                return root / mapped / Path(*parts[i:])
-        return root / Path(*parts)
-
     sources: dict[str, str] = {}
     for package in packages:
-        for path in sorted(folder(package).glob("*.py")):
+        for path in sorted(package_folder(package, dirs, root).glob("*.py")):
             name = package if path.stem == "__init__" else f"{package}.{path.stem}"
             sources[name] = path.read_text(encoding="utf-8")
     return sources
@@ -113,8 +115,9 @@ def unlisted_packages(root: Path = ROOT) -> list[str]:
     """Folders with an ``__init__.py`` below a listed package's folder that pyproject does not list
     (their modules would escape the checks, and the wheel)."""
     setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
-    listed = {(root / d).resolve() for d in setuptools["package-dir"].values()}
-    listed |= {(root / "gradwire" / Path(*p.split(".")[1:])).resolve() for p in setuptools["packages"]}
+    dirs = setuptools["package-dir"]
+    listed = {(root / d).resolve() for d in dirs.values()}
+    listed |= {package_folder(p, dirs, root).resolve() for p in setuptools["packages"]}
     missing = []
     for mapped in setuptools["package-dir"].values():
         for init in (root / mapped).rglob("__init__.py"):

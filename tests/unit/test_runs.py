@@ -176,7 +176,10 @@ def test_rest_resume_from_rules(make_api):  # noqa: F811 - the fixture
 
     unknown = problem(api.client.post("/v1/jobs", json=body | {"resume_from": "job-000000000000"}), 422)
     assert fields(unknown) == {"resume_from"} and "no job job-000000000000" in unknown["errors"][0]["message"]
-    path = problem(api.client.post("/v1/jobs", json=body | {"resume_from": "/etc"}), 422, "invalid-spec")
+    outside = problem(api.client.post("/v1/jobs", json=body | {"resume_from": "/etc"}), 422, "path-refused")
+    assert fields(outside) == {"resume_from"}  # the policy: not under the checkpoint root
+    inside = str(Path(first["spec"]["checkpoint"]["storage"]) / first["id"])
+    path = problem(api.client.post("/v1/jobs", json=body | {"resume_from": inside}), 422, "invalid-spec")
     assert fields(path) == {"resume_from"} and "is a path" in path["errors"][0]["message"]
     running = problem(api.client.post("/v1/jobs", json=body | {"resume_from": first["id"]}), 409)
     assert fields(running) == {"resume_from"} and "QUEUED" in running["detail"]
@@ -188,7 +191,7 @@ def test_rest_resume_from_rules(make_api):  # noqa: F811 - the fixture
 
     # the driver's copy names the first job's run folder: its storage and its id
     driver = driver_spec(api.store.get(second["id"]).spec, api.store)
-    assert driver["resume_from"] == f".gradwire/checkpoints/{first['id']}"
+    assert driver["resume_from"] == inside  # <storage, absolute under the checkpoint root>/<job id>
     assert JobSpec.from_dict(driver).resume_path() == driver["resume_from"]
     assert driver_spec(api.store.get(first["id"]).spec, api.store) == api.store.get(first["id"]).spec
     assert api.store.get(first["id"]).state is JobState.CANCELLED
