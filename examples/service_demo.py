@@ -49,6 +49,8 @@ def main() -> int:
         "GRADWIRE_PORT": str(port),
         "GRADWIRE_GRPC_PORT": str(free_port()),
         "GRADWIRE_DATABASE_URL": f"sqlite:///{folder / 'coordinator.db'}",
+        # the policy's checkpoint root: each job writes its own folder below it
+        "GRADWIRE_CHECKPOINT_ROOT": str(folder / "checkpoints"),
     }
     print(f"starting the coordinator on http://127.0.0.1:{port} (REST), Ray embedded ...", flush=True)
     server = subprocess.Popen(
@@ -75,7 +77,6 @@ def main() -> int:
                     f"steps={args.steps}",
                     "workers.count=2",
                     "workers.cpus_per_worker=0.5",
-                    f"checkpoint.storage={folder / 'checkpoints'}",
                 ]
             )
             try:
