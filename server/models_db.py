@@ -280,35 +280,6 @@ def append_event(
     )
 
 
-def insert_new_points(session: Session, job_id: str, values: list[dict[str, Any]]) -> int:
-    """Insert the ``job_points`` rows whose (job, rank, step) is new; returns how many went in.
-
-    SQLite and PostgreSQL skip the known keys in the database (``ON CONFLICT DO NOTHING``) and
-    count the rows ``RETURNING`` reports.
-    """
-    table = JobPointRow.__table__
-    dialect = session.get_bind().dialect.name
-    if dialect in ("sqlite", "postgresql"):
-        make_insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
-        statement = (
-            make_insert(table)
-            .on_conflict_do_nothing(index_elements=["job_id", "rank", "step"])
-            .returning(table.c.id)
-        )
-        return len(session.execute(statement, values).all())
-    # Other databases: leave out the keys already stored. Two writers adding the same new point
-    # at the same moment can still collide here; the caller then sees an IntegrityError.
-    keys = [(v["rank"], v["step"]) for v in values]
-    known = select(JobPointRow.rank, JobPointRow.step).where(
-        JobPointRow.job_id == job_id, tuple_(JobPointRow.rank, JobPointRow.step).in_(keys)
-    )
-    stored = set(session.execute(known).tuples())
-    fresh = [v for v in values if (v["rank"], v["step"]) not in stored]
-    if fresh:
-        session.execute(insert(table), fresh)
-    return len(fresh)
-
-
 def insert_point_rows(session: Session, rows: list[dict[str, Any]]) -> list[str]:
     """Insert ``job_points`` rows of any jobs (each row names its ``job_id``; one row per
     (job, rank, step) in ``rows``), skipping the keys already stored; returns the ``job_id`` of
@@ -326,10 +297,20 @@ def insert_point_rows(session: Session, rows: list[dict[str, Any]]) -> list[str]
             .returning(table.c.job_id)
         )
         return list(session.execute(statement, rows).scalars())
+    # Other databases: leave out the keys already stored. Two writers adding the same new point
+    # at the same moment can still collide here; the caller then sees an IntegrityError.
     by_job: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_job.setdefault(row["job_id"], []).append(row)
     added: list[str] = []
     for job_id, values in by_job.items():
-        added += [job_id] * insert_new_points(session, job_id, values)
+        keys = [(v["rank"], v["step"]) for v in values]
+        known = select(JobPointRow.rank, JobPointRow.step).where(
+            JobPointRow.job_id == job_id, tuple_(JobPointRow.rank, JobPointRow.step).in_(keys)
+        )
+        stored = set(session.execute(known).tuples())
+        fresh = [v for v in values if (v["rank"], v["step"]) not in stored]
+        if fresh:
+            session.execute(insert(table), fresh)
+        added += [job_id] * len(fresh)
     return added

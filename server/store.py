@@ -38,7 +38,6 @@ from gradwire.server.models_db import (
     JobRow,
     JobTelemetryKeyRow,
     append_event,
-    insert_new_points,
     insert_point_rows,
     make_engine,
     writer,
@@ -390,7 +389,7 @@ class JobStore:
             if not unique:
                 return 0
             values = [{"job_id": job_id, **p.model_dump()} for p in unique.values()]
-            return insert_new_points(session, job_id, values)
+            return len(insert_point_rows(session, values))
 
     def add_reports(self, reports: Iterable[pb.StepReport]) -> dict[str, int]:
         """Store the points of StepReports of any jobs in one transaction (the telemetry sink's
