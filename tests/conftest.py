@@ -10,6 +10,7 @@ once per backend. The PostgreSQL cases are skipped, saying why, only where Debia
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,14 @@ import pytest
 from tests import postgres
 
 BACKENDS = ("sqlite", "postgresql")
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings read the environment: keep an operator's GRADWIRE_* / RAY_ADDRESS out of a test."""
+    for name in list(os.environ):
+        if name.upper().startswith("GRADWIRE_") or name.upper() == "RAY_ADDRESS":
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="session")

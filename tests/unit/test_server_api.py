@@ -3,7 +3,6 @@ in tests/conftest.py) and real metrics: every route and error path."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -31,12 +30,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "specs" / "digits-p
 PROBLEM = "application/problem+json"
 
 
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Settings read the environment: keep an operator's GRADWIRE_* / RAY_ADDRESS out of the tests."""
-    for name in list(os.environ):
-        if name.upper().startswith("GRADWIRE_") or name.upper() == "RAY_ADDRESS":
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_environment")  # tests/conftest.py
 
 
 class FakeScheduler:

@@ -3,7 +3,6 @@ and telemetry reports received / dropped by reason, fed by a real app and a real
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import grpc
@@ -23,11 +22,7 @@ from gradwire.server.telemetry_sink import TelemetrySink
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "specs" / "digits-powersgd.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("GRADWIRE_") or name.upper() == "RAY_ADDRESS":
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_environment")  # tests/conftest.py
 
 
 def scrape_text(text: str) -> dict[tuple[str, frozenset], float]:

@@ -31,11 +31,7 @@ PROBLEM = "application/problem+json"
 SECRET = "api_key=sk-live-0123456789abcdef"
 
 
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("GRADWIRE_") or name.upper() == "RAY_ADDRESS":
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_environment")  # tests/conftest.py
 
 
 @pytest.fixture
