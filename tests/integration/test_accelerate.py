@@ -20,10 +20,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+
+from tests.state_compare import bitwise_equal, residuals
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -93,22 +94,6 @@ def _script(out: Path) -> None:
 # --- the test -----------------------------------------------------------------------------------
 
 
-def _equal(a: Any, b: Any) -> bool:
-    """Bitwise equality of nested dicts/lists of tensors and plain values."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_equal, a, b))
-    return a == b
-
-
-def _residuals(state: dict[str, Any]) -> dict[int, torch.Tensor]:
-    """The error-feedback residual ``e`` of every tensor in a reducer state."""
-    return {int(k): b["e"] for k, b in state["feedback"].items() if "e" in b}
-
-
 def test_accelerate_torchrun_ranks_identical_and_resume_exact(tmp_path: Path) -> None:
     from tests.waiting import free_port
 
@@ -148,19 +133,21 @@ def test_accelerate_torchrun_ranks_identical_and_resume_exact(tmp_path: Path) ->
     entry = torch.load(custom, weights_only=True)  # plain types: loads without pickle
     assert entry["compressor"] == "powersgd" and [s["rank"] for s in entry["states"]] == [0, 1]
     for r in range(2):
-        assert _equal(entry["states"][r], half[r]["end_state"])
+        assert bitwise_equal(entry["states"][r], half[r]["end_state"])
 
     # load_state gave each process its own buffers back: rank 1 got rank 1's, which differ from rank 0's
-    saved = [_residuals(half[r]["end_state"]) for r in range(2)]
-    assert saved[0] and not _equal(saved[0], saved[1])
+    saved = [residuals(half[r]["end_state"]) for r in range(2)]
+    assert saved[0] and not bitwise_equal(saved[0], saved[1])
     for r in range(2):
-        assert _equal(_residuals(resumed[r]["restored"]), saved[r]), f"rank {r} did not get its own state"
-    assert not _equal(_residuals(resumed[1]["restored"]), saved[0])
+        assert bitwise_equal(residuals(resumed[r]["restored"]), saved[r]), (
+            f"rank {r} did not get its own state"
+        )
+    assert not bitwise_equal(residuals(resumed[1]["restored"]), saved[0])
 
     # and the resumed run is the uninterrupted one, bit for bit
     for r in range(2):
         assert torch.equal(resumed[r]["params"], full[r]["params"]), f"rank {r}: resumed differs"
-        assert _equal(_residuals(resumed[r]["end_state"]), _residuals(full[r]["end_state"]))
+        assert bitwise_equal(residuals(resumed[r]["end_state"]), residuals(full[r]["end_state"]))
         assert resumed[r]["end_state"]["step"] == full[r]["end_state"]["step"] == FULL * 4
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from gradwire.compressors.lightning_callback import GradwireCompression
+from tests.state_compare import bitwise_equal, residuals
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -165,22 +166,6 @@ def _load(out: Path, tag: str) -> list[dict[str, Any]]:
     return [torch.load(out / f"{tag}-rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def _equal(a: Any, b: Any) -> bool:
-    """Bitwise equality of nested dicts/lists of tensors and plain values."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_equal, a, b))
-    return a == b
-
-
-def _residuals(state: dict[str, Any]) -> dict[int, torch.Tensor]:
-    """The error-feedback residual ``e`` of every tensor in a reducer state."""
-    return {int(k): b["e"] for k, b in state["feedback"].items() if "e" in b}
-
-
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("lightning-ddp")
@@ -210,27 +195,27 @@ def test_ddp_checkpoint_holds_every_rank_and_resume_is_exact(ddp_run: Path) -> N
     half = _load(ddp_run, "half")
     for r in range(2):  # the checkpoint holds what each rank had when it was saved
         assert entry["states"][r]["rank"] == r
-        assert _equal(entry["states"][r], half[r]["end_state"]), (
+        assert bitwise_equal(entry["states"][r], half[r]["end_state"]), (
             f"checkpoint entry {r} is not rank {r}'s state"
         )
-    saved = [_residuals(half[r]["end_state"]) for r in range(2)]
-    assert saved[0] and not _equal(saved[0], saved[1]), (
+    saved = [residuals(half[r]["end_state"]) for r in range(2)]
+    assert saved[0] and not bitwise_equal(saved[0], saved[1]), (
         "ranks' residuals should differ (else the check is void)"
     )
 
     resumed = _load(ddp_run, "resume")
     for r in range(2):  # each rank restored its own buffers, not rank 0's
-        assert _equal(_residuals(resumed[r]["start_state"]), saved[r]), (
+        assert bitwise_equal(residuals(resumed[r]["start_state"]), saved[r]), (
             f"rank {r} did not get its own state back"
         )
-    assert not _equal(_residuals(resumed[1]["start_state"]), saved[0])
+    assert not bitwise_equal(residuals(resumed[1]["start_state"]), saved[0])
 
     full = _load(ddp_run, "full")
     for r in range(2):
         assert torch.equal(resumed[r]["params"], full[r]["params"]), (
             f"rank {r}: resumed run differs from uninterrupted"
         )
-        assert _equal(_residuals(resumed[r]["end_state"]), _residuals(full[r]["end_state"]))
+        assert bitwise_equal(residuals(resumed[r]["end_state"]), residuals(full[r]["end_state"]))
         assert resumed[r]["stats"]["steps"] == full[r]["stats"]["steps"]
 
 
