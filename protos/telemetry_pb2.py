@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fgradwire/protos/telemetry.proto\x12\x0bgradwire.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf6\x02\n\nStepReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12-\n\twall_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x15\n\x08\x61\x63\x63uracy\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tcompute_s\x18\x07 \x01(\x01\x12\x12\n\ncompress_s\x18\x08 \x01(\x01\x12\x15\n\rcommunicate_s\x18\t \x01(\x01\x12\x0e\n\x06wait_s\x18\n \x01(\x01\x12\x12\n\nbytes_sent\x18\x0b \x01(\x04\x12\x1a\n\x12\x62ytes_uncompressed\x18\x0c \x01(\x04\x12\x12\n\nstragglers\x18\r \x03(\x05\x12\x12\n\ncompressor\x18\x0e \x01(\t\x12\x0f\n\x07samples\x18\x0f \x01(\x04\x12\x15\n\rlearning_rate\x18\x10 \x01(\x01\x12\r\n\x05\x65poch\x18\x11 \x01(\rB\x0b\n\t_accuracy\"7\n\x0bReportBatch\x12(\n\x07reports\x18\x01 \x03(\x0b\x32\x17.gradwire.v1.StepReport\"!\n\rStreamSummary\x12\x10\n\x08received\x18\x01 \x01(\x04\x32T\n\tTelemetry\x12G\n\rStreamReports\x12\x18.gradwire.v1.ReportBatch\x1a\x1a.gradwire.v1.StreamSummary(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fgradwire/protos/telemetry.proto\x12\x0bgradwire.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x03\n\nStepReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12-\n\twall_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x15\n\x08\x61\x63\x63uracy\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tcompute_s\x18\x07 \x01(\x01\x12\x12\n\ncompress_s\x18\x08 \x01(\x01\x12\x15\n\rcommunicate_s\x18\t \x01(\x01\x12\x0e\n\x06wait_s\x18\n \x01(\x01\x12\x12\n\nbytes_sent\x18\x0b \x01(\x04\x12\x1a\n\x12\x62ytes_uncompressed\x18\x0c \x01(\x04\x12\x12\n\nstragglers\x18\r \x03(\x05\x12\x12\n\ncompressor\x18\x0e \x01(\t\x12\x0f\n\x07samples\x18\x0f \x01(\x04\x12\x15\n\rlearning_rate\x18\x10 \x01(\x01\x12\r\n\x05\x65poch\x18\x11 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x12 \x01(\r\x12\x14\n\x0cnode_address\x18\x13 \x01(\tB\x0b\n\t_accuracy\"7\n\x0bReportBatch\x12(\n\x07reports\x18\x01 \x03(\x0b\x32\x17.gradwire.v1.StepReport\"!\n\rStreamSummary\x12\x10\n\x08received\x18\x01 \x01(\x04\x32T\n\tTelemetry\x12G\n\rStreamReports\x12\x18.gradwire.v1.ReportBatch\x1a\x1a.gradwire.v1.StreamSummary(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gradwire.protos.telemetry_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STEPREPORT']._serialized_start=82
-  _globals['_STEPREPORT']._serialized_end=456
-  _globals['_REPORTBATCH']._serialized_start=458
-  _globals['_REPORTBATCH']._serialized_end=513
-  _globals['_STREAMSUMMARY']._serialized_start=515
-  _globals['_STREAMSUMMARY']._serialized_end=548
-  _globals['_TELEMETRY']._serialized_start=550
-  _globals['_TELEMETRY']._serialized_end=634
+  _globals['_STEPREPORT']._serialized_end=495
+  _globals['_REPORTBATCH']._serialized_start=497
+  _globals['_REPORTBATCH']._serialized_end=552
+  _globals['_STREAMSUMMARY']._serialized_start=554
+  _globals['_STREAMSUMMARY']._serialized_end=587
+  _globals['_TELEMETRY']._serialized_start=589
+  _globals['_TELEMETRY']._serialized_end=673
 # @@protoc_insertion_point(module_scope)
