@@ -1,9 +1,9 @@
 """`gradwire plan SPEC`: predicted step time and bytes of each compressor on a given cluster.
 
 The spec is loaded as `gradwire train` loads it and its model is built to read the parameter shapes;
-:mod:`gradwire.cli.costmodel` turns shapes, compressor, workers and link into bytes and seconds. Compute
-and compression times come from ``--compute-ms``, from ``--measure`` (a few steps on this machine),
-or from the calibration file measured by ``benchmarks/costmodel.py`` (docs/plan.md).
+the cost model (:mod:`gradwire.compressors.costmodel`) turns shapes, compressor, workers and link into
+bytes and seconds. Compute and compression times come from ``--compute-ms``, from ``--measure`` (a few
+steps on this machine), or from the calibration file measured by ``benchmarks/costmodel.py`` (docs/plan.md).
 """
 
 from __future__ import annotations
@@ -18,22 +18,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gradwire.cli.costmodel import (
-    Calibration,
+from gradwire.cli.costmodel import Calibration, model_key, parse_bandwidth, parse_latency
+from gradwire.cli.extras import command_needs
+from gradwire.compressors.costmodel import (
     CompressTime,
     Link,
     UnmodelledCompressorError,
     config_label,
     ddp_bucket_indices,
     ddp_buckets,
-    model_key,
     numel,
-    parse_bandwidth,
-    parse_latency,
     predict_step,
     step_traffic,
 )
-from gradwire.cli.extras import command_needs
 
 #: the configurations every plan compares (besides the spec's own): registry name and parameters
 DEFAULT_CONFIGS: list[tuple[str, dict[str, Any]]] = [
