@@ -15,6 +15,7 @@ exactly the families of the metrics contract in ``docs/architecture.md``::
     gradwire_jobs{state}                                        gauge
     gradwire_job_transitions_total{from,to}                     counter
     gradwire_worker_restarts_total{job_id}                      counter
+    gradwire_compressor_active{job_id,compressor}               gauge (1: in use now, 0: used before)
     gradwire_http_requests_total{route,method,status}           counter (route: the path template)
     gradwire_http_request_duration_seconds{route,method}        histogram
     gradwire_telemetry_reports_received_total                   counter
@@ -191,6 +192,7 @@ class CoordinatorMetrics:
         self._lock = threading.Lock()
         self._baselines: dict[tuple[str, int], tuple[int, int]] = {}  # (job, rank) -> (sent, uncompressed)
         self._compressors: dict[str, set[str]] = {}  # job -> compressor labels it has used
+        self._active: dict[str, set[str]] = {}  # job -> compressor labels of gradwire_compressor_active
         self._jobs: set[str] = set()  # jobs that have series
         self._ended: dict[str, float] = {}  # job -> clock() when it reached a terminal state
         self._states: set[str] = {s.value for s in JobState}
@@ -247,6 +249,12 @@ class CoordinatorMetrics:
         self.worker_restarts = Counter(
             "gradwire_worker_restarts", "Worker-group restarts.", [JOB_LABEL], registry=r
         )
+        self.compressor_in_use = Gauge(
+            "gradwire_compressor_active",
+            "1 for the compressor a job's rank 0 reported last, 0 for those it used before (a switch "
+            "is also a job event).",
+            [JOB_LABEL, "compressor"], registry=r,
+        )  # fmt: skip
         self.http_requests = Counter(
             "gradwire_http_requests", "REST requests answered, by route template, method and status.",
             ["route", "method", "status"], registry=r,
@@ -439,6 +447,20 @@ class CoordinatorMetrics:
             self._jobs.add(job)
         self.worker_restarts.labels(job).inc()
 
+    def compressor_active(self, job: str, compressor: str) -> None:
+        """``job``'s rank 0 now uses ``compressor`` (a label value the telemetry gate bounded):
+        its ``gradwire_compressor_active`` series is 1 and those of earlier ones 0."""
+        if not compressor:
+            raise ValueError("a compressor label must not be empty")
+        with self._lock:
+            self._jobs.add(job)
+            labels = self._active.setdefault(job, set())
+            before = sorted(labels - {compressor})
+            labels.add(compressor)
+        for old in before:
+            self.compressor_in_use.labels(job, old).set(0)
+        self.compressor_in_use.labels(job, compressor).set(1)
+
     def job_ended(self, job: str, at: float | None = None) -> None:
         """Mark ``job`` finished at ``at`` (default: now); :meth:`sweep` forgets it ``retention_s`` later."""
         with self._lock:
@@ -450,6 +472,7 @@ class CoordinatorMetrics:
         """Remove every series whose ``job_id`` label is ``job`` from every family, and its byte baselines."""
         with self._lock:
             compressors = self._compressors.pop(job, set())
+            active = self._active.pop(job, set())
             self._jobs.discard(job)
             self._ended.pop(job, None)
             for key in [k for k in self._baselines if k[0] == job]:
@@ -457,6 +480,8 @@ class CoordinatorMetrics:
         for family in (self.bytes_sent, self.bytes_uncompressed):
             for compressor in compressors:
                 self._remove(family, job, compressor)
+        for compressor in active:
+            self._remove(self.compressor_in_use, job, compressor)
         for phase in PHASES:
             self._remove(self.step_seconds, job, phase)
         for family in (

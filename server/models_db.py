@@ -15,6 +15,9 @@ Tables:
   per job from 1.
 - ``job_points``: the telemetry time series, one row per (job, rank, step); the unique key lets
   the at-least-once gRPC sink store a report twice without duplicating it.
+- ``job_ranks``: where each rank of a job runs now, one row per (job, rank): the node's address
+  and the worker-group attempt it reported last (since schema revision 0004), for the job's
+  placement in the API.
 - ``job_telemetry_keys``: per launched job, the SHA-256 digest (hex) of the secret its workers
   send with their telemetry (never the secret itself). A table of its own, so the digest is
   never part of a job record or an API response.
@@ -149,6 +152,11 @@ class JobRow(Base):
     ray_job_id: Mapped[str | None] = mapped_column(String(128))
     reason: Mapped[str] = mapped_column(Text, default="")
     restarts: Mapped[int] = mapped_column(default=0)
+    # since revision 0004: the worker-group attempt last seen (Ray Train's restores), the compressor
+    # rank 0 reported last, and the JobSpec schema version the spec was validated under (NULL: before)
+    attempt: Mapped[int] = mapped_column(default=0)
+    compressor: Mapped[str | None] = mapped_column(String(128))
+    spec_version: Mapped[int | None]
 
 
 class JobEventRow(Base):
@@ -182,6 +190,19 @@ class JobPointRow(Base):
     bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_uncompressed: Mapped[int] = mapped_column(BigInteger, default=0)
     stragglers: Mapped[int] = mapped_column(default=0)
+
+
+class JobRankRow(Base):
+    __tablename__ = "job_ranks"
+
+    job_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    rank: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    attempt: Mapped[int] = mapped_column(default=0)
+    node_address: Mapped[str] = mapped_column(String(64), default="")
+    since_step: Mapped[int] = mapped_column(BigInteger, default=0)
+    at: Mapped[datetime]
 
 
 class JobTelemetryKeyRow(Base):
@@ -314,3 +335,22 @@ def insert_point_rows(session: Session, rows: list[dict[str, Any]]) -> list[str]
             session.execute(insert(table), fresh)
         added += [job_id] * len(fresh)
     return added
+
+
+def upsert_rank_rows(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Write ``job_ranks`` rows (each names ``job_id`` and ``rank``), replacing what a (job, rank)
+    had: one ``INSERT ... ON CONFLICT DO UPDATE`` on SQLite and PostgreSQL, a merge elsewhere."""
+    if not rows:
+        return
+    table = JobRankRow.__table__
+    dialect = session.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        make_insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+        statement = make_insert(table)
+        updated = {c: statement.excluded[c] for c in ("attempt", "node_address", "since_step", "at")}
+        session.execute(
+            statement.on_conflict_do_update(index_elements=["job_id", "rank"], set_=updated), rows
+        )
+        return
+    for row in rows:
+        session.merge(JobRankRow(**row))

@@ -22,6 +22,7 @@ __all__ = [
     "JobPage",
     "JobPoint",
     "JobRecord",
+    "RankPlacement",
     "StateConflict",
     "StoreError",
 ]
@@ -49,6 +50,11 @@ class JobRecord(_Record):
     ray_job_id: str | None = Field(description="the Ray Jobs submission id, once launched")
     reason: str = Field(description="why the last transition happened")
     restarts: int = Field(description="times the job entered RESTARTING")
+    attempt: int = Field(0, description="the worker-group attempt last reported (n after the n-th restore)")
+    compressor: str | None = Field(None, description="the compressor rank 0 reported last")
+    spec_version: int | None = Field(
+        None, description="the JobSpec schema version the spec was validated under (None: stored before)"
+    )
 
     @property
     def terminal(self) -> bool:
@@ -63,6 +69,16 @@ class JobEvent(_Record):
     from_state: JobState | None
     to_state: JobState
     reason: str
+    at: datetime
+
+
+class RankPlacement(_Record):
+    """Where one rank of a job runs: the node address and worker-group attempt it reported last."""
+
+    rank: int
+    node_address: str = Field(description="Ray's address of the rank's node; empty if never reported")
+    attempt: int = Field(description="the worker-group attempt (0, then n after the n-th restore)")
+    since_step: int = Field(description="the first step it reported from this node in this attempt")
     at: datetime
 
 

@@ -28,13 +28,17 @@ One background thread polls (every ``poll_s``, or at once after :meth:`Scheduler
 The spec travels with the job: its JSON (``resume_from: <job id>`` replaced by that job's run
 folder, ``resume.py``) is the ``GRADWIRE_JOB_SPEC`` variable of the Ray job's ``runtime_env``, so
 the coordinator and the cluster share no folder; it reaches Ray by the Jobs API address alone.
-The submission is retried (Ray answers "No available agent" while a head's agent starts, and a
-head may be briefly unreachable) with the scheduler lock *released*: the lock only covers the
-state changes, so a cancel is answered at once whatever Ray does, and a job cancelled while its
-submission was being retried is not submitted, or is stopped once Ray has it. What needs no
-thread has modules of its own: ``ray_jobs.py`` (submission ids, failure reasons), ``demand.py``
-(what a job asks of the cluster and whether it fits), ``restarts.py`` (restarts seen in
-telemetry), ``report_points.py`` (a StepReport as a stored point).
+
+What a job's state becomes is decided in one place, :func:`gradwire.server.job_lifecycle.decide`,
+from one signal at a time (Ray's status, a failed submission, stored step reports, a cancel, an
+admission, a refusal); what a failure means is the :class:`~gradwire.server.job_lifecycle.FailurePolicy`'s
+call. The methods here only do the I/O around it: ask Ray, submit, stop, store, count. A
+submission the policy says to retry is tried again with the scheduler lock *released*: the lock only
+covers the state changes, so a cancel is answered at once whatever Ray does, and a job cancelled
+while its submission was being retried is not submitted, or is stopped once Ray has it. What needs
+no thread has modules of its own: ``ray_jobs.py`` (submission ids, failure reasons), ``demand.py``
+(what a job asks of the cluster and whether it fits), ``report_points.py`` (a StepReport as a
+stored point).
 
 Cancel writes CANCELLED and returns; the Ray job is stopped on a helper thread (a Ray that does
 not answer cannot hold the caller). Whatever Ray reports afterwards for a cancelled job is
@@ -42,15 +46,15 @@ ignored, and a stop that did not get through is retried every poll until Ray rep
 ended. Start-up :meth:`Scheduler.reconcile` applies the follow rules once to
 every non-terminal job (queued ones stay queued).
 
-Restarts come from telemetry: a rank reporting a step at or below one it reported before (the
-sink has already dropped re-sent reports) means Ray Train restored the worker group from a
-checkpoint; the job goes RUNNING → RESTARTING → RUNNING and
-``CoordinatorMetrics.worker_restarted`` counts it once per restart, however many ranks show it.
+Restarts come from Ray Train: each StepReport carries the worker group's ``attempt``, and a report
+of a higher attempt than the stored one moves the job RUNNING → RESTARTING → RUNNING once
+(``CoordinatorMetrics.worker_restarted`` counts it). Each rank's node address and attempt are kept
+as the job's placement (``JobStore.set_placement``), written only when they change; a compressor
+change in rank 0's reports is a job event and moves ``gradwire_compressor_active``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shlex
@@ -65,11 +69,23 @@ from gradwire.protos import TELEMETRY_TOKEN_ENV
 from gradwire.protos import telemetry_pb2 as pb
 from gradwire.server.control import ClusterUnavailable
 from gradwire.server.demand import Demand
+from gradwire.server.job_lifecycle import (
+    CANCELLED_BY_USER,
+    LAUNCHED,
+    Admitted,
+    CancelRequested,
+    Decision,
+    FailurePolicy,
+    RayStatus,
+    Refused,
+    ReportsArrived,
+    SubmitFailed,
+    decide,
+)
 from gradwire.server.metrics import CoordinatorMetrics
 from gradwire.server.ray_cluster import RayCluster, RayUnavailable, is_not_found
 from gradwire.server.ray_jobs import failure_reason, submission_id
 from gradwire.server.records import JobNotFound, JobRecord, StateConflict
-from gradwire.server.restarts import RestartTracker
 from gradwire.server.resume import driver_spec
 from gradwire.server.states import TERMINAL_STATES, IllegalTransition, JobState
 from gradwire.server.store import JobStore
@@ -78,12 +94,8 @@ from gradwire.spec import SpecError
 
 log = logging.getLogger(__name__)
 
-SUBMIT_ATTEMPTS, SUBMIT_BACKOFF_S = 6, 1.0  # while Ray answers "No available agent" (agent starting)
 #: the runtime_env variable that carries the job's spec (JSON) to its driver (`gradwire train --spec-env`)
 SPEC_ENV = "GRADWIRE_JOB_SPEC"
-#: the states of a job that has a Ray job (submitted, running, or being restored)
-LAUNCHED = (JobState.STARTING, JobState.RUNNING, JobState.RESTARTING)
-CANCELLED_BY_USER = "cancelled by user"
 
 __all__ = ["CANCELLED_BY_USER", "LAUNCHED", "SPEC_ENV", "Scheduler"]
 
@@ -98,6 +110,8 @@ class Scheduler:
     may ask for (gradwire/policy.py), put in each job's environment so that its driver and
     workers refuse what the REST door would have. A job Ray reports
     RUNNING counts as placed after ``placement_grace_s`` even if no telemetry arrived.
+    ``failure_policy``: retries of a submission and how failures are explained (the default
+    :class:`~gradwire.server.job_lifecycle.FailurePolicy`, explaining with the job's log tail).
     """
 
     def __init__(
@@ -113,7 +127,9 @@ class Scheduler:
         cluster_timeout_s: float = 10.0,
         policy: JobPolicy | None = None,
         telemetry_env: Mapping[str, str] | None = None,
+        failure_policy: FailurePolicy | None = None,
     ) -> None:
+        self.failure_policy = failure_policy or FailurePolicy(failure_reason=failure_reason)
         self.store, self.metrics = store, metrics
         self.telemetry_env = dict(telemetry_env or {})  # e.g. GRADWIRE_TELEMETRY_CA for every job
         self.policy = policy  # into every job's environment: its driver and workers check again
@@ -129,7 +145,10 @@ class Scheduler:
         self._demands: dict[str, Demand] = {}
         self._stopping: dict[str, float] = {}  # submission id -> last stop request (monotonic)
         self._aborts: dict[str, threading.Event] = {}  # job id -> set by cancel while it is submitted
-        self._restarts = RestartTracker()
+        # what on_reports compares reports with, per open job: (attempt, compressor) as stored,
+        # and each rank's (attempt, node address) as last written to the store's placement
+        self._seen: dict[str, tuple[int, str]] = {}
+        self._ranks: dict[str, dict[int, tuple[int, str]]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -192,10 +211,9 @@ class Scheduler:
                 job = self.store.get(job_id)
                 if job.terminal:
                     raise StateConflict(job_id, job.state, frozenset(JobState) - TERMINAL_STATES)
+                (move,) = decide(job, CancelRequested()).moves
                 try:
-                    record = self.store.transition(
-                        job_id, JobState.CANCELLED, CANCELLED_BY_USER, expect=job.state
-                    )
+                    record = self.store.transition(job_id, move.to, move.reason, expect=job.state)
                     break
                 except StateConflict:
                     if attempt == 2:
@@ -277,33 +295,44 @@ class Scheduler:
         """Move the stored job to where Ray's status says it is (a no-op when it already is)."""
         sid = job.ray_job_id or submission_id(job.id)
         status = None if info is None else str(info.status)
-        if status is None:
-            self._move(job, JobState.FAILED, f"lost: Ray no longer knows this job (submission id {sid})")
-        elif status == "PENDING":
-            return
-        elif status == "RUNNING":
+        if status == "RUNNING":
             with self._state:
                 if job.id in self._unplaced and self._unplaced[job.id] is None:
                     self._unplaced[job.id] = time.monotonic()
                 running_at = self._unplaced.get(job.id)
                 if running_at is not None and time.monotonic() - running_at > self.placement_grace_s:
                     del self._unplaced[job.id]
-            if job.state is not JobState.RUNNING:
-                self._move(job, JobState.RUNNING, f"Ray job {sid} is running")
-        elif status == "SUCCEEDED":
-            if job.state is not JobState.RUNNING:  # it ended between two polls
-                job = self._move(job, JobState.RUNNING, f"Ray job {sid} ran")
-            if job is not None:
-                self._move(job, JobState.SUCCEEDED, f"Ray job {sid} succeeded")
-        elif status == "FAILED":
-            self._move(job, JobState.FAILED, failure_reason(info, self._logs_or_none(sid)))
-        elif status == "STOPPED":
-            self._move(job, JobState.CANCELLED, f"Ray job {sid} was stopped outside gradwire")
+        failure = ""
+        if status == "FAILED":
+            failure = self.failure_policy.explain_failure(info, self._logs_or_none(sid))
+        self._carry_out(job, decide(job, RayStatus(sid, status, failure), self.failure_policy))
 
-    def _move(self, job: JobRecord, to: JobState, reason: str) -> JobRecord | None:
+    def _carry_out(self, job: JobRecord, decision: Decision) -> JobRecord | None:
+        """Store the decision's moves in order, each expecting the state the previous one left;
+        then its notes. Returns the job as last stored, ``None`` when someone moved it first."""
+        record: JobRecord | None = job
+        for move in decision.moves:
+            record = self._move(record, move.to, move.reason, **move.fields)
+            if record is None:
+                return None
+            if move.to is JobState.RESTARTING:
+                self.metrics.worker_restarted(job.id)
+        for note in decision.notes:
+            try:
+                if note.reason:
+                    record = self.store.note(job.id, note.reason, **note.fields)
+                else:
+                    record = self.store.set_fields(job.id, **note.fields)
+            except JobNotFound:
+                return None
+            if "compressor" in note.fields:
+                self.metrics.compressor_active(job.id, note.fields["compressor"])
+        return record
+
+    def _move(self, job: JobRecord, to: JobState, reason: str, **fields: Any) -> JobRecord | None:
         """Transition from the state ``job`` was read in; ``None`` if someone moved it meanwhile."""
         try:
-            record = self.store.transition(job.id, to, reason, expect=job.state)
+            record = self.store.transition(job.id, to, reason, expect=job.state, **fields)
         except (StateConflict, IllegalTransition, JobNotFound) as err:
             log.debug("scheduler: not moving %s to %s: %s", job.id, to, err)
             return None
@@ -323,7 +352,8 @@ class Scheduler:
         with self._state:
             self._unplaced.pop(job_id, None)
             self._demands.pop(job_id, None)
-            self._restarts.forget(job_id)
+            self._seen.pop(job_id, None)
+            self._ranks.pop(job_id, None)
 
     # ---------------------------------------------------------------- stop
 
@@ -367,12 +397,12 @@ class Scheduler:
             try:
                 demand = self._demand(job)
             except SpecError as err:
-                self._move(job, JobState.FAILED, f"the stored spec is no longer valid: {err}")
+                self._carry_out(job, decide(job, Refused(f"the stored spec is no longer valid: {err}")))
                 continue
             resources = resources or self._cluster.resources()
             beyond = demand.beyond(resources["total"])
             if beyond is not None:
-                self._move(job, JobState.FAILED, f"cannot ever run on this cluster: {beyond}")
+                self._carry_out(job, decide(job, Refused(f"cannot ever run on this cluster: {beyond}")))
                 continue
             if not self._fits(demand, resources):
                 return  # strict FIFO: the head of the queue waits for room
@@ -415,7 +445,7 @@ class Scheduler:
         try:
             spec = driver_spec(job.spec, self.store)  # resume_from: a job id becomes its run folder
         except JobNotFound as err:
-            self._move(job, JobState.FAILED, f"resume_from: the job to resume is gone: {err}")
+            self._carry_out(job, decide(job, Refused(f"resume_from: the job to resume is gone: {err}")))
             return
         entrypoint = self.entrypoint(job.id)
         abort = threading.Event()
@@ -450,12 +480,10 @@ class Scheduler:
     def _submit(
         self, started: JobRecord, sid: str, entrypoint: str, env: dict[str, str], abort: threading.Event
     ) -> bool:
-        """Submit the Ray job, retrying what may pass (no agent yet, Ray briefly unreachable) with
-        growing pauses that a cancel cuts short; whether Ray has the job. A submission that fails
-        for good fails the job."""
-        for attempt in range(SUBMIT_ATTEMPTS):
-            if abort.is_set():
-                return False
+        """Submit the Ray job; after an error the failure policy says whether to try again and
+        when (a cancel cuts the wait short) or to fail the job. Returns whether Ray has the job."""
+        attempt = 0
+        while not abort.is_set():
             try:
                 self._cluster.jobs_client().submit_job(
                     entrypoint=entrypoint,
@@ -465,24 +493,29 @@ class Scheduler:
                 )
                 return True
             except Exception as err:
-                if "already exists" in str(err):  # submitted before (another coordinator? a retry)
+                decision = decide(started, SubmitFailed(sid, err, attempt), self.failure_policy)
+                if decision.nothing:  # submitted before (a retry, another coordinator): follow it
                     log.warning("scheduler: Ray job %s already existed; following it", sid)
                     return True
-                if _retryable(err) and attempt + 1 < SUBMIT_ATTEMPTS:
+                if decision.retry_after_s is not None:
                     log.info("scheduler: submitting %s failed, retrying: %s", sid, err)
-                    abort.wait(SUBMIT_BACKOFF_S * (attempt + 1))  # no lock held
+                    abort.wait(decision.retry_after_s)  # no lock held
+                    attempt += 1
                     continue
                 if not abort.is_set():
-                    self._move(started, JobState.FAILED, f"could not submit the Ray job {sid}: {err}")
+                    self._carry_out(started, decision)
                 return False
         return False
 
     def _move_launch(self, job: JobRecord, sid: str, demand: Demand) -> JobRecord | None:
+        decision = decide(job, Admitted(sid, str(demand)))
+        if not decision.moves:
+            return None
+        (move,) = decision.moves
         try:
             record = self.store.transition(
-                job.id, JobState.STARTING, f"admitted ({demand}); submitting Ray job {sid}",
-                expect=JobState.QUEUED, ray_job_id=sid,
-            )  # fmt: skip
+                job.id, move.to, move.reason, expect=JobState.QUEUED, **move.fields
+            )
         except (StateConflict, IllegalTransition, JobNotFound) as err:
             log.debug("scheduler: %s not launched: %s", job.id, err)
             return None
@@ -493,71 +526,75 @@ class Scheduler:
     # ---------------------------------------------------------------- telemetry
 
     def on_reports(self, reports: list[pb.StepReport]) -> list[pb.StepReport]:
-        """The telemetry sink's callback: store the points, then feed the metrics and spot restarts
-        from the reports of the jobs whose points the store took; returns those reports (the sink
-        counts the rest as dropped). A report of a step run again after a restore is kept (it
-        counts in the metrics, and shows the restart) though the store keeps the first point of
-        each (rank, step). Behind the coordinator's sink only authenticated reports within bounds
-        of open jobs get here (:mod:`gradwire.server.telemetry_gate`), so nothing else can move a
-        metric, a stored point or a job's state."""
+        """The telemetry sink's callback: store the points, feed the metrics, then let the job's
+        lifecycle see what the reports say (the job runs; a higher worker-group attempt: Ray Train
+        restored it; rank 0's compressor changed) and keep each rank's placement; returns the
+        reports of the jobs whose points the store took (the sink counts the rest as dropped). A
+        report of a step run again after a restore is kept (it counts in the metrics) though the
+        store keeps the first point of each (rank, step). Behind the coordinator's sink only
+        authenticated reports within bounds of open jobs get here
+        (:mod:`gradwire.server.telemetry_gate`), so nothing else can move a metric, a stored point
+        or a job's state."""
         try:
             stored = self.store.add_reports(reports)  # one transaction for the whole batch
         except Exception:
             log.exception("could not store %d telemetry points", len(reports))
             return []
-        by_job: dict[str, list[pb.StepReport]] = {}
-        for report in reports:
-            if report.job_id in stored:
-                by_job.setdefault(report.job_id, []).append(report)
-            # else: the job is unknown (deleted meanwhile): dropped
-        kept = [report for report in reports if report.job_id in stored]
+        kept = [report for report in reports if report.job_id in stored]  # else: the job is gone
         self.metrics.observe_reports(kept)
+        by_job: dict[str, list[pb.StepReport]] = {}
+        for report in kept:
+            by_job.setdefault(report.job_id, []).append(report)
         for job_id, batch in by_job.items():
-            self._placed(job_id)
-            with self._state:
-                restarts = [
-                    (report.rank, previous, report.step)
-                    for report in batch
-                    if (previous := self._restarts.observe(job_id, report.rank, report.step)) is not None
-                ]
-            for rank, previous, step in restarts:
-                self._restarted(job_id, rank, previous, step)
+            try:
+                self._follow_reports(job_id, batch)
+            except JobNotFound:
+                continue
         return kept
 
-    def _placed(self, job_id: str) -> None:
+    def _follow_reports(self, job_id: str, batch: list[pb.StepReport]) -> None:
+        """The I/O around ``decide(job, ReportsArrived(...))`` for one job's stored reports: the
+        store is read only when the reports may change something (first reports, a new attempt,
+        a new compressor), and the placement written only when a rank's attempt or node changed."""
         with self._state:
-            if job_id not in self._unplaced:
-                return
-            del self._unplaced[job_id]
-        # reports prove the job runs, even if the follow loop has not seen it yet
-        with contextlib.suppress(StateConflict, IllegalTransition, JobNotFound):
-            self.store.transition(
-                job_id, JobState.RUNNING, "first step reports arrived", expect=JobState.STARTING
-            )
+            unplaced = job_id in self._unplaced
+            if unplaced:
+                del self._unplaced[job_id]
+            seen = self._seen.get(job_id)
+        signal = _reports_signal(batch)
+        if (
+            seen is None
+            or unplaced
+            or signal.attempt > seen[0]
+            or (signal.compressor and signal.compressor != seen[1])
+        ):
+            job = self.store.get(job_id)
+            if not job.terminal:
+                job = self._carry_out(job, decide(job, signal, self.failure_policy)) or self.store.get(job_id)
+            with self._state:
+                self._seen[job_id] = (job.attempt, job.compressor or "")
+        self._keep_placement(job_id, batch)
 
-    def _restarted(self, job_id: str, rank: int, previous: int, step: int) -> None:
-        reason = (
-            f"rank {rank} reported step {step} after step {previous}: "
-            "Ray Train restored the worker group from its last checkpoint"
-        )
-        try:
-            self.store.transition(job_id, JobState.RESTARTING, reason, expect=JobState.RUNNING)
-        except (StateConflict, IllegalTransition, JobNotFound) as err:
-            log.debug("restart of %s not recorded: %s", job_id, err)
-            return
-        self.metrics.worker_restarted(job_id)
-        try:
-            self.store.transition(
-                job_id, JobState.RUNNING, f"worker group running again from step {step}",
-                expect=JobState.RESTARTING,
-            )  # fmt: skip
-        except (StateConflict, IllegalTransition, JobNotFound) as err:
-            log.debug("%s did not return to RUNNING: %s", job_id, err)
+    def _keep_placement(self, job_id: str, batch: list[pb.StepReport]) -> None:
+        changed: dict[int, tuple[int, int, str, int]] = {}
+        with self._state:
+            ranks = self._ranks.setdefault(job_id, {})
+            for r in batch:
+                where = (r.attempt, r.node_address)
+                if ranks.get(r.rank) != where:
+                    ranks[r.rank] = where
+                    changed[r.rank] = (r.rank, r.attempt, r.node_address, r.step)
+        if changed:
+            self.store.set_placement(job_id, changed.values())
 
 
-def _retryable(err: BaseException) -> bool:
-    """Whether a failed submission may pass if tried again: a head whose job agent is not up yet
-    ("No available agent"), or a Jobs API that did not answer or refused the connection."""
-    if "No available agent" in str(err) or isinstance(err, (RayUnavailable, ConnectionError, TimeoutError)):
-        return True
-    return any(c.__name__ in ("ConnectionError", "Timeout") for c in type(err).__mro__)  # requests'
+def _reports_signal(batch: list[pb.StepReport]) -> ReportsArrived:
+    """What one job's batch of reports tells its lifecycle: the highest attempt with the lowest
+    step reported in it, and rank 0's last compressor with its step."""
+    attempt = max(r.attempt for r in batch)
+    resumed = min(r.step for r in batch if r.attempt == attempt)
+    compressor, at = "", 0
+    for r in batch:
+        if r.rank == 0 and r.compressor:
+            compressor, at = r.compressor, r.step
+    return ReportsArrived(attempt=attempt, resumed_step=resumed, compressor=compressor, compressor_step=at)

@@ -35,11 +35,13 @@ from gradwire.protos import telemetry_pb2 as pb
 from gradwire.server.models_db import (
     JobEventRow,
     JobPointRow,
+    JobRankRow,
     JobRow,
     JobTelemetryKeyRow,
     append_event,
     insert_point_rows,
     make_engine,
+    upsert_rank_rows,
     writer,
 )
 from gradwire.server.records import (
@@ -50,6 +52,7 @@ from gradwire.server.records import (
     JobPage,
     JobPoint,
     JobRecord,
+    RankPlacement,
     StateConflict,
 )
 from gradwire.server.report_points import report_rows
@@ -68,7 +71,9 @@ DEFAULT_URL = "sqlite:///.gradwire/coordinator.db"
 Listener = Callable[[JobRecord, JobState | None, JobState, str], None]
 
 #: Columns a transition may set besides the state and its timestamps.
-TRANSITION_FIELDS = frozenset({"ray_job_id"})
+TRANSITION_FIELDS = frozenset({"ray_job_id", "attempt"})
+#: Columns a note (an event without a state change) may set.
+NOTE_FIELDS = frozenset({"compressor"})
 
 SUBMITTED = "submitted"
 
@@ -154,13 +159,16 @@ class JobStore:
         priority: int = 0,
         idempotency_key: str | None = None,
         owner: str | None = None,
+        spec_version: int | None = None,
     ) -> tuple[JobRecord, bool]:
         """Store a new QUEUED job; returns ``(job, created)``.
 
         ``spec`` is the JobSpec as a JSON-ready dict (or a JobSpec). When ``idempotency_key`` was
         used before by the same ``owner``, the job submitted with it is returned with
         ``created=False``, provided the spec is the same; a different spec raises
-        :class:`IdempotencyConflict`. Keys are unique per owner (two owners' equal keys make two
+        :class:`IdempotencyConflict`. ``spec_version`` is the JobSpec schema version the spec was
+        validated under (the REST door's), kept so that later readers trust it without validating
+        it again. Keys are unique per owner (two owners' equal keys make two
         jobs), so a key needs an owner (``ValueError`` otherwise). Two threads racing with one
         key both get the same job: the unique index on (owner, key) decides, and the loser reads
         the winner's row.
@@ -175,7 +183,7 @@ class JobStore:
                         found = self._by_key(session, idempotency_key, owner)
                         if found is not None:
                             return _replay(found, body), False
-                    record = self._insert(session, body, priority, idempotency_key, owner)
+                    record = self._insert(session, body, priority, idempotency_key, owner, spec_version)
             except IntegrityError:
                 if idempotency_key is not None:
                     with self._read() as session:
@@ -188,7 +196,13 @@ class JobStore:
         raise RuntimeError("could not draw an unused job id in 5 attempts")
 
     def _insert(
-        self, session: Session, body: dict[str, Any], priority: int, key: str | None, owner: str | None
+        self,
+        session: Session,
+        body: dict[str, Any],
+        priority: int,
+        key: str | None,
+        owner: str | None,
+        spec_version: int | None,
     ) -> JobRecord:
         now = self._clock()
         row = JobRow(
@@ -203,6 +217,8 @@ class JobStore:
             updated_at=now,
             reason=SUBMITTED,
             restarts=0,
+            attempt=0,
+            spec_version=spec_version,
         )
         session.add(row)
         session.flush()
@@ -278,7 +294,7 @@ class JobStore:
         else :class:`StateConflict`) and that the move is legal (else
         :class:`~gradwire.server.states.IllegalTransition`), write the state, ``reason``,
         ``started_at`` (first RUNNING), ``finished_at`` (terminal states), ``restarts`` (+1 on
-        RESTARTING) and ``fields`` (only ``ray_job_id`` so far), and append the event.
+        RESTARTING) and ``fields`` (``ray_job_id``, ``attempt``), and append the event.
         Listeners are called after the commit.
         """
         to = JobState(to)
@@ -308,6 +324,36 @@ class JobStore:
         self._notify(record, current, to, reason)
         return record
 
+    def note(self, job_id: str, reason: str, **fields: Any) -> JobRecord:
+        """Record an event that changes no state (``from_state == to_state``), e.g. the compressor
+        in use changing, and set ``fields`` (only ``compressor``) in the same transaction.
+        Listeners are not called: nothing moved. Raises :class:`JobNotFound`."""
+        unknown = set(fields) - NOTE_FIELDS
+        if unknown:
+            raise TypeError(f"note() cannot set {sorted(unknown)}; it sets {sorted(NOTE_FIELDS)}")
+        with self._write.begin() as session:
+            row = _row(session, job_id, lock=True)
+            now = self._clock()
+            for column, value in fields.items():
+                setattr(row, column, value)
+            row.updated_at = now
+            append_event(session, job_id, row.state, row.state, reason, now)
+            session.flush()
+            return JobRecord.model_validate(row)
+
+    def set_fields(self, job_id: str, **fields: Any) -> JobRecord:
+        """Set note fields (``compressor``) without an event: a job's first value. Raises
+        :class:`JobNotFound`."""
+        unknown = set(fields) - NOTE_FIELDS
+        if unknown:
+            raise TypeError(f"set_fields() cannot set {sorted(unknown)}; it sets {sorted(NOTE_FIELDS)}")
+        with self._write.begin() as session:
+            row = _row(session, job_id, lock=True)
+            for column, value in fields.items():
+                setattr(row, column, value)
+            session.flush()
+            return JobRecord.model_validate(row)
+
     def events(self, job_id: str) -> builtins.list[JobEvent]:
         """The job's state history, oldest first (the submission is the first event)."""
         with self._read() as session:
@@ -325,6 +371,7 @@ class JobStore:
                 raise JobNotTerminal(job_id, row.state)
             session.execute(delete(JobPointRow).where(JobPointRow.job_id == job_id))
             session.execute(delete(JobTelemetryKeyRow).where(JobTelemetryKeyRow.job_id == job_id))
+            session.execute(delete(JobRankRow).where(JobRankRow.job_id == job_id))
             session.execute(delete(JobEventRow).where(JobEventRow.job_id == job_id))
             session.delete(row)
 
@@ -406,6 +453,29 @@ class JobStore:
             for job_id in insert_point_rows(session, rows):
                 added[job_id] += 1
         return added
+
+    def set_placement(self, job_id: str, ranks: Iterable[tuple[int, int, str, int]]) -> None:
+        """Keep where ranks of ``job_id`` run now: ``(rank, attempt, node_address, since_step)`` per
+        rank, replacing what each had. Raises :class:`JobNotFound` for an unknown job."""
+        now = self._clock()
+        rows = [
+            {"job_id": job_id, "rank": int(rank), "attempt": int(attempt), "node_address": str(node),
+             "since_step": int(step), "at": now}
+            for rank, attempt, node, step in ranks
+        ]  # fmt: skip
+        with self._write.begin() as session:
+            _row(session, job_id)
+            upsert_rank_rows(session, rows)
+
+    def placement(self, job_id: str) -> builtins.list[RankPlacement]:
+        """Where each rank of the job reported from last, by rank (``[]`` before any report).
+        Raises :class:`JobNotFound` for an unknown job."""
+        with self._read() as session:
+            _row(session, job_id)
+            rows = session.scalars(
+                select(JobRankRow).where(JobRankRow.job_id == job_id).order_by(JobRankRow.rank)
+            ).all()
+            return [RankPlacement.model_validate(r) for r in rows]
 
     def last_points(self, job_id: str) -> dict[int, JobPoint]:
         """Each rank's point with the highest step (``{}`` before any telemetry): where the job's

@@ -24,6 +24,7 @@ CONTRACT = {
     "gradwire_jobs": ("gauge", {"state"}),
     "gradwire_job_transitions": ("counter", {"from", "to"}),
     "gradwire_worker_restarts": ("counter", {"job_id"}),
+    "gradwire_compressor_active": ("gauge", {"job_id", "compressor"}),
     "gradwire_http_requests": ("counter", {"route", "method", "status"}),
     "gradwire_http_request_duration_seconds": ("histogram", {"route", "method"}),
     "gradwire_telemetry_reports_received": ("counter", set()),
@@ -61,6 +62,7 @@ def test_exactly_the_contract_families() -> None:
     m.observe_report(report("a", 0, 0, 10, 40, accuracy=0.5, stragglers=[1]))
     m.observe_transition("QUEUED", "STARTING")
     m.worker_restarted("a")
+    m.compressor_active("a", "topk")
     m.observe_request("/v1/jobs", "GET", 200, 0.01)
     body, _ = m.render()
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
@@ -77,7 +79,7 @@ def test_no_family_has_a_job_label() -> None:
     ``exported_job`` (or overwritten by a ServiceMonitor) and every per-job panel would go empty."""
     assert JOB_LABEL == "job_id"
     per_job = {name for name, (_, labels) in CONTRACT.items() if JOB_LABEL in labels}
-    assert len(per_job) == 9, per_job
+    assert len(per_job) == 10, per_job
     assert not any("job" in labels for _, labels in CONTRACT.values())
 
 
@@ -262,3 +264,22 @@ def test_a_batch_of_reports_gives_the_same_series_as_one_report_at_a_time():
             assert b[key] == pytest.approx(a[key], rel=1e-12), key
     assert value(b, "gradwire_train_steps_total", job_id="job-0") == 6
     assert value(b, "gradwire_step_seconds_count", job_id="job-1", phase="compress") == 15  # inf left out
+
+
+def test_compressor_active_is_one_for_the_current_choice_and_zero_for_earlier_ones() -> None:
+    m = CoordinatorMetrics()
+    m.compressor_active("a", "auto:powersgd-r4")
+    m.compressor_active("a", "auto:topk-1%")
+    m.compressor_active("b", "none")
+    samples = scrape(m)
+    assert value(samples, "gradwire_compressor_active", job_id="a", compressor="auto:powersgd-r4") == 0
+    assert value(samples, "gradwire_compressor_active", job_id="a", compressor="auto:topk-1%") == 1
+    assert value(samples, "gradwire_compressor_active", job_id="b", compressor="none") == 1
+    m.compressor_active("a", "auto:powersgd-r4")  # back to the first choice
+    samples = scrape(m)
+    assert value(samples, "gradwire_compressor_active", job_id="a", compressor="auto:powersgd-r4") == 1
+    assert value(samples, "gradwire_compressor_active", job_id="a", compressor="auto:topk-1%") == 0
+    m.forget_job("a")
+    assert not [k for k in scrape(m) if k[0] == "gradwire_compressor_active" and ("job_id", "a") in k[1]]
+    with pytest.raises(ValueError, match="empty"):
+        m.compressor_active("b", "")

@@ -29,9 +29,9 @@ import pytest
 
 pytest.importorskip("sqlalchemy")
 
-from gradwire.server import scheduler as scheduler_module
 from gradwire.server.demand import Demand
 from gradwire.server.instance_lock import AlreadyRunning, InstanceLock
+from gradwire.server.job_lifecycle import FailurePolicy
 from gradwire.server.metrics import CoordinatorMetrics
 from gradwire.server.ray_cluster import RayCluster, RayUnavailable
 from gradwire.server.scheduler import SPEC_ENV, Scheduler
@@ -120,13 +120,15 @@ class BlackHole:
 
 
 @pytest.mark.parametrize("ray", ["refusing", "silent"])
-def test_cancel_is_answered_at_once_while_the_submission_is_retried(ray, tmp_path, monkeypatch):
+def test_cancel_is_answered_at_once_while_the_submission_is_retried(ray, tmp_path):
     hole = BlackHole() if ray == "silent" else None
     address = hole.address if hole else f"http://127.0.0.1:{free_port()}"  # nobody listens there
-    monkeypatch.setattr(scheduler_module, "SUBMIT_BACKOFF_S", 0.5)
     store = JobStore(f"sqlite:///{tmp_path}/jobs.db")
     cluster = RayCluster(address, request_timeout_s=2.0)
-    scheduler = Scheduler(store, cluster, CoordinatorMetrics(), telemetry_address="127.0.0.1:5")
+    scheduler = Scheduler(
+        store, cluster, CoordinatorMetrics(), telemetry_address="127.0.0.1:5",
+        failure_policy=FailurePolicy(submit_backoff_s=0.5),
+    )  # fmt: skip
     spec = JobSpec.from_file(SPEC).with_overrides(["steps=30"]).model_dump(mode="json")
     job, _ = store.create(spec)
     launching = threading.Thread(target=scheduler._launch, args=(job, Demand.of(job.spec)), daemon=True)

@@ -1,5 +1,5 @@
-"""The scheduler's thread-free pieces: what a job demands and whether it fits, restarts seen in
-telemetry, step reports as stored points, and a Ray job's id and failure reason."""
+"""The scheduler's thread-free pieces: what a job demands and whether it fits, step reports as
+stored points, and a Ray job's id and failure reason (the job's lifecycle: test_server_lifecycle.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from gradwire.protos import telemetry_pb2 as pb
 from gradwire.server.demand import Demand
 from gradwire.server.ray_jobs import failure_reason, submission_id
 from gradwire.server.records import JobPoint
-from gradwire.server.report_points import report_point
-from gradwire.server.restarts import RestartTracker
+from gradwire.server.report_points import report_rows
 
 CLUSTER = {"total": {"CPU": 8.0, "GPU": 0.0}, "available": {"CPU": 8.0}}
 
@@ -54,34 +53,21 @@ def test_a_cpu_only_job_ignores_a_cluster_without_gpus_and_a_gpu_job_needs_them(
     assert not Demand(1, 1.0, 1.0).fits_now(CLUSTER, committed=[], pending=[])
 
 
-def test_a_restart_counts_once_however_many_ranks_go_back():
-    tracker = RestartTracker()
-    for step in (1, 2, 3):
-        for rank in (0, 1):
-            assert tracker.observe("j", rank, step) is None
-    assert tracker.observe("j", 1, 2) == 3  # rank 1 goes back first: a restart from step 3
-    assert tracker.observe("j", 0, 2) is None  # rank 0 follows the same restart
-    assert tracker.observe("j", 0, 3) is None and tracker.observe("j", 1, 3) is None
-    assert tracker.observe("j", 0, 1) == 3  # going back again is a second restart
-    assert tracker.observe("other", 0, 0) is None  # jobs are tracked apart
-
-
-def test_a_forgotten_job_starts_over():
-    tracker = RestartTracker()
-    tracker.observe("j", 0, 5)
-    tracker.forget("j")
-    assert tracker.observe("j", 0, 1) is None
-
-
-def test_a_step_report_becomes_a_valid_point():
+def test_a_step_report_becomes_a_valid_point_once_per_rank_and_step():
     report = pb.StepReport(job_id="j", rank=1, step=4, loss=0.5, bytes_sent=10, bytes_uncompressed=40,
                            stragglers=[2, 3], wall_time=Timestamp(seconds=1_700_000_000))  # fmt: skip
-    fields = report_point(report)
-    assert fields["wall_time"] == 1_700_000_000 and fields["accuracy"] is None and fields["stragglers"] == 2
-    point = JobPoint.model_validate(fields)
-    assert (point.rank, point.step, point.bytes_sent, point.bytes_uncompressed) == (1, 4, 10, 40)
+    again = pb.StepReport(job_id="j", rank=1, step=4, loss=9.0, accuracy=0.75)
+    (row,) = report_rows([report, again])["j"]  # the first report of a (rank, step) only
+    assert row["wall_time"] == 1_700_000_000 and row["accuracy"] is None and row["stragglers"] == 2
+    point = JobPoint.model_validate({k: v for k, v in row.items() if k != "job_id"})
+    assert (point.rank, point.step, point.loss) == (1, 4, 0.5)
+    assert (point.bytes_sent, point.bytes_uncompressed) == (10, 40)
     report.accuracy = 0.75
-    assert report_point(report)["accuracy"] == pytest.approx(0.75)
+    report.loss = float("nan")
+    (row,) = report_rows([report])["j"]
+    assert row["accuracy"] == pytest.approx(0.75) and row["loss"] is None  # JSON has no NaN
+    with pytest.raises(ValueError, match="job id"):
+        report_rows([pb.StepReport(rank=0, step=1)])
 
 
 def test_ray_job_id_and_failure_reasons():
