@@ -12,7 +12,8 @@ and the tests check what it saw:
 * ``queued``: behind ``nan``, cancelled while queued → CANCELLED without reaching Ray.
 
 No Ray job is needed to show that a job larger than the cluster fails at once, that start-up
-reconciliation fails a job Ray never saw, or that restarts are found in telemetry.
+reconciliation fails a job Ray never saw, or that a report of a new worker-group attempt is
+one restart.
 
 The Ray is the e2e session's embedded head (a child process of pytest); the coordinator reaches
 it by its Jobs API address alone, as it would a remote cluster, and leaves it running.
@@ -214,31 +215,43 @@ def test_job_larger_than_the_cluster_fails_at_once(coordinator, tmp_path):
     assert [e.to_state for e in store.events(job.id)] == [JobState.QUEUED, JobState.FAILED]
 
 
-def report(job_id: str, rank: int, step: int, wall: float) -> pb.StepReport:
+def report(job_id: str, rank: int, step: int, wall: float, attempt: int = 0) -> pb.StepReport:
     stamp = Timestamp()
     stamp.FromNanoseconds(int(wall * 1e9))
-    return pb.StepReport(job_id=job_id, rank=rank, step=step, wall_time=stamp, loss=1.0, compressor="none")
+    return pb.StepReport(
+        job_id=job_id, rank=rank, step=step, wall_time=stamp, loss=1.0, compressor="none", attempt=attempt,
+        node_address=f"10.0.0.{rank + 1}",
+    )  # fmt: skip
 
 
-def test_restart_in_telemetry_is_recorded_once(tmp_path):
+def test_restart_from_the_reports_attempt_is_recorded_once(tmp_path):
     store = JobStore(f"sqlite:///{tmp_path}/restart.db")
     metrics = CoordinatorMetrics()
-    # the cluster is never asked: restarts are found in telemetry alone
+    # the cluster is never asked: the worker group's attempt comes with the reports
     scheduler = Scheduler(store, RayCluster(), metrics, telemetry_address="127.0.0.1:1")
     job, _ = store.create(spec("sched-restart", tmp_path))
     store.transition(job.id, JobState.STARTING, "test", ray_job_id=submission_id(job.id))
     store.transition(job.id, JobState.RUNNING, "test")
     wall = time.time()
     scheduler.on_reports([report(job.id, r, s, wall + s) for s in range(1, 6) for r in (0, 1)])
-    # the group was restored from a checkpoint at step 3: both ranks report step 4 again
-    scheduler.on_reports([report(job.id, 1, 4, wall + 10), report(job.id, 0, 4, wall + 10)])
-    scheduler.on_reports([report(job.id, r, 5, wall + 11) for r in (0, 1)])
+    # Ray Train restored the group from its checkpoint at step 3: attempt 1 runs step 4 again
+    scheduler.on_reports([report(job.id, 1, 4, wall + 10, 1), report(job.id, 0, 4, wall + 10, 1)])
+    scheduler.on_reports([report(job.id, r, 5, wall + 11, 1) for r in (0, 1)])
     after = store.get(job.id)
-    assert after.state is JobState.RUNNING and after.restarts == 1
-    moves = [(e.from_state, e.to_state) for e in store.events(job.id)][-2:]
+    assert after.state is JobState.RUNNING and after.restarts == 1 and after.attempt == 1
+    events = store.events(job.id)
+    moves = [(e.from_state, e.to_state) for e in events][-2:]
     assert moves == [(JobState.RUNNING, JobState.RESTARTING), (JobState.RESTARTING, JobState.RUNNING)]
+    assert "attempt 1" in events[-2].reason and "at step 3" in events[-2].reason, events[-2].reason
     assert metrics.registry.get_sample_value("gradwire_worker_restarts_total", {"job_id": job.id}) == 1
     assert [p.step for p in store.points(job.id, rank=0)] == [1, 2, 3, 4, 5]  # (rank, step) stored once
+    placed = store.placement(job.id)
+    assert [(p.rank, p.attempt, p.node_address, p.since_step) for p in placed] == [
+        (0, 1, "10.0.0.1", 4), (1, 1, "10.0.0.2", 4),
+    ]  # fmt: skip
+    # a step going back within the same attempt (a re-sent or re-run report) is no restart
+    scheduler.on_reports([report(job.id, 0, 2, wall + 12, 1)])
+    assert store.get(job.id).restarts == 1
     store.close()
 
 
