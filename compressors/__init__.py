@@ -9,6 +9,7 @@ Public surface (a contract)::
 
     state, hook = make_hook("powersgd", rank=2)
     ddp_model.register_comm_hook(state, hook)
+    current_choice(state)                   # "powersgd"; with make_hook("auto"): "auto:powersgd-r4"
 
     states = gather_state_dicts(state)      # every rank's state, on every rank (a collective)
     load_own_state(state, states)           # on resume: this rank's entry (or a world-size change)
@@ -39,6 +40,7 @@ __all__ = [
     "UnknownCompressorError",
     "available",
     "config_schemas",
+    "current_choice",
     "gather_state_dicts",
     "load_own_state",
     "make_hook",
@@ -58,6 +60,10 @@ def make_reducer(name: str, process_group: Any = None, **params: Any) -> Reducer
     from gradwire.compressors.reducer import Reducer
 
     config = parse_config(name, params)
+    if name == "auto":  # a reducer of reducers: it runs the compressor it chooses
+        from gradwire.compressors.auto import AutoReducer
+
+        return AutoReducer(config, process_group)  # type: ignore[arg-type]
     from gradwire.compressors.registry import plugin
 
     compressor = plugin(name).factory()(config)
@@ -83,6 +89,15 @@ def make_hook(
     from gradwire.compressors.hook import HookState, reducer_hook
 
     return HookState(make_reducer(name, process_group, **params), overlap=overlap), reducer_hook
+
+
+def current_choice(state: HookState | Reducer) -> str:
+    """The compressor a hook state or reducer runs now: its registry name, or for ``auto`` the running
+    choice as ``auto:<candidate>`` (``auto:measuring`` before its first choice). What the worker reports
+    as a step's compressor; it changes when ``auto`` switches."""
+    reducer = getattr(state, "reducer", state)
+    choice = getattr(reducer, "current_choice", None)
+    return choice() if callable(choice) else str(reducer.name)
 
 
 def gather_state_dicts(state: HookState | Reducer) -> list[dict[str, Any]]:

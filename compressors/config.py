@@ -207,6 +207,89 @@ class SignConfig(CompressorConfig):
     feedback: FeedbackName = Field("ef", description=_FEEDBACK)
 
 
+#: what ``compression: auto`` may choose from: label → (registry name, parameters). The labels are the
+#: ones a job reports as ``auto:<label>``.
+AUTO_CANDIDATES: dict[str, tuple[str, dict[str, object]]] = {
+    "none": ("none", {}),
+    "fp16": ("fp16", {}),
+    "bf16": ("bf16", {}),
+    "powersgd-r1": ("powersgd", {"rank": 1}),
+    "powersgd-r2": ("powersgd", {"rank": 2}),
+    "powersgd-r4": ("powersgd", {"rank": 4}),
+    "powersgd-r8": ("powersgd", {"rank": 8}),
+    "topk-ef21": ("topk", {"feedback": "ef21"}),
+}
+AutoCandidate = Literal[
+    "none", "fp16", "bf16", "powersgd-r1", "powersgd-r2", "powersgd-r4", "powersgd-r8", "topk-ef21"
+]
+
+
+class AutoConfig(CompressorConfig):
+    """Chooses among ``candidates`` at run time: measures the link and the step from inside the process
+    group, predicts each candidate's step time with the cost model, keeps those whose quality guard
+    holds and runs the fastest; measures again every ``remeasure_every`` steps (docs/compressors.md)."""
+
+    name: ClassVar[str] = "auto"
+    supported_feedback: ClassVar[frozenset[str]] = frozenset({"none"})
+    feedback_note: ClassVar[str] = (
+        "auto picks each candidate's own feedback rule (PowerSGD with ef, Top-k with ef21)."
+    )
+    candidates: list[AutoCandidate] = Field(
+        default_factory=lambda: list(AUTO_CANDIDATES),
+        min_length=1,
+        max_length=len(AUTO_CANDIDATES),
+        description="what auto may choose: none, fp16, bf16, powersgd-r1/r2/r4/r8, topk-ef21",
+    )
+    probe_after: int = Field(
+        3, ge=2, le=10_000, description="plain all-reduce steps before the first choice (they time compute)"
+    )
+    remeasure_every: int = Field(
+        200, ge=10, le=1_000_000, description="steps between two measurements of link and step (and choices)"
+    )
+    probe_reps: int = Field(3, ge=1, le=20, description="timed all-reduces of each of the two probe sizes")
+    probe_bytes: int = Field(
+        2 << 20,
+        ge=64 << 10,
+        le=64 << 20,
+        description="the larger probe all-reduce's bytes (capped at the model's gradient bytes, at least "
+        "64 KiB)",
+    )
+    min_energy: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="quality guard: a PowerSGD rank r (or Top-k) is eligible only if it keeps at least this "
+        "fraction of the gradient's energy (squared Frobenius norm) of the matrices it compresses",
+    )
+    switch_margin: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="switch only if the best prediction is this fraction faster than the running choice's",
+    )
+    topk_ratio: float = Field(0.01, gt=0.0, le=0.5, description="fraction of each tensor topk-ef21 keeps")
+
+    @model_validator(mode="after")
+    def _check_auto(self) -> AutoConfig:
+        if len(set(self.candidates)) != len(self.candidates):
+            raise ValueError(f"candidates lists a compressor twice: {self.candidates}")
+        if self.min_compression_rate != 1.0:
+            raise ValueError(
+                "min_compression_rate is not a parameter of auto: each candidate keeps its own default"
+            )
+        return self
+
+    def candidate_params(self, label: str) -> tuple[str, dict[str, object]]:
+        """Registry name and parameters of one candidate (seed and nonfinite passed on)."""
+        if label not in AUTO_CANDIDATES:
+            raise ValueError(f"unknown auto candidate {label!r}; known: {', '.join(AUTO_CANDIDATES)}")
+        name, params = AUTO_CANDIDATES[label]
+        params = {**params, "seed": self.seed, "nonfinite": self.nonfinite}
+        if name == "topk":
+            params["ratio"] = self.topk_ratio
+        return name, params
+
+
 BUILTIN_CONFIGS: dict[str, type[CompressorConfig]] = {
     cfg.name: cfg
     for cfg in (
@@ -218,5 +301,6 @@ BUILTIN_CONFIGS: dict[str, type[CompressorConfig]] = {
         RandKConfig,
         QSGDConfig,
         SignConfig,
+        AutoConfig,
     )
 }

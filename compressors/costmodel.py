@@ -381,3 +381,39 @@ def config_label(config: CompressorConfig) -> str:
     if config.feedback != default_feedback or (config.feedback != "none" and name != "powersgd"):
         text += f" {config.feedback}"
     return text
+
+
+# --- fitting α and B to timed collectives ------------------------------------------------------
+
+
+def fit_link(samples: Sequence[tuple[str, float, float]], n: int, topology: str = "switch") -> Link:
+    """The :class:`Link` whose ring formulas best explain timed collectives on ``n`` ranks.
+
+    ``samples``: ``(kind, nbytes, seconds)``, kind all_reduce or all_gather. Each collective costs
+    ``steps·α + volume/B`` (:func:`collective_terms`), linear in α and 1/B, so this is least squares on
+    those two unknowns (with two sizes, the exact solution). A fit that would make α or 1/B negative
+    (timing noise) pins that term at zero and fits the other one alone; bandwidth is capped at 1e15
+    bytes/s (a link whose transfer time the probes could not resolve). Without burst: a real link's.
+    """
+    if n < 2:
+        raise ValueError(f"fitting a link needs at least 2 ranks, got n={n}")
+    rows = []
+    for kind, nbytes, seconds in samples:
+        if not (seconds >= 0 and math.isfinite(seconds)):
+            raise ValueError(f"a timed {kind} of {nbytes} bytes took {seconds!r} s: not a duration")
+        steps, volume = collective_terms(kind, nbytes, n, topology)
+        rows.append((float(steps), float(volume), float(seconds)))
+    if len({volume for _, volume, _ in rows}) < 2:
+        raise ValueError("fitting a link needs collectives of at least two sizes")
+    ss = sum(s * s for s, _, _ in rows)
+    sv = sum(s * v for s, v, _ in rows)
+    vv = sum(v * v for _, v, _ in rows)
+    st = sum(s * t for s, _, t in rows)
+    vt = sum(v * t for _, v, t in rows)
+    det = ss * vv - sv * sv
+    alpha, inverse_b = ((st * vv - sv * vt) / det, (ss * vt - sv * st) / det) if det > 0 else (-1.0, -1.0)
+    if inverse_b <= 0:  # transfer time below what the probes resolve: latency alone
+        alpha, inverse_b = max(0.0, st / ss), 0.0
+    elif alpha < 0:  # latency below what the probes resolve: bandwidth alone
+        alpha, inverse_b = 0.0, vt / vv
+    return Link(bandwidth=1e15 if inverse_b <= 1e-15 else 1.0 / inverse_b, latency=alpha, topology=topology)

@@ -60,6 +60,7 @@ _BUILTIN_FACTORIES = {
     "randk": "gradwire.compressors.sparse:RandK",
     "qsgd": "gradwire.compressors.quantized:QSGD",
     "sign": "gradwire.compressors.quantized:ScaledSign",
+    "auto": "gradwire.compressors.auto:not_a_compressor",
 }
 
 _plugins: dict[str, CompressorPlugin] | None = None

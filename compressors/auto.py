@@ -1,0 +1,526 @@
+"""``compression: auto``: the compressor chosen at run time, from the link and the step as measured.
+
+    state, hook = make_hook("auto")                     # or make_reducer("auto", ...)
+    ddp.register_comm_hook(state, hook)
+    current_choice(state)                               # "auto:powersgd-r4" once it has chosen
+
+:class:`AutoReducer` runs an ordinary :class:`~gradwire.compressors.reducer.Reducer` for the candidate it
+has chosen (plain all-reduce until the first choice) and, every so often, measures and chooses again:
+
+1. **Measure** (at the first bucket of step ``probe_after``, then every ``remeasure_every`` steps, on
+   every rank at the same point of the same step): ``probe_reps`` timed all-reduces of 4 KiB and of
+   ``probe_bytes`` (at most the model's gradient bytes) on the reducer's own process group; the step's
+   compute time (from one step start to the next, less the time spent in this reducer: the median of the
+   steps since the last measurement); the running candidate's compression seconds per step; and, from the
+   gradients of the step before, the quality figures of the guard (below). One all-reduce (MAX) of
+   these numbers gives every rank the same ones: the slowest rank's times and the lowest energy fraction.
+2. **Fit** α and B to the probes with the cost model's ring formulas
+   (:func:`gradwire.compressors.costmodel.fit_link`).
+3. **Predict** each candidate's step time: the cost model's traffic for the buckets DDP handed over
+   (:func:`~gradwire.compressors.costmodel.step_traffic`), compute + compression + α–β communication
+   (:func:`~gradwire.compressors.costmodel.predict_step`, nothing assumed hidden behind backward).
+   Compression seconds: measured for candidates that have run, else a per-element rate of this
+   machine's calibration (``benchmarks/costmodel.py``).
+4. **Guard**: PowerSGD rank r is eligible only if the best rank-r approximation of the compressed
+   matrices keeps at least ``min_energy`` of their energy, Σ‖M_r‖²/Σ‖M‖² (Eckart–Young: the top r
+   squared singular values; estimated by a randomized range finder of 8 columns and two power
+   iterations, as PowerSGD itself estimates the top subspace), so when the energy of the low ranks falls
+   the smallest eligible rank rises. Top-k is eligible if its k largest entries keep ``min_energy``;
+   fp16 if no gradient entry exceeds its range. ``none`` and ``bf16`` always are. docs/algorithms.md,
+   "Choosing the compressor at run time", gives the sources.
+5. **Choose** the fastest eligible candidate; switch only if it is predicted ``switch_margin`` faster than
+   the running one, or the running one lost its eligibility. The inputs are the same on every rank, so is
+   the choice: no rank ever runs another compressor than its peers.
+
+**Switching keeps error feedback sound by carrying the residual over.** With error feedback the sum of
+what was sent plus the ranks' mean residual equals the sum of the mean gradients (nothing is lost, only
+delayed). On a switch the old reducer's residuals ``e_i`` (feedback ``ef``: PowerSGD, Top-k with EF) are
+added to the next gradient this rank hands to the new reducer, once. So the invariant holds across the
+switch: into ``none`` the residual is sent exactly, into another EF compressor it enters its input
+``g + e``. Resetting instead would drop up to one step's worth of untransmitted gradient per switch.
+EF21's buffers are estimates of the gradient, not a debt, and start afresh with the new reducer's dense
+first round (nothing to carry).
+
+Binding, pickling and checkpoints follow the reducer's rules: ``state_dict()`` holds the choice, its
+history, the measured compression times and the running reducer's state; loading it rebuilds that
+reducer. The probes are not gradient bytes: they are counted in ``stats()["probe_bytes"]``, not in
+``bytes_sent``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gradwire.compressors.communicator import Communicator
+from gradwire.compressors.config import AUTO_CANDIDATES, AutoConfig, CompressorConfig
+from gradwire.compressors.costmodel import (
+    CompressTime,
+    Link,
+    Shape,
+    fit_link,
+    numel,
+    predict_step,
+    step_traffic,
+)
+from gradwire.compressors.reducer import Reducer
+from gradwire.compressors.registry import parse_config, plugin
+
+STATE_VERSION = 1
+#: the smaller probe: its time is mostly α
+SMALL_PROBE_BYTES = 4096
+#: fp16's largest finite value: a gradient entry above it (after dividing by the world size, as the
+#: communicator does before a 16-bit all-reduce) would overflow
+FP16_MAX = 65504.0
+#: PowerSGD ranks the guard measures (the candidates' ranks)
+GUARD_RANKS = (1, 2, 4, 8)
+#: compression cost of a candidate that has not run yet: ``call_ms + ns_per_element · elements`` per
+#: step, as ``benchmarks/costmodel.py`` fitted them on this project's 2-core test machine
+#: (gradwire/cli/calibration.json, "rates"); once a candidate has run, its measured seconds replace these
+PRIOR_RATES: dict[str, tuple[float, float]] = {
+    "none": (0.017, 1.25),
+    "fp16": (0.012, 8.68),
+    "bf16": (0.215, 2.77),
+    "powersgd": (0.54, 5.96),
+    "topk": (0.43, 23.0),
+}
+
+
+class AutoChoiceError(RuntimeError):
+    """A choice that cannot be made (an unknown candidate, a switch outside a step boundary)."""
+
+
+def not_a_compressor(config: CompressorConfig) -> Any:
+    """The registry's factory for ``auto``: it is a reducer of reducers, built by ``make_reducer`` and
+    ``make_hook``, not a compressor of single tensors."""
+    raise AutoChoiceError(
+        "'auto' chooses among compressors at run time and is not a compressor itself: build it with "
+        "gradwire.compressors.make_reducer('auto', ...) or make_hook('auto', ...)"
+    )
+
+
+# --- the quality guard's measurements --------------------------------------------------------------
+
+
+def as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """The matrix PowerSGD compresses for a tensor: first dimension × the rest."""
+    return t.reshape(t.shape[0], -1)
+
+
+def rank_energies(m: torch.Tensor, ranks: Sequence[int] = GUARD_RANKS, generator: Any = None) -> list[float]:
+    """Energy (squared Frobenius norm) of the best rank-r approximation of ``m`` for each r, estimated
+    with a randomized range finder (Halko, Martinsson, Tropp 2011, Alg. 4.4): ``max(ranks)`` random
+    columns, two power iterations, the singular values of ``m`` projected on the subspace found. Never
+    above the true best-rank-r energy (a projection keeps at most that)."""
+    m = m.detach().double()
+    a, b = m.shape
+    width = min(max(ranks), a, b)
+    q = torch.randn(b, width, dtype=m.dtype, generator=generator)
+    for _ in range(2):
+        p, _ = torch.linalg.qr(m @ q)
+        q, _ = torch.linalg.qr(m.T @ p)
+    p, _ = torch.linalg.qr(m @ q)
+    sq = torch.linalg.svdvals(p.T @ m).square()
+    return [float(sq[: min(r, width)].sum()) for r in ranks]
+
+
+def topk_energy(t: torch.Tensor, ratio: float) -> float:
+    """Energy of the ``ceil(ratio·d)`` entries of largest magnitude."""
+    flat = t.detach().reshape(-1).double().square()
+    k = max(1, min(flat.numel(), math.ceil(ratio * flat.numel())))
+    return float(torch.topk(flat, k, sorted=False).values.sum())
+
+
+class GuardFigures:
+    """What the guard needs of one step's gradients on this rank, summed over its buckets."""
+
+    def __init__(self) -> None:
+        self.matrix_energy = 0.0  # Σ‖M‖² of the matrices PowerSGD would compress
+        self.rank_energy = [0.0] * len(GUARD_RANKS)
+        self.all_energy = 0.0  # Σ‖g‖² of every tensor Top-k would compress
+        self.topk_energy = 0.0
+        self.max_abs = 0.0
+
+    def add(self, tensors: Sequence[torch.Tensor], topk_ratio: float, generator: Any) -> None:
+        for t in tensors:
+            if t.numel() == 0:
+                continue
+            self.max_abs = max(self.max_abs, float(t.detach().abs().max()))
+            if t.dim() < 2:
+                continue
+            energy = float(t.detach().double().square().sum())
+            self.matrix_energy += energy
+            for i, e in enumerate(rank_energies(as_matrix(t), GUARD_RANKS, generator)):
+                self.rank_energy[i] += e
+            self.all_energy += energy
+            self.topk_energy += topk_energy(t, topk_ratio)
+
+    def fractions(self) -> list[float]:
+        """Kept energy per guard rank, then Top-k's (1.0 when there is nothing to compress)."""
+        ranks = [e / self.matrix_energy if self.matrix_energy > 0 else 1.0 for e in self.rank_energy]
+        topk = self.topk_energy / self.all_energy if self.all_energy > 0 else 1.0
+        return [min(1.0, f) for f in [*ranks, topk]]
+
+
+# --- the reducer ------------------------------------------------------------------------------------
+
+
+class AutoReducer(Reducer):
+    """A :class:`Reducer` that runs the candidate it chose and chooses again as it measures.
+
+    It overrides every public method of :class:`Reducer` (it holds a reducer rather than a compressor),
+    so it serves wherever a reducer does: the DDP hook, ``gather_state_dicts`` and ``load_own_state``.
+    """
+
+    def __init__(self, config: AutoConfig, process_group: Any = None):
+        if not isinstance(config, AutoConfig):
+            raise TypeError(f"AutoReducer needs an AutoConfig, not {type(config).__name__}")
+        self.config = config
+        self.comm = Communicator(process_group)
+        self.step = 0
+        #: the running choice's label; None until the first choice (a plain all-reduce runs meanwhile)
+        self.choice: str | None = None
+        #: (step, label, reason) of every choice
+        self.history: list[tuple[int, str, str]] = []
+        #: the last decision's inputs and predictions (the same on every rank)
+        self.last_decision: dict[str, Any] = {}
+        self.next_decision = max(config.probe_after, config.start_iter)
+        self.inner = self._build("none")
+        self.measured_compress: dict[str, float] = {}  # label → seconds per step (rank-agreed)
+        self.carry: dict[int, torch.Tensor] = {}  # residuals of the previous choice, one step to go
+        self.probe_seconds = 0.0
+        self.probe_bytes = 0
+        self._last_start: float | None = None  # when the previous step's first bucket came
+        self._buckets = 0  # buckets of the current step reduced so far
+        self._retired = {"compress_seconds": 0.0, "communicate_seconds": 0.0, "nonfinite_steps": 0}
+        self._reset_window()
+        self._generator = torch.Generator().manual_seed(config.seed)
+        if self.comm.bound:
+            self.bind()
+
+    def _reset_window(self) -> None:
+        self._step_started: float | None = None
+        self._hook_seconds = 0.0  # time inside reduce() since the step started
+        self._compute: list[float] = []
+        self._window_compress = self.inner.compress_seconds
+        self._window_steps = 0
+        self._guard: GuardFigures | None = None
+        self._shapes: list[list[Shape]] = []
+
+    def _build(self, label: str) -> Reducer:
+        name, params = self.config.candidate_params(label)
+        config = parse_config(name, params)
+        inner = Reducer(config, plugin(name).factory()(config), self.comm.group)
+        inner.comm = self.comm  # one ledger and one channel (the hook's own group) for every choice
+        return inner
+
+    # --- binding and the reducer surface -------------------------------------------------------
+    def bind(self) -> None:
+        self.comm.bind()
+        self.inner.bind()
+
+    def set_process_group(self, process_group: Any) -> None:
+        self.comm.set_process_group(process_group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_generator"] = self._generator.get_state()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator = torch.Generator()
+        generator.set_state(state["_generator"])
+        self.__dict__.update(state, _generator=generator)
+        self.inner.comm = self.comm  # one communicator again after unpickling
+
+    @property
+    def name(self) -> str:
+        return "auto"
+
+    @property
+    def passthrough(self) -> bool:
+        return False
+
+    @property
+    def compressor(self) -> Any:
+        return self.inner.compressor
+
+    @property
+    def feedback(self) -> Any:
+        return self.inner.feedback
+
+    def current_choice(self) -> str:
+        """``auto:<label>`` of the running candidate (``auto:measuring`` before the first choice): what
+        a job reports as its compressor."""
+        return f"auto:{self.choice or 'measuring'}"
+
+    def reduce_flat_async(self, flat: torch.Tensor, advance: bool = True) -> torch.futures.Future:
+        raise RuntimeError("reduce_flat_async needs 'none' without feedback, not 'auto'")
+
+    # --- the step -------------------------------------------------------------------------------
+    def reduce(
+        self,
+        tensors: Sequence[torch.Tensor],
+        keys: Sequence[int] | None = None,
+        advance: bool = True,
+        out: Sequence[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        self.bind()
+        entered = time.perf_counter()
+        tensors = list(tensors)
+        keys = list(range(len(tensors))) if keys is None else list(keys)
+        if self._step_started is None:  # the first bucket of a step
+            self._begin_step(entered)
+            if self.comm.world_size == 1 and self.choice is None:
+                self.choice = "none"
+                self.history.append((self.step, "none", "one rank: nothing to send"))
+            elif self.step >= self.next_decision:
+                if self._shapes and self.comm.world_size > 1:
+                    self.decide()
+                    entered = time.perf_counter()  # the probes are not this step's hook time
+                elif self.comm.world_size > 1:
+                    self.next_decision = self.step + 1  # no shapes seen yet: gather them this step
+        if self.step + 1 == self.next_decision:  # the step before a decision: its shapes and guard figures
+            self._shapes.append([tuple(t.shape) for t in tensors])
+            if self._guard is None:
+                self._guard = GuardFigures()
+            self._guard.add(tensors, self.config.topk_ratio, self._generator)
+        if self.carry:
+            tensors = [t + self.carry.pop(k).to(t) if k in self.carry else t for t, k in zip(tensors, keys)]
+        result = self.inner.reduce(tensors, keys=keys, advance=advance, out=out)
+        self._hook_seconds += time.perf_counter() - entered
+        self._buckets += 1
+        if advance:
+            self.step += 1
+            self._window_steps += 1
+            self._step_started = None
+            self._buckets = 0
+        return result
+
+    def _begin_step(self, now: float) -> None:
+        """A step's first bucket: the previous step's compute is the time since its first bucket less
+        the time spent in this reducer meanwhile."""
+        if self._last_start is not None:
+            self._compute.append(max(0.0, now - self._last_start - self._hook_seconds))
+        self._last_start = self._step_started = now
+        self._hook_seconds = 0.0
+
+    # --- measuring and choosing -------------------------------------------------------------
+    def _probe(self, nbytes: int) -> float:
+        """Median seconds of ``probe_reps`` all-reduces of ``nbytes`` (after one untimed)."""
+        x = torch.zeros(max(1, nbytes // 4))
+        group = self.comm.channel
+        times = []
+        for i in range(self.config.probe_reps + 1):
+            started = time.perf_counter()
+            dist.all_reduce(x, group=group)
+            if i:
+                times.append(time.perf_counter() - started)
+        self.probe_bytes += (self.config.probe_reps + 1) * x.numel() * 4
+        return statistics.median(times)
+
+    def measure(self) -> dict[str, Any]:
+        """This step's rank-agreed measurements (a collective: every rank calls it at the same point)."""
+        started = time.perf_counter()
+        shapes = self._shapes or [[]]
+        grad_bytes = 4 * sum(numel(s) for bucket in shapes for s in bucket)
+        large = max(64 << 10, min(self.config.probe_bytes, grad_bytes))
+        small_s, large_s = self._probe(SMALL_PROBE_BYTES), self._probe(large)
+        compute = statistics.median(self._compute) if self._compute else 0.0
+        steps = max(1, self._window_steps)
+        compress = (self.inner.compress_seconds - self._window_compress) / steps
+        guard = (self._guard or GuardFigures()).fractions()
+        mine = [small_s, large_s, compute, compress, self._guard.max_abs if self._guard else 0.0]
+        mine += [-f for f in guard]  # MAX of the negated: every rank gets the lowest fraction
+        agreed = torch.tensor(mine, dtype=torch.float64)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.comm.channel)
+        values = agreed.tolist()
+        self.probe_seconds += time.perf_counter() - started
+        n = len(GUARD_RANKS)
+        return {
+            "probes": [("all_reduce", SMALL_PROBE_BYTES, values[0]), ("all_reduce", large, values[1])],
+            "compute_s": values[2], "compress_s": values[3], "max_abs": values[4],
+            "rank_energy": dict(zip(GUARD_RANKS, (-v for v in values[5 : 5 + n]))),
+            "topk_energy": -values[5 + n], "shapes": shapes,
+        }  # fmt: skip
+
+    def decide(self) -> str:
+        """Measure, predict, guard, and switch if that pays (a collective; returns the choice)."""
+        m = self.measure()
+        n = self.comm.world_size
+        if self.choice is not None:
+            self.measured_compress[self.choice] = m["compress_s"]
+        link = fit_link(m["probes"], n)
+        predictions, eligible = self.predict(m["shapes"], n, link, m["compute_s"]), {}
+        for label in self.config.candidates:
+            eligible[label] = self.guard_holds(label, m, n)
+        allowed = [c for c in self.config.candidates if eligible[c]] or ["none"]
+        if "none" not in predictions:
+            predictions.update(self.predict(m["shapes"], n, link, m["compute_s"], ["none"]))
+        best = min(allowed, key=lambda c: predictions[c])  # ties: the first listed
+        current = self.choice
+        if current is None:
+            reason = "first choice"
+        elif current not in allowed:
+            reason = f"{current} failed the quality guard"
+        elif predictions[best] < predictions[current] * (1.0 - self.config.switch_margin):
+            reason = f"predicted {predictions[best] * 1e3:.1f} ms/step vs {predictions[current] * 1e3:.1f}"
+        else:
+            best, reason = current, ""
+        self.last_decision = {
+            "step": self.step, "alpha_s": link.latency, "bandwidth": link.bandwidth,
+            "compute_s": m["compute_s"], "predicted_s": predictions, "eligible": eligible,
+            "rank_energy": m["rank_energy"], "topk_energy": m["topk_energy"], "choice": best,
+        }  # fmt: skip
+        if best != current:
+            self.switch_to(best, reason)
+        self.next_decision = self.step + self.config.remeasure_every
+        self._reset_window()
+        self._last_start = self._step_started = time.perf_counter()  # the probes are not compute
+        return best
+
+    def predict(
+        self,
+        shapes: list[list[Shape]],
+        n: int,
+        link: Link,
+        compute_s: float,
+        labels: Sequence[str] | None = None,
+    ) -> dict[str, float]:
+        """Predicted seconds per step of each candidate (the cost model, nothing hidden behind backward)."""
+        elements = sum(numel(s) for bucket in shapes for s in bucket)
+        out = {}
+        for label in labels or self.config.candidates:
+            name, params = self.config.candidate_params(label)
+            config = parse_config(name, params)
+            traffic = step_traffic(shapes, config)
+            if label in self.measured_compress:
+                compress = CompressTime(self.measured_compress[label])
+            else:
+                call_ms, ns = PRIOR_RATES[name]
+                compress = CompressTime((call_ms * 1e6 + ns * elements) / 1e9)
+            out[label] = predict_step(traffic, n, link, compute_s, compress.seconds(n)).step_s
+        return out
+
+    def guard_holds(self, label: str, m: dict[str, Any], n: int) -> bool:
+        name, params = self.config.candidate_params(label)
+        if name == "powersgd":
+            return m["rank_energy"][int(params["rank"])] >= self.config.min_energy  # type: ignore[call-overload]
+        if name == "topk":
+            return m["topk_energy"] >= self.config.min_energy
+        if name == "fp16":
+            return m["max_abs"] / n < FP16_MAX
+        return True
+
+    def switch_to(self, label: str, reason: str = "asked") -> None:
+        """Run ``label`` from the next bucket on, carrying the old reducer's EF residuals (module doc).
+        Call it on every rank at the same step boundary (``decide`` does)."""
+        if label not in AUTO_CANDIDATES:
+            raise AutoChoiceError(f"unknown auto candidate {label!r}; known: {', '.join(AUTO_CANDIDATES)}")
+        if self._buckets:
+            raise AutoChoiceError(
+                f"switch between steps, not inside one ({self._buckets} bucket(s) of step {self.step} "
+                "were reduced already)"
+            )
+        old = self.inner
+        if old.feedback.name == "ef":
+            for key, buffers in old.feedback.state.items():
+                residual = buffers.get("e")
+                if residual is not None:
+                    pending = self.carry.get(key)
+                    self.carry[key] = residual.clone() if pending is None else pending + residual
+        for key in ("compress_seconds", "communicate_seconds", "nonfinite_steps"):
+            self._retired[key] += getattr(old, key)
+        self.inner = self._build(label)
+        self._window_compress = 0.0
+        self.choice = label
+        self.history.append((self.step, label, reason))
+
+    # --- reporting and state ----------------------------------------------------------------
+    @property
+    def compress_seconds(self) -> float:  # type: ignore[override]
+        return self._retired["compress_seconds"] + self.inner.compress_seconds
+
+    @property
+    def communicate_seconds(self) -> float:  # type: ignore[override]
+        return self._retired["communicate_seconds"] + self.inner.communicate_seconds
+
+    @property
+    def nonfinite_steps(self) -> int:  # type: ignore[override]
+        return int(self._retired["nonfinite_steps"]) + self.inner.nonfinite_steps
+
+    def stats(self) -> dict[str, float]:
+        return {
+            **self.comm.ledger.as_dict(),
+            "steps": self.step,
+            "nonfinite_steps": self.nonfinite_steps,
+            "compress_seconds": self.compress_seconds,
+            "communicate_seconds": self.communicate_seconds,
+            "auto_switches": float(max(0, len(self.history) - 1)),
+            "probe_seconds": self.probe_seconds,
+            "probe_bytes": float(self.probe_bytes),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        self.bind()
+        return {
+            "version": STATE_VERSION,
+            "compressor": "auto",
+            "config": self.config.model_dump(),
+            "world_size": self.comm.world_size,
+            "rank": self.comm.rank,
+            "step": self.step,
+            "choice": self.choice,
+            "history": [list(h) for h in self.history],
+            "next_decision": self.next_decision,
+            "measured_compress": dict(self.measured_compress),
+            "carry": {k: v.detach().cpu().clone() for k, v in self.carry.items()},
+            "ledger": self.comm.ledger.as_dict(),
+            "inner": self.inner.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._validate(state)
+        self.bind()
+        same_world = state["world_size"] == self.comm.world_size
+        if same_world and int(state["rank"]) != self.comm.rank:
+            raise ValueError(
+                f"state was saved by rank {state['rank']} of {state['world_size']}, and this is rank "
+                f"{self.comm.rank}: load each rank's own state (load_own_state)"
+            )
+        self._load(state, same_world)
+
+    def _validate(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            raise TypeError(f"an auto reducer state is a dict from state_dict(), not {type(state).__name__}")
+        if state.get("compressor") != "auto":
+            raise ValueError(
+                f"state was saved by compressor {state.get('compressor')!r}, this reducer runs 'auto'"
+            )
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported auto reducer state version {state.get('version')!r}")
+        choice = state.get("choice")
+        if choice is not None and choice not in AUTO_CANDIDATES:
+            raise ValueError(f"state holds unknown auto choice {choice!r}")
+
+    def _load(self, state: dict[str, Any], same_world: bool) -> None:
+        self.choice = state["choice"]
+        self.inner = self._build(self.choice or "none")
+        self.inner.load_state_dict(state["inner"])  # this rank's own, or the shared parts (another world)
+        if same_world:
+            self.carry = {int(k): v.clone() for k, v in state.get("carry", {}).items()}
+            self.comm.ledger.load(state.get("ledger", {}))
+        else:
+            self.carry = {}  # residuals belong to the ranks that made them (as the reducer's own EF)
+        self.step = int(state["step"])
+        self.history = [tuple(h) for h in state.get("history", [])]  # type: ignore[misc]
+        self.next_decision = int(state["next_decision"])
+        self.measured_compress = {str(k): float(v) for k, v in state.get("measured_compress", {}).items()}
+        self._retired = {"compress_seconds": 0.0, "communicate_seconds": 0.0, "nonfinite_steps": 0}
+        self._reset_window()

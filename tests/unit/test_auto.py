@@ -1,0 +1,266 @@
+"""compression: auto — the link fit, the quality guard, error feedback across a switch, the config, and
+the choice on real gloo ranks (every rank decides the same)."""
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from pydantic import ValidationError
+
+from gradwire.compressors import current_choice, gather_state_dicts, load_own_state, make_hook, make_reducer
+from gradwire.compressors.auto import GUARD_RANKS, AutoChoiceError, AutoReducer, GuardFigures, rank_energies
+from gradwire.compressors.costmodel import Link, collective_terms, fit_link
+from gradwire.compressors.registry import parse_config
+from gradwire.spec import JobSpec, SpecError
+from tests.ranks import run_ranks
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def timed(kind: str, nbytes: int, n: int, link: Link) -> float:
+    steps, volume = collective_terms(kind, nbytes, n, link.topology)
+    return steps * link.latency + volume / link.bandwidth
+
+
+# --- the link fit ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("bandwidth,latency", [(12.5e6, 200e-6), (125e6, 50e-6), (1.25e9, 20e-6)])
+def test_fit_link_recovers_alpha_and_bandwidth_of_a_known_link(n, bandwidth, latency):
+    true = Link(bandwidth, latency)
+    samples = [(kind, size, timed(kind, size, n, true)) for kind in ("all_reduce", "all_gather")
+               for size in (4096, 1 << 20)]  # fmt: skip
+    got = fit_link(samples, n)
+    assert got.bandwidth == pytest.approx(bandwidth, rel=1e-9)
+    assert got.latency == pytest.approx(latency, rel=1e-9)
+
+
+def test_fit_link_is_least_squares_under_noise_and_pins_unresolvable_terms():
+    true, n = Link(12.5e6, 150e-6), 2
+    noisy = [("all_reduce", s, timed("all_reduce", s, n, true) * f)
+             for s, f in ((4096, 1.03), (4096, 0.97), (2 << 20, 1.02), (2 << 20, 0.98))]  # fmt: skip
+    got = fit_link(noisy, n)
+    assert got.bandwidth == pytest.approx(12.5e6, rel=0.05) and got.latency == pytest.approx(150e-6, rel=0.1)
+    # the larger probe no slower than the small one: bandwidth not resolved, latency alone explains it
+    flat = fit_link([("all_reduce", 4096, 1e-3), ("all_reduce", 1 << 20, 0.9e-3)], n)
+    assert flat.bandwidth == 1e15 and flat.latency > 0
+    # both probes' time in proportion to their bytes: no latency to see
+    prop = fit_link([("all_reduce", 4096, 4096 / 1e8), ("all_reduce", 1 << 20, (1 << 20) / 1e8)], n)
+    assert prop.latency == pytest.approx(0.0, abs=1e-12) and prop.bandwidth == pytest.approx(1e8, rel=1e-6)
+
+
+def test_fit_link_refuses_what_it_cannot_fit():
+    with pytest.raises(ValueError, match="at least 2 ranks"):
+        fit_link([("all_reduce", 4096, 1e-3), ("all_reduce", 8192, 2e-3)], 1)
+    with pytest.raises(ValueError, match="two sizes"):
+        fit_link([("all_reduce", 4096, 1e-3), ("all_reduce", 4096, 2e-3)], 2)
+    with pytest.raises(ValueError, match="not a duration"):
+        fit_link([("all_reduce", 4096, math.nan), ("all_reduce", 8192, 2e-3)], 2)
+
+
+# --- the quality guard ------------------------------------------------------------------------------
+
+
+def spectrum_matrix(singular_values, a=64, b=48, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(a, a, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(b, b, generator=gen, dtype=torch.float64))
+    s = torch.zeros(a, b, dtype=torch.float64)
+    for i, value in enumerate(singular_values):
+        s[i, i] = value
+    return u @ s @ v.T
+
+
+def test_rank_energies_match_the_best_rank_r_approximation():
+    m = spectrum_matrix([10.0, 5.0, 3.0, 1.0, 0.5, 0.1] + [0.01] * 20)
+    exact = torch.linalg.svdvals(m).square()
+    got = rank_energies(m, GUARD_RANKS, torch.Generator().manual_seed(1))
+    for r, e in zip(GUARD_RANKS, got):
+        assert e == pytest.approx(float(exact[:r].sum()), rel=1e-6)
+        assert e <= float(exact[:r].sum()) * (1 + 1e-9)  # a projection never keeps more than Eckart–Young
+
+
+def test_the_guard_raises_the_minimum_rank_when_the_energy_fraction_drops():
+    config = parse_config("auto", {"min_energy": 0.8, "candidates": ["powersgd-r1", "powersgd-r2",
+                                                                     "powersgd-r4", "powersgd-r8"]})
+    reducer = AutoReducer(config)
+
+    def smallest_eligible(singular_values):
+        figures = GuardFigures()
+        figures.add([spectrum_matrix(singular_values).float()], 0.01, torch.Generator().manual_seed(0))
+        fractions = figures.fractions()
+        measured = {"rank_energy": dict(zip(GUARD_RANKS, fractions)), "topk_energy": fractions[-1],
+                    "max_abs": 1.0}  # fmt: skip
+        ok = [label for label in config.candidates if reducer.guard_holds(label, measured, 2)]
+        return ok[0] if ok else None
+
+    assert smallest_eligible([10.0, 1.0, 1.0, 1.0]) == "powersgd-r1"  # 97 % in the top direction
+    assert smallest_eligible([4.0, 4.0, 1.0, 1.0, 1.0]) == "powersgd-r2"  # 94 % in two
+    assert smallest_eligible([3.0] * 4 + [1.0] * 8) == "powersgd-r4"  # 82 % in four
+    assert smallest_eligible([1.0] * 40) is None  # flat: no rank up to 8 keeps 80 %
+
+
+# --- error feedback across a switch -------------------------------------------------------------------
+
+
+def ef_sum_check(path):
+    """Σ sent + residual == Σ gradients through the switches of ``path`` (one process)."""
+    reducer = make_reducer("auto")
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(32, 24), (24,), (16, 8, 3)]
+    total = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    sent = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    for label in path:
+        reducer.switch_to(label)
+        for _ in range(3):
+            grads = [torch.randn(s, generator=gen) for s in shapes]
+            outs = reducer.reduce(grads)
+            for i in range(len(shapes)):
+                total[i] += grads[i].double()
+                sent[i] += outs[i].double()
+    residual = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    for key, buffers in reducer.inner.feedback.state.items():
+        if "e" in buffers and reducer.inner.feedback.name == "ef":
+            residual[key] += buffers["e"].double()
+    for key, carried in reducer.carry.items():
+        residual[key] += carried.double()
+    return total, sent, residual
+
+
+@pytest.mark.parametrize("path", [["powersgd-r1", "powersgd-r4"], ["powersgd-r2", "none"],
+                                  ["powersgd-r1", "fp16", "powersgd-r8"]])  # fmt: skip
+def test_a_switch_carries_the_ef_residual_so_nothing_is_lost(path):
+    total, sent, residual = ef_sum_check(path)
+    for t, s, e in zip(total, sent, residual):
+        torch.testing.assert_close(s + e, t, atol=1e-2 if "fp16" in path else 1e-4, rtol=0)
+    if path[-1] == "none":  # the residual went out with the first plain step after the switch
+        assert all(float(e.abs().max()) == 0 for e in residual)
+
+
+def test_dropping_the_residual_would_break_the_invariant():
+    """The check above has teeth: without the carry, Σ sent + residual misses the old residual."""
+    reducer = make_reducer("auto")
+    gen = torch.Generator().manual_seed(0)
+    reducer.switch_to("powersgd-r1")
+    g = [torch.randn(32, 24, generator=gen)]
+    out = reducer.reduce(g)[0]
+    lost = g[0] - out  # the residual
+    assert float(lost.abs().max()) > 0.1
+    reducer.switch_to("none")
+    assert 0 in reducer.carry
+    torch.testing.assert_close(reducer.carry[0], lost)
+    g2 = [torch.randn(32, 24, generator=gen)]
+    torch.testing.assert_close(reducer.reduce(g2)[0], g2[0] + lost)  # sent with the next step
+
+
+def test_switching_inside_a_step_is_refused():
+    reducer = make_reducer("auto")
+    reducer.reduce([torch.randn(8, 8)], keys=[0], advance=False)
+    with pytest.raises(AutoChoiceError, match="not inside one"):
+        reducer.switch_to("fp16")
+    with pytest.raises(AutoChoiceError, match="unknown auto candidate"):
+        make_reducer("auto").switch_to("powersgd-r3")
+
+
+def test_state_dict_round_trip_restores_the_choice_and_the_running_reducer():
+    a = make_reducer("auto")
+    a.switch_to("powersgd-r2")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        a.reduce([torch.randn(16, 12, generator=gen)])
+    b = make_reducer("auto")
+    load_own_state(b, gather_state_dicts(a))
+    assert current_choice(b) == "auto:powersgd-r2" and b.step == 3
+    g = [torch.randn(16, 12, generator=gen)]
+    torch.testing.assert_close(a.reduce([g[0].clone()])[0], b.reduce([g[0].clone()])[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="compressor 'powersgd'"):
+        b.load_state_dict(make_reducer("powersgd").state_dict())
+
+
+# --- the config and the spec ------------------------------------------------------------------------
+
+
+def test_auto_config_bounds_every_field_and_names_it():
+    for params, field in [
+        ({"candidates": []}, "candidates"), ({"candidates": ["powersgd-r3"]}, "candidates"),
+        ({"remeasure_every": 1}, "remeasure_every"), ({"probe_after": 1}, "probe_after"),
+        ({"probe_reps": 100}, "probe_reps"), ({"probe_bytes": 1}, "probe_bytes"),
+        ({"min_energy": 1.5}, "min_energy"), ({"switch_margin": 1.0}, "switch_margin"),
+        ({"topk_ratio": 0.0}, "topk_ratio"), ({"rank": 4}, "rank"),
+    ]:  # fmt: skip
+        with pytest.raises(ValidationError) as info:
+            parse_config("auto", params)
+        assert field in str(info.value), params
+    with pytest.raises(ValidationError, match="twice"):
+        parse_config("auto", {"candidates": ["none", "none"]})
+    with pytest.raises(ValidationError, match="picks each candidate's own feedback"):
+        parse_config("auto", {"feedback": "ef"})
+    with pytest.raises(ValidationError, match="min_compression_rate is not a parameter of auto"):
+        parse_config("auto", {"min_compression_rate": 2.0})
+
+
+def test_the_spec_takes_compression_auto_and_names_bad_fields():
+    base = yaml.safe_load((ROOT / "examples" / "specs" / "digits-baseline.yaml").read_text())
+    spec = JobSpec.from_dict({**base, "compression": {"name": "auto", "candidates": ["none", "fp16"]}})
+    assert spec.compressor_config().candidates == ["none", "fp16"]
+    with pytest.raises(SpecError, match=r"compression\.remeasure_every"):
+        JobSpec.from_dict({**base, "compression": {"name": "auto", "remeasure_every": 0}})
+
+
+# --- on real gloo ranks -------------------------------------------------------------------------------
+
+
+def _ddp_auto(rank, world, switches, slow_rank):
+    """DDP with make_hook('auto'): decisions at steps 2 and 12 (rank ``slow_rank`` computes slower, so the
+    ranks' own timings differ), then forced switches at the steps in ``switches``."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    ddp = DistributedDataParallel(model)
+    state, hook = make_hook("auto", probe_after=2, remeasure_every=10, probe_bytes=64 << 10)
+    ddp.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.3, momentum=0.9)
+    gen = torch.Generator().manual_seed(rank)
+    w_true = torch.randn(32, 4, generator=torch.Generator().manual_seed(7))
+    losses, choices, decisions = [], [], []
+    for step in range(30):
+        if step in switches:
+            state.reducer.switch_to(switches[step])
+        x = torch.randn(64, 32, generator=gen)
+        y = (x @ w_true).argmax(1)
+        if rank == slow_rank:
+            time.sleep(0.01)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(ddp(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        choices.append(current_choice(state))
+        decision = state.reducer.last_decision
+        if decision and decision["step"] not in [d["step"] for d in decisions]:
+            decisions.append(dict(decision))
+    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    dist.barrier()
+    return {"params": params, "losses": losses, "choices": choices, "decisions": decisions,
+            "history": state.reducer.history}  # fmt: skip
+
+
+def test_every_rank_decides_the_same_and_switching_mid_training_keeps_ddp_consistent():
+    switches = {15: "powersgd-r1", 19: "topk-ef21", 23: "powersgd-r4", 27: "none"}
+    results = run_ranks(_ddp_auto, 2, switches, 1, timeout=180)
+    a, b = results
+    assert a["decisions"] and len(a["decisions"]) >= 2  # at steps 2 and 12
+    assert a["decisions"] == b["decisions"]  # the same inputs, predictions and choice on every rank
+    assert a["history"] == b["history"] and a["choices"] == b["choices"]
+    forced = [(step, label) for step, label, reason in a["history"] if reason == "asked"]
+    assert forced == list(switches.items())
+    assert all(d["choice"] in d["predicted_s"] and d["eligible"][d["choice"]] for d in a["decisions"])
+    assert torch.equal(a["params"], b["params"])  # bitwise the same model on both ranks after the switches
+    first, last = sum(a["losses"][:5]) / 5, sum(a["losses"][-5:]) / 5
+    assert last < 0.7 * first, (first, last)
