@@ -96,13 +96,12 @@ class SubmitFailed:
 class ReportsArrived:
     """Rank reports of the job were stored. ``attempt`` is the highest worker-group attempt among
     them and ``resumed_step`` the lowest step reported in that attempt (the first step after the
-    restore); ``compressor``/``compressor_step`` are rank 0's last report's (empty: no rank-0
-    report in the batch)."""
+    restore); ``compressors`` is rank 0's compressor as ``(step, name)`` wherever it differs from
+    the one before it in the batch, in order (empty: no rank-0 report)."""
 
     attempt: int = 0
     resumed_step: int = 0
-    compressor: str = ""
-    compressor_step: int = 0
+    compressors: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -282,10 +281,12 @@ def _after_reports(job: StoredJob, state: JobState, signal: ReportsArrived) -> D
             )
         )
     notes: list[Move] = []
-    if signal.compressor and signal.compressor != (job.compressor or ""):
-        if job.compressor:  # a switch; the first value is stored without an event
-            text = f"compressor: {job.compressor} → {signal.compressor} at step {signal.compressor_step}"
-        else:
-            text = ""
-        notes.append(Move(state, text, {"compressor": signal.compressor}))
+    current = job.compressor or ""
+    for step, name in signal.compressors:
+        if not name or name == current:
+            continue
+        # a switch is an event; the job's first value is stored without one
+        text = f"compressor: {current} → {name} at step {step}" if current else ""
+        notes.append(Move(state, text, {"compressor": name}))
+        current = name
     return Decision(moves=tuple(moves), notes=tuple(notes))

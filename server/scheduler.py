@@ -566,7 +566,7 @@ class Scheduler:
             seen is None
             or unplaced
             or signal.attempt > seen[0]
-            or (signal.compressor and signal.compressor != seen[1])
+            or any(name != seen[1] for _, name in signal.compressors)
         ):
             job = self.store.get(job_id)
             if not job.terminal:
@@ -590,11 +590,11 @@ class Scheduler:
 
 def _reports_signal(batch: list[pb.StepReport]) -> ReportsArrived:
     """What one job's batch of reports tells its lifecycle: the highest attempt with the lowest
-    step reported in it, and rank 0's last compressor with its step."""
+    step reported in it, and each change of rank 0's compressor with its step."""
     attempt = max(r.attempt for r in batch)
     resumed = min(r.step for r in batch if r.attempt == attempt)
-    compressor, at = "", 0
+    changes: list[tuple[int, str]] = []
     for r in batch:
-        if r.rank == 0 and r.compressor:
-            compressor, at = r.compressor, r.step
-    return ReportsArrived(attempt=attempt, resumed_step=resumed, compressor=compressor, compressor_step=at)
+        if r.rank == 0 and r.compressor and (not changes or changes[-1][1] != r.compressor):
+            changes.append((r.step, r.compressor))
+    return ReportsArrived(attempt=attempt, resumed_step=resumed, compressors=tuple(changes))

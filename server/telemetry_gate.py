@@ -28,7 +28,11 @@ batch before anything is stored, counted or de-duplicated:
     generous ceiling (64 GiB by default: a 16-billion-parameter float32 gradient), configurable
     with ``GRADWIRE_TELEMETRY_MAX_BYTES_PER_STEP``;
   - the ``compressor`` label is the job's own (its spec's ``compression.name``): the report's
-    field is overwritten, so no report can invent a label value.
+    field is overwritten, so no report can invent a label value. A job whose spec says ``auto``
+    reports its current choice as ``auto:<choice>``; that is kept when ``<choice>`` is a short
+    lower-case token (:data:`AUTO_CHOICE`) and the job has used fewer than
+    :attr:`TelemetryBounds.max_compressor_labels` such labels (else it becomes plain ``auto``);
+  - ``attempt`` (the worker group's restore count) at most :attr:`TelemetryBounds.max_attempt`.
 
   A report that breaks a bound is dropped as ``invalid``; the others of its batch go on.
 * **Commit** (:meth:`TelemetryGate.commit`): the per-rank state the byte bounds compare against
@@ -42,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import threading
 import time
@@ -73,6 +78,8 @@ REFUSED_UNKNOWN_JOB = "unknown_job"
 REFUSED_UNAUTHENTICATED = "unauthenticated"
 
 GIB = 1 << 30
+#: what may follow ``auto:`` in the compressor label of a job whose spec says ``auto``
+AUTO_CHOICE = re.compile(r"[a-z0-9][a-z0-9._%+-]{0,47}")
 
 
 def new_secret() -> str:
@@ -97,10 +104,14 @@ class TelemetryBounds:
     max_bytes_per_step: int = 64 * GIB
     max_clock_skew_s: float = 300.0
     max_step: int = 1 << 32
+    max_attempt: int = 1024
+    max_compressor_labels: int = 8
 
     def __post_init__(self) -> None:
         if self.max_bytes_per_step < 1 or self.max_clock_skew_s < 0 or self.max_step < 1:
             raise ValueError("telemetry bounds must be positive")
+        if self.max_attempt < 0 or self.max_compressor_labels < 1:
+            raise ValueError("max_attempt must be >= 0 and max_compressor_labels >= 1")
 
 
 @dataclass
@@ -118,6 +129,7 @@ class _Job:
     max_step: int
     not_before: float  # unix seconds
     ranks: dict[int, _Rank] = field(default_factory=dict)
+    labels: set[str] = field(default_factory=set)  # auto:<choice> labels this job has used
 
 
 class _Store(Protocol):
@@ -249,12 +261,23 @@ class TelemetryGate:
                     why.append(reason)
                     continue
                 assert job is not None
-                report.compressor = job.compressor
+                report.compressor = self._label(job, report.compressor)
                 seen[(report.job_id, report.rank)] = _Rank(
                     report.step, report.bytes_sent, report.bytes_uncompressed
                 )
                 kept.append(report)
         return kept, why
+
+    def _label(self, job: _Job, reported: str) -> str:
+        """The compressor label a report of ``job`` gets (see the module docstring)."""
+        if job.compressor != "auto" or not reported.startswith("auto:"):
+            return job.compressor
+        if reported in job.labels:
+            return reported
+        if AUTO_CHOICE.fullmatch(reported[5:]) and len(job.labels) < self.bounds.max_compressor_labels:
+            job.labels.add(reported)
+            return reported
+        return job.compressor
 
     def _breaks(
         self, job: _Job, r: pb.StepReport, now: float, seen: Mapping[tuple[str, int], _Rank]
@@ -263,6 +286,8 @@ class TelemetryGate:
             return f"rank {r.rank} outside the job's {job.workers} workers"
         if r.step > job.max_step:
             return f"step {r.step} beyond the job's {job.max_step} steps"
+        if r.attempt > self.bounds.max_attempt:
+            return f"attempt {r.attempt} above {self.bounds.max_attempt}"
         if r.HasField("wall_time"):
             wall = r.wall_time.seconds + r.wall_time.nanos / 1e9
             if not job.not_before <= wall <= now + self.bounds.max_clock_skew_s:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
@@ -63,12 +64,22 @@ from gradwire.server.telemetry_gate import TelemetryGate, token_digest
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_JOB_ID_CHARS", "MAX_RANK", "TelemetrySink", "is_loopback", "validate_report"]
+__all__ = [
+    "MAX_JOB_ID_CHARS",
+    "MAX_NODE_ADDRESS_CHARS",
+    "MAX_RANK",
+    "TelemetrySink",
+    "is_loopback",
+    "validate_report",
+]
 
 #: Longest job id accepted (it becomes a Prometheus label value and a dictionary key).
 MAX_JOB_ID_CHARS = 256
 #: Ranks must lie in ``[0, MAX_RANK)``.
 MAX_RANK = 1 << 16
+#: Longest node address accepted, and its characters (an IPv4/IPv6 address or a host name).
+MAX_NODE_ADDRESS_CHARS = 64
+_NODE_ADDRESS = re.compile(r"[0-9A-Za-z.:_%\[\]-]*")
 _DURATIONS = ("compute_s", "compress_s", "communicate_s", "wait_s")
 _WALL_SLACK_NS = 1_000_000  # see TelemetrySink.remember
 
@@ -92,6 +103,8 @@ def validate_report(report: pb.StepReport) -> str | None:
         return f"job_id longer than {MAX_JOB_ID_CHARS} characters"
     if not 0 <= report.rank < MAX_RANK:
         return f"rank {report.rank} outside [0, {MAX_RANK})"
+    if len(report.node_address) > MAX_NODE_ADDRESS_CHARS or not _NODE_ADDRESS.fullmatch(report.node_address):
+        return f"node_address is not an address of at most {MAX_NODE_ADDRESS_CHARS} characters"
     for name in _DURATIONS:
         seconds = getattr(report, name)
         if not (math.isfinite(seconds) and seconds >= 0):

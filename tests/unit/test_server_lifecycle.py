@@ -127,19 +127,17 @@ def test_reports_start_a_job_and_a_higher_attempt_is_one_restart():
 
 
 def test_a_compressor_change_is_a_note_and_the_first_value_is_kept_silently():
-    first = decide(Job(S.RUNNING), ReportsArrived(compressor="auto:powersgd-r4", compressor_step=1))
+    first = decide(Job(S.RUNNING), ReportsArrived(compressors=((1, "auto:powersgd-r4"),)))
     (note,) = first.notes
     assert note.reason == "" and note.fields == {"compressor": "auto:powersgd-r4"}
-    same = decide(
-        Job(S.RUNNING, compressor="auto:powersgd-r4"), ReportsArrived(compressor="auto:powersgd-r4")
-    )
-    assert same.nothing
-    switch = decide(
-        Job(S.RUNNING, compressor="auto:powersgd-r4"),
-        ReportsArrived(compressor="auto:topk-1%", compressor_step=40),
-    )
-    (note,) = switch.notes
-    assert note.reason == "compressor: auto:powersgd-r4 → auto:topk-1% at step 40" and not switch.moves
+    held = Job(S.RUNNING, compressor="auto:powersgd-r4")
+    assert decide(held, ReportsArrived(compressors=((2, "auto:powersgd-r4"),))).nothing
+    switch = decide(held, ReportsArrived(compressors=((40, "auto:topk-1%"), (41, "auto:powersgd-r4"))))
+    assert [n.reason for n in switch.notes] == [
+        "compressor: auto:powersgd-r4 → auto:topk-1% at step 40",
+        "compressor: auto:topk-1% → auto:powersgd-r4 at step 41",
+    ]
+    assert switch.notes[-1].fields == {"compressor": "auto:powersgd-r4"} and not switch.moves
 
 
 # --- the scheduler carrying decisions out --------------------------------------------------------
@@ -186,7 +184,7 @@ def test_a_compressor_switch_in_rank_0s_reports_is_one_event(launched):
     scheduler.on_reports([report(job_id, r, s, compressor="auto:topk-1%") for s in (2, 3) for r in (0, 1)])
     scheduler.on_reports([report(job_id, 0, 4, compressor="auto:topk-1%")])
     notes = [e for e in store.events(job_id) if e.from_state == e.to_state]
-    assert [e.reason for e in notes] == ["compressor: auto:powersgd-r4 → auto:topk-1% at step 3"]
+    assert [e.reason for e in notes] == ["compressor: auto:powersgd-r4 → auto:topk-1% at step 2"]
     assert notes[0].to_state is JobState.RUNNING
     assert store.get(job_id).compressor == "auto:topk-1%"
     sample = metrics.registry.get_sample_value

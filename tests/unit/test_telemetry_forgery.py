@@ -57,9 +57,7 @@ class Telemetry:
     def __init__(self, tmp: Path, **sink_args) -> None:
         self.store = JobStore(f"sqlite:///{tmp}/jobs.db")
         self.metrics = CoordinatorMetrics()
-        self.scheduler = Scheduler(
-            self.store, RayCluster(), self.metrics, telemetry_address=None
-        )
+        self.scheduler = Scheduler(self.store, RayCluster(), self.metrics, telemetry_address=None)
         self.gate = TelemetryGate(TelemetryBounds(max_bytes_per_step=CAP, max_clock_skew_s=60.0))
         self.gate.attach(self.store)
         self.sink = TelemetrySink(
@@ -100,12 +98,12 @@ class Telemetry:
         fields.update(extra)
         return to_proto(fields)
 
-    def genuine(self, job: str, rank: int = 0) -> pb.StepReport:
+    def genuine(self, job: str, rank: int = 0, **extra) -> pb.StepReport:
         """The next step of ``job``'s rank, sent with the job's secret: must be stored and counted."""
         step = self.steps.get((job, rank), 0) + 1
         self.steps[(job, rank)] = step
         before = self.state(job)
-        summary = send(self.sink.address, [self.report(job, rank, step)], token=self.secrets[job])
+        summary = send(self.sink.address, [self.report(job, rank, step, **extra)], token=self.secrets[job])
         assert summary == 1, "a genuine report was not accepted"
         after = self.state(job)
         assert after["points"] == before["points"] + 1
@@ -113,7 +111,7 @@ class Telemetry:
         if rank == 0:
             assert after["steps_total"] == before["steps_total"] + 1
         assert max(p.step for p in self.store.points(job, rank=rank)) == step
-        return self.report(job, rank, step)
+        return self.report(job, rank, step, **extra)
 
     def state(self, job: str) -> dict:
         """Everything a forgery must not move for ``job``."""
@@ -280,7 +278,32 @@ def test_invented_labels_never_become_series(tel: Telemetry) -> None:
     tel.genuine(a)
 
 
-def test_forged_step_regressions_do_not_restart_a_job(tel: Telemetry) -> None:
+def test_an_auto_jobs_choices_are_labels_within_bounds(tel: Telemetry) -> None:
+    """A job whose spec says ``auto`` reports its choice as ``auto:<choice>``: kept as the label
+    when it is a short token, and only the first few distinct ones per job."""
+    a = tel.launch("a")
+    tel.gate.close(a)  # reopen it as an auto job (the spec's compression.name)
+    record = tel.store.get(a)
+    auto = record.model_copy(update={"spec": {**record.spec, "compression": {"name": "auto"}}})
+    tel.gate.open(auto, tel.store.telemetry_digest(a) or "")
+    cap = tel.gate.bounds.max_compressor_labels
+    wall = time.time()
+    names = ["auto:powersgd-r4", "auto:EVIL", "auto:" + "x" * 80, "auto:a b", "fp16", "auto:topk-1%"]
+    names += [f"auto:c{i}" for i in range(2 * cap)]
+    reports = [
+        tel.report(a, 0, i + 1, compressor=name, wall_time=wall, bytes_sent=BYTES_PER_STEP * (i + 1))
+        for i, name in enumerate(names)
+    ]
+    assert send(tel.sink.address, reports, token=tel.secrets[a], batch=4) == len(reports)
+    labels = {dict(s[1])["compressor"] for s in tel.series() if "compressor" in dict(s[1])}
+    assert "auto:powersgd-r4" in labels and "auto:topk-1%" in labels and "auto" in labels
+    assert not {"auto:EVIL", "auto:a b", "fp16"} & labels and not any(len(x) > 60 for x in labels)
+    assert len(labels - {"auto"}) == cap
+    events = [e.reason for e in tel.store.events(a) if e.from_state == e.to_state]
+    assert events[0] == "compressor: auto:powersgd-r4 → auto at step 2", events
+
+
+def test_forged_attempts_and_step_regressions_do_not_restart_a_job(tel: Telemetry) -> None:
     a, b = tel.launch("a"), tel.launch("b")
     for _ in range(5):
         tel.genuine(a)
@@ -288,15 +311,26 @@ def test_forged_step_regressions_do_not_restart_a_job(tel: Telemetry) -> None:
     later = time.time() + 30
     for token in (None, tel.secrets[b]):  # three restarts were forged this way in the issue
         for step in (1, 2, 3):
-            forged = [tel.report(a, 0, step, wall_time=later, bytes_sent=0)]
+            forged = [tel.report(a, 0, step, wall_time=later, bytes_sent=0, attempt=step)]
             assert send(tel.sink.address, forged, token=token) == grpc.StatusCode.UNAUTHENTICATED
     assert_unmoved(tel, before)
     assert tel.store.get(a).state is JobState.RUNNING and tel.store.get(a).restarts == 0
-    # the job's own workers restored from a checkpoint at step 3: one restart, counted once
-    rerun = tel.report(a, 0, 4, wall_time=time.time() + 1, bytes_sent=BYTES_PER_STEP * 4)
-    assert send(tel.sink.address, [rerun], token=tel.secrets[a]) == 1
+    # a step run again without a new attempt (a re-run after a hiccup) is no restart
+    again = tel.report(a, 0, 4, wall_time=time.time() + 1, bytes_sent=BYTES_PER_STEP * 4)
+    assert send(tel.sink.address, [again], token=tel.secrets[a]) == 1
+    assert tel.store.get(a).restarts == 0
+    # an absurd attempt from the job's own secret is refused
+    absurd = tel.report(a, 0, 5, wall_time=time.time() + 2, bytes_sent=BYTES_PER_STEP * 5, attempt=2**31)
+    assert send(tel.sink.address, [absurd], token=tel.secrets[a]) == 0
+    assert tel.store.get(a).restarts == 0
+    # the job's own workers, restored by Ray Train from a checkpoint at step 3: one restart, once
+    for rank in (0, 1):
+        rerun = tel.report(a, rank, 4, wall_time=time.time() + 3, bytes_sent=BYTES_PER_STEP * 4, attempt=1)
+        assert send(tel.sink.address, [rerun], token=tel.secrets[a]) == 1
     assert tel.store.get(a).restarts == 1 and tel.store.get(a).state is JobState.RUNNING
-    tel.genuine(a)
+    assert tel.store.get(a).attempt == 1
+    tel.steps[(a, 0)] = 5  # steps 1-5 are stored; attempt 1 goes on with step 6
+    tel.genuine(a, attempt=1)
 
 
 def test_100k_reports_for_unknown_ids_keep_memory_flat(tel: Telemetry) -> None:
