@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from gradwire.compressors.reducer import Reducer
+from gradwire.compressors.registry import parse_config, plugin
 
 #: what may compress the momentum: compressors that take error feedback ("ef")
 MOMENTUM_COMPRESSORS = ("sign", "powersgd", "topk", "randk", "qsgd", "fp16", "bf16")
@@ -73,9 +74,8 @@ def _momentum_reducer(compressor: str, params: dict[str, Any], process_group: An
             f"feedback={feedback!r}: OneBitAdam compresses its momentum with error feedback 'ef' "
             "(Tang et al. 2021); EF21-style estimates would replace the momentum itself"
         )
-    from gradwire.compressors import make_reducer
-
-    return make_reducer(compressor, process_group, **{**params, "feedback": "ef", "nonfinite": "raise"})
+    config = parse_config(compressor, {**params, "feedback": "ef", "nonfinite": "raise"})
+    return Reducer(config, plugin(compressor).factory()(config), process_group)
 
 
 def doubling_refreshes(freeze_step: int, steps: int) -> list[int]:
