@@ -8,7 +8,14 @@ reported to Ray are every rank's own; the driver shows rank 0's.
 
 A checkpoint directory holds ``model.pt`` and ``optimizer.pt`` (rank 0; the same on every rank),
 ``rank{r}.pt`` per rank (compressor and error-feedback state, coded-round position, torch RNG
-state) and ``progress.json`` (the step reached). The data order is a function of the step
+state) and ``progress.json`` (the step reached and the worker group's attempt). The attempt is
+Ray Train's restore count as the loop sees it: 0 for a group that starts fresh (or from another
+run's checkpoint, ``resume_from``), and the saved attempt + 1 for a group that Ray Train hands
+this run's own checkpoint (``ray.train.get_checkpoint()``: it restored the group after a worker
+failed, or the run is resumed). Every step report carries it, with the node's address
+(:func:`node_address`), so the coordinator sees restores and placement from the workers
+themselves. A group lost before the run's first checkpoint starts again from step 0 as attempt 0.
+The data order is a function of the step
 (:mod:`gradwire.worker.sampler`), so resuming from a checkpoint continues the same trajectory.
 
 A step with non-finite gradients stops the job on every rank at once, before the optimizer
@@ -23,6 +30,7 @@ import json
 import math
 import os
 import signal
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +41,7 @@ from torch import nn
 
 from gradwire.policy import ENV as POLICY_ENV
 from gradwire.policy import PATH_PARAMS, JobPolicy, resolve_under
+from gradwire.protos import telemetry_pb2 as pb
 from gradwire.spec import JobSpec, OptimizerSpec
 from gradwire.worker.datasets import DATASETS, Dataset, get_dataset
 from gradwire.worker.models import build_model
@@ -92,14 +101,17 @@ def train_loop(config: dict[str, Any]) -> None:
     optimizer = make_optimizer(spec.optimizer, train_step.module.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec.optimizer, total_steps))
 
-    step = 0
+    step, attempt = 0, 0
     checkpoint = ray.train.get_checkpoint()  # this run's newest, after a restart or with --resume
+    restored = checkpoint is not None  # Ray Train restored this run: the group is a new attempt
     if checkpoint is None and config.get("resume_from"):  # the run starts from another run's
         checkpoint = ray.train.Checkpoint(config["resume_from"])
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            step = load_checkpoint(Path(folder), rank, train_step, optimizer, scheduler)
+            step, saved_attempt = load_checkpoint(Path(folder), rank, train_step, optimizer, scheduler)
+        attempt = saved_attempt + 1 if restored else 0
     start_step = step
+    node = node_address()
 
     telemetry = make_telemetry(
         config.get("telemetry"),
@@ -134,6 +146,8 @@ def train_loop(config: dict[str, Any]) -> None:
                     step,
                     times,
                     train_step.stats(),
+                    attempt=attempt,
+                    node=node,
                     compressor=spec.compression.name,
                     learning_rate=learning_rate,
                     samples=sum(len(targets) for _, targets in batches.values()),
@@ -145,13 +159,13 @@ def train_loop(config: dict[str, Any]) -> None:
                 telemetry.close(timeout=5.0)
             if evaluate_now or save_now:
                 metrics = run.metrics(step, train_step, telemetry, evaluation)
-                report(metrics, step, rank, train_step, optimizer, scheduler, save=save_now)
+                report(metrics, step, rank, train_step, optimizer, scheduler, save=save_now, attempt=attempt)
         if run.stopped or start_step >= total_steps:  # stopped early, or restored a finished run
             evaluation = evaluate_model(train_step.module, data, device)
             metrics = run.metrics(step, train_step, telemetry, evaluation)
             # Ray Train hands back the metrics of the latest checkpoint, so stopping saves one too:
             # the state before the non-finite step, which was never applied
-            report(metrics, step, rank, train_step, optimizer, scheduler, save=True)
+            report(metrics, step, rank, train_step, optimizer, scheduler, save=True, attempt=attempt)
     finally:
         telemetry.close(timeout=5.0)
 
@@ -269,29 +283,52 @@ def step_report(
     times: StepTimes,
     stats: dict[str, Any],
     *,
+    attempt: int,
+    node: str,
     compressor: str,
     learning_rate: float,
     samples: int,
     epoch: int,
     evaluation: tuple[float, float] | None,
-) -> dict[str, Any]:
-    """One ``StepReport`` (protos/telemetry.proto); byte counters are running totals."""
-    return {
-        "step": step,
-        "loss": times.loss,
-        "accuracy": None if evaluation is None else evaluation[1],
-        "compute_s": times.compute_s,
-        "compress_s": times.compress_s,
-        "communicate_s": times.communicate_s,
-        "wait_s": times.wait_s,
-        "bytes_sent": int(stats["bytes_sent"]),
-        "bytes_uncompressed": int(stats["bytes_uncompressed"]),
-        "stragglers": times.stragglers,
-        "compressor": compressor,
-        "samples": samples,
-        "learning_rate": float(learning_rate),
-        "epoch": epoch,
-    }
+) -> pb.StepReport:
+    """The step's ``StepReport`` (protos/telemetry.proto), the one shape it travels in from here
+    to the coordinator's store and metrics; byte counters are running totals. The telemetry sink
+    fills in ``job_id``, ``rank`` and ``wall_time`` (now)."""
+    report = pb.StepReport(
+        step=step,
+        loss=times.loss,
+        compute_s=times.compute_s,
+        compress_s=times.compress_s,
+        communicate_s=times.communicate_s,
+        wait_s=times.wait_s,
+        bytes_sent=int(stats["bytes_sent"]),
+        bytes_uncompressed=int(stats["bytes_uncompressed"]),
+        stragglers=times.stragglers,
+        compressor=compressor,
+        samples=samples,
+        learning_rate=float(learning_rate),
+        epoch=epoch,
+        attempt=attempt,
+        node_address=node,
+    )
+    if evaluation is not None:
+        report.accuracy = evaluation[1]
+    return report
+
+
+def node_address() -> str:
+    """The address of the node this worker runs on: Ray's node IP inside a Ray worker, else the
+    host's own address (empty when it has none)."""
+    import ray
+
+    if ray.is_initialized():
+        import ray.util
+
+        return ray.util.get_node_ip_address()
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return ""
 
 
 def make_optimizer(spec: OptimizerSpec, params: Any) -> torch.optim.Optimizer:
@@ -339,8 +376,10 @@ def report(
     scheduler: Any,
     *,
     save: bool,
+    attempt: int = 0,
 ) -> None:
-    """``ray.train.report`` on every rank; with ``save``, each rank adds its files to the checkpoint."""
+    """``ray.train.report`` on every rank; with ``save``, each rank adds its files to the checkpoint
+    (rank 0's ``progress.json`` holds the step and the worker group's ``attempt``)."""
     import ray.train
 
     if not save:
@@ -355,14 +394,15 @@ def report(
                 {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                 out / "optimizer.pt",
             )
-            (out / "progress.json").write_text(json.dumps({"step": step}))
+            (out / "progress.json").write_text(json.dumps({"step": step, "attempt": attempt}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 def load_checkpoint(
     folder: Path, rank: int, train_step: Any, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> int:
-    """Restore what :func:`report` saved; returns the step to continue from."""
+) -> tuple[int, int]:
+    """Restore what :func:`report` saved; returns the step to continue from and the worker-group
+    attempt that saved it (0 for a checkpoint written before attempts were recorded)."""
     train_step.module.load_state_dict(torch.load(folder / "model.pt", map_location="cpu"))
     saved = torch.load(folder / "optimizer.pt")
     optimizer.load_state_dict(saved["optimizer"])
@@ -373,4 +413,5 @@ def load_checkpoint(
     train_step.load_state_dict(state["step"])
     if own.exists():
         torch.set_rng_state(state["rng"])
-    return int(json.loads((folder / "progress.json").read_text())["step"])
+    progress = json.loads((folder / "progress.json").read_text())
+    return int(progress["step"]), int(progress.get("attempt", 0))

@@ -50,10 +50,17 @@ _MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 def _as_mapping(report: Any) -> dict[str, Any]:
-    if isinstance(report, pb.StepReport):
-        out: dict[str, Any] = {f.name: v for f, v in report.ListFields()}
+    if isinstance(report, pb.StepReport):  # every field, zeros included (an unset accuracy left out)
+        out: dict[str, Any] = {f.name: getattr(report, f.name) for f in report.DESCRIPTOR.fields}
+        out["stragglers"] = list(report.stragglers)
+        if not report.HasField("accuracy"):
+            del out["accuracy"]
         if report.HasField("wall_time"):
             out["wall_time"] = report.wall_time.ToNanoseconds() / 1e9
+        else:
+            del out["wall_time"]
+        if not report.job_id:  # unset: the sink's own
+            del out["job_id"], out["rank"]
         return out
     if dataclasses.is_dataclass(report) and not isinstance(report, type):
         return {f.name: getattr(report, f.name) for f in dataclasses.fields(report)}
@@ -86,7 +93,20 @@ def normalize(report: Any, job_id: str, rank: int) -> dict[str, Any]:
 
 
 def to_proto(report: Any, job_id: str = "", rank: int = 0) -> pb.StepReport:
-    """Convert a report (see :func:`normalize`) to a ``gradwire.v1.StepReport`` message."""
+    """A ``gradwire.v1.StepReport`` for ``report``: a StepReport itself (what the train loop makes)
+    is taken as it is, with ``job_id``, ``rank`` and ``wall_time`` filled in where unset; other
+    shapes (see :func:`normalize`) are converted."""
+    if isinstance(report, pb.StepReport):
+        if report.job_id and report.HasField("wall_time"):
+            return report
+        msg = pb.StepReport()
+        msg.CopyFrom(report)
+        msg.job_id = msg.job_id or job_id
+        if not report.job_id:
+            msg.rank = msg.rank or rank
+        if not msg.HasField("wall_time"):
+            msg.wall_time.FromNanoseconds(time.time_ns())
+        return msg
     data = normalize(report, job_id, rank)
     wall = data.pop("wall_time")
     msg = pb.StepReport(**data)

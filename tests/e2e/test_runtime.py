@@ -6,7 +6,8 @@ Each ``run_job`` is one Ray Train fit (~20 s here), so the claims share fits:
 * the same job with rank 1 SIGKILLed at step 30 (checkpoints every 20 steps) restarts from step
   20 and must end bit for bit where the reference ended, model and every rank's compressor state
   (PowerSGD with error feedback: residuals and warm-start Q); its telemetry address has no sink,
-  so it also shows that training runs on and counts what it could not send;
+  so it also shows that training runs on and counts what it could not send; the restored group
+  is attempt 1 (its checkpoints say so), the reference's reports attempt 0 from Ray's node IP;
 * a cyclic-repetition coded run with injected stragglers and the uncoded run of the same data
   (which waits for the same injected stragglers) reach the same loss;
 * a learning rate of 10⁶ makes the gradients NaN within a few steps: the job stops with a reason.
@@ -14,6 +15,7 @@ Each ``run_job`` is one Ray Train fit (~20 s here), so the claims share fits:
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -92,6 +94,9 @@ def test_killed_worker_resumes_bit_exact_and_telemetry(local_ray, tmp_path):
     residual = torch.load(ref_dir / "rank1.pt")["step"]["compressor"]
     assert residual, "rank 1 saved no compressor state"
     assert reference["bytes_sent"] == killed["bytes_sent"]
+    # the attempt count travels with the checkpoints: Ray Train's restore made attempt 1
+    assert json.loads((ref_dir / "progress.json").read_text()) == {"step": STEPS, "attempt": 0}
+    assert json.loads((killed_dir / "progress.json").read_text()) == {"step": STEPS, "attempt": 1}
 
     # telemetry: every rank's reports arrived, in order, with the fields filled
     for rank in (0, 1):
@@ -105,6 +110,8 @@ def test_killed_worker_resumes_bit_exact_and_telemetry(local_ray, tmp_path):
         assert reports[-1].bytes_uncompressed == reference["bytes_uncompressed"]
         assert reports[-1].HasField("accuracy") and not reports[0].HasField("accuracy")
         assert all(r.HasField("wall_time") for r in reports)
+        # placement and attempt from the worker itself: Ray's node IP (the loopback head), first run
+        assert {(r.attempt, r.node_address) for r in reports} == {(0, "127.0.0.1")}, f"rank {rank}"
     assert reference["telemetry_sent"] == STEPS and reference["telemetry_dropped"] == 0
 
     # no sink: the run finished, every report of its last attempt was counted as dropped, and

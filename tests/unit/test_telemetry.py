@@ -213,3 +213,35 @@ def test_generated_stubs_are_fresh(tmp_path):
             f"{committed.relative_to(ROOT)} is stale (or was made by another grpcio-tools version): "
             "run scripts/gen_protos.sh"
         )
+
+
+def test_the_train_loops_step_report_travels_as_it_is_with_its_identity_filled(sink, tmp_path):
+    """worker/runtime.py's step_report is the one conversion (step timing → StepReport): the client
+    sends that message, with only job_id, rank and wall_time added; the JSONL fallback keeps every
+    field, zeros included."""
+    from gradwire.protos import telemetry_pb2 as pb
+    from gradwire.worker.runtime import node_address, step_report
+    from gradwire.worker.steps import StepTimes
+
+    times = StepTimes(loss=0.5, compute_s=0.01, stragglers=[1])
+    made = step_report(
+        7, times, {"bytes_sent": 70, "bytes_uncompressed": 700}, attempt=2, node="10.0.0.5",
+        compressor="powersgd", learning_rate=0.1, samples=32, epoch=0, evaluation=(0.3, 0.9),
+    )  # fmt: skip
+    assert isinstance(made, pb.StepReport) and not made.job_id and made.accuracy == pytest.approx(0.9)
+    sink_obj, address = sink
+    with TelemetryClient(address, "job-9", 1, **FAST) as client:
+        client.report(made)
+    (got,) = sink_obj.by_rank(1)
+    assert (got.job_id, got.rank, got.step, got.attempt, got.node_address) == ("job-9", 1, 7, 2, "10.0.0.5")
+    assert got.HasField("wall_time") and list(got.stragglers) == [1] and got.bytes_sent == 70
+    out = make_telemetry(None, "job-9", 0, run_dir=tmp_path)
+    out.report(step_report(
+        1, StepTimes(loss=1.0), {"bytes_sent": 0, "bytes_uncompressed": 0}, attempt=0, node="",
+        compressor="none", learning_rate=0.1, samples=1, epoch=0, evaluation=None,
+    ))  # fmt: skip
+    out.close()
+    (row,) = [json.loads(line) for line in (tmp_path / "telemetry-rank0.jsonl").read_text().splitlines()]
+    assert row["attempt"] == 0 and row["bytes_sent"] == 0 and row["job_id"] == "job-9"
+    assert "accuracy" not in row
+    assert node_address()  # outside Ray: this host's own address
