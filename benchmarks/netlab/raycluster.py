@@ -48,7 +48,7 @@ JOBS_PORT = 8265
 #: Ray's smallest object store is 75 MiB; the lab's jobs move little through it
 OBJECT_STORE_BYTES = 80 * (1 << 20)
 START_WAIT_S = 180.0
-STOP_WAIT_S = 20.0
+STOP_WAIT_S = 10.0
 #: environment variables of the caller that must not reach the nodes (they point at another Ray)
 _DROPPED = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_NODE_IP_ADDRESS")
 #: GCS notices a dead node after period × threshold (Ray's defaults: 3 s × 5 after a 10 s timeout)
