@@ -286,8 +286,14 @@ class AutoReducer(Reducer):
                     entered = time.perf_counter()  # the probes are not this step's hook time
                 elif self.comm.world_size > 1:
                     self.next_decision = self.step + 1  # no shapes seen yet: gather them this step
-        if self.step + 1 == self.next_decision:  # the step before a decision: its shapes and guard figures
-            self._shapes.append([tuple(t.shape) for t in tensors])
+            elif self._guard is not None and self.last_decision:
+                self.check_guard()
+                entered = time.perf_counter()
+        deciding = self.step + 1 == self.next_decision
+        checking = self.last_decision and (self.step + 1) % self.config.guard_every == 0
+        if deciding or checking:  # the step before a decision or a guard check: its guard figures
+            if deciding:
+                self._shapes.append([tuple(t.shape) for t in tensors])
             if self._guard is None:
                 self._guard = GuardFigures()
             self._guard.add(tensors, self.config.topk_ratio, self._generator)
@@ -350,6 +356,38 @@ class AutoReducer(Reducer):
             "topk_energy": -values[5 + n], "shapes": shapes,
         }  # fmt: skip
 
+    def agreed_guard(self) -> dict[str, Any]:
+        """The guard figures of the step before, the same on every rank (the lowest energy fractions, the
+        largest entry): one all-reduce."""
+        figures = self._guard or GuardFigures()
+        self._guard = None
+        agreed = torch.tensor([figures.max_abs] + [-f for f in figures.fractions()], dtype=torch.float64)
+        if self.comm.world_size > 1:
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.comm.channel)
+        values = agreed.tolist()
+        return {"max_abs": values[0], "rank_energy": dict(zip(GUARD_RANKS, (-v for v in values[1:-1]))),
+                "topk_energy": -values[-1]}  # fmt: skip
+
+    def check_guard(self) -> str:
+        """Between two measurements: if the running choice fails the guard now, run the fastest eligible
+        candidate at the last measured link and compute (a collective; returns the choice)."""
+        m = self.agreed_guard()
+        n, last = self.comm.world_size, self.last_decision
+        current = self.choice or "none"
+        if self.guard_holds(current, m, n):
+            return current
+        eligible = {label: self.guard_holds(label, m, n) for label in self.config.candidates}
+        allowed = [c for c in self.config.candidates if eligible[c]] or ["none"]
+        link = Link(last["bandwidth"], last["alpha_s"])
+        predictions = self.predict(last["shapes"], n, link, last["compute_s"], sorted({*allowed, "none"}))
+        best = min(allowed, key=lambda c: predictions[c])
+        self.last_decision = {
+            **last, "step": self.step, "predicted_s": predictions, "eligible": eligible,
+            "rank_energy": m["rank_energy"], "topk_energy": m["topk_energy"], "choice": best,
+        }  # fmt: skip
+        self.switch_to(best, f"{current} failed the quality guard")
+        return best
+
     def decide(self) -> str:
         """Measure, predict, guard, and switch if that pays (a collective; returns the choice)."""
         m = self.measure()
@@ -377,6 +415,7 @@ class AutoReducer(Reducer):
             "step": self.step, "alpha_s": link.latency, "bandwidth": link.bandwidth,
             "compute_s": m["compute_s"], "predicted_s": predictions, "eligible": eligible,
             "rank_energy": m["rank_energy"], "topk_energy": m["topk_energy"], "choice": best,
+            "shapes": m["shapes"],
         }  # fmt: skip
         if best != current:
             self.switch_to(best, reason)

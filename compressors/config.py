@@ -246,6 +246,13 @@ class AutoConfig(CompressorConfig):
     remeasure_every: int = Field(
         200, ge=10, le=1_000_000, description="steps between two measurements of link and step (and choices)"
     )
+    guard_every: int = Field(
+        10,
+        ge=1,
+        le=1_000_000,
+        description="steps between two checks of the quality guard alone (no probes): a running choice "
+        "that fails it is replaced at once by the fastest eligible one",
+    )
     probe_reps: int = Field(3, ge=1, le=20, description="timed all-reduces of each of the two probe sizes")
     probe_bytes: int = Field(
         2 << 20,
@@ -255,7 +262,7 @@ class AutoConfig(CompressorConfig):
         "64 KiB)",
     )
     min_energy: float = Field(
-        0.5,
+        0.9,
         ge=0.0,
         le=1.0,
         description="quality guard: a PowerSGD rank r (or Top-k) is eligible only if it keeps at least this "

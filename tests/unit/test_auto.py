@@ -260,6 +260,8 @@ def test_every_rank_decides_the_same_and_switching_mid_training_keeps_ddp_consis
     assert a["history"] == b["history"] and a["choices"] == b["choices"]
     forced = [(step, label) for step, label, reason in a["history"] if reason == "asked"]
     assert forced == list(switches.items())
+    # Top-1 % keeps far less than 90 % of the energy: the guard check at the next multiple of 10 replaces it
+    assert (20, "topk-ef21 failed the quality guard") in [(step, why) for step, _, why in a["history"]]
     assert all(d["choice"] in d["predicted_s"] and d["eligible"][d["choice"]] for d in a["decisions"])
     assert torch.equal(a["params"], b["params"])  # bitwise the same model on both ranks after the switches
     first, last = sum(a["losses"][:5]) / 5, sum(a["losses"][-5:]) / 5
