@@ -55,6 +55,10 @@ from gradwire.spec_io import (
 #: that a coded round's all-reduce of a_i · c_i still yields the full gradient
 #: (docs/algorithms.md §5.5). Gathering compressors cannot code.
 CODING_COMPRESSORS = ("none", "fp16", "bf16", "powersgd")
+#: The version of the JobSpec schema. A coordinator stores it with every spec it validated and
+#: trusts those specs afterwards; a stored spec of another version is validated again. Raise it
+#: when a change could make a stored spec invalid or mean something else.
+SPEC_SCHEMA_VERSION = 1
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 

@@ -10,8 +10,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gradwire.spec import JobSpec
-
 __all__ = ["Demand"]
 
 #: slack in resource comparisons: Ray reports fractional CPUs and GPUs as floats
@@ -28,9 +26,14 @@ class Demand:
 
     @classmethod
     def of(cls, spec: Mapping[str, Any]) -> Demand:
-        """From a stored spec (validated again; raises :class:`SpecError`)."""
-        w = JobSpec.from_dict(spec).workers
-        return cls(w.count, w.cpus_per_worker, w.gpus_per_worker)
+        """From a stored spec, trusted: the REST door validated it (``JobSpec.model_dump(mode=
+        "json")``, every field present), or the scheduler did again when it was stored under
+        another schema version. Raises ``ValueError`` naming ``workers`` for a spec without it."""
+        try:
+            w = spec["workers"]
+            return cls(int(w["count"]), float(w["cpus_per_worker"]), float(w["gpus_per_worker"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"the stored spec has no valid workers section: {err!r}") from err
 
     @property
     def cpus(self) -> float:

@@ -21,7 +21,7 @@ from typing import Any
 
 from gradwire.server.principals import ANONYMOUS, Principal
 from gradwire.server.store import JobNotFound, JobStore
-from gradwire.spec import JobSpec
+from gradwire.spec import JOB_ID, JobSpec
 
 __all__ = ["check_resume", "driver_spec"]
 
@@ -74,8 +74,8 @@ def _invalid(message: str) -> Exception:
 def driver_spec(spec: Mapping[str, Any], store: JobStore) -> dict[str, Any]:
     """The spec the Ray job's driver runs: ``resume_from: <job id>`` becomes that job's run folder.
     Raises ``JobNotFound`` when the job was deleted since."""
-    job_id = JobSpec.from_dict(spec).resume_job()
-    if job_id is None:
+    resume_from = spec.get(FIELD)  # trusted, as the store keeps it: validated at the door
+    if not (isinstance(resume_from, str) and JOB_ID.match(resume_from)):
         return dict(spec)
-    storage = JobSpec.from_dict(store.get(job_id).spec).checkpoint.storage
-    return {**spec, FIELD: f"{storage.rstrip('/')}/{job_id}"}
+    storage = str(store.get(resume_from).spec["checkpoint"]["storage"])
+    return {**spec, FIELD: f"{storage.rstrip('/')}/{resume_from}"}

@@ -90,7 +90,7 @@ from gradwire.server.resume import driver_spec
 from gradwire.server.states import TERMINAL_STATES, IllegalTransition, JobState
 from gradwire.server.store import JobStore
 from gradwire.server.telemetry_gate import new_secret, secret_digest
-from gradwire.spec import SpecError
+from gradwire.spec import SPEC_SCHEMA_VERSION, JobSpec, SpecError
 
 log = logging.getLogger(__name__)
 
@@ -394,11 +394,11 @@ class Scheduler:
             job = self.store.next_queued()
             if job is None:
                 return
-            try:
-                demand = self._demand(job)
-            except SpecError as err:
-                self._carry_out(job, decide(job, Refused(f"the stored spec is no longer valid: {err}")))
+            problem = _stale_spec(job)
+            if problem is not None:
+                self._carry_out(job, decide(job, Refused(problem)))
                 continue
+            demand = self._demand(job)
             resources = resources or self._cluster.resources()
             beyond = demand.beyond(resources["total"])
             if beyond is not None:
@@ -428,7 +428,7 @@ class Scheduler:
     def _demand_or_zero(self, job: JobRecord) -> Demand:
         try:
             return self._demand(job)
-        except SpecError:
+        except ValueError:  # a launched job's spec from before a schema change: count it as nothing
             return Demand(0, 0.0, 0.0)
 
     def entrypoint(self, job_id: str) -> str:
@@ -586,6 +586,23 @@ class Scheduler:
                     changed[r.rank] = (r.rank, r.attempt, r.node_address, r.step)
         if changed:
             self.store.set_placement(job_id, changed.values())
+
+
+def _stale_spec(job: JobRecord) -> str | None:
+    """Why a queued job's stored spec cannot run, or ``None``. A spec stored under this
+    coordinator's schema version was validated at the door and is trusted; one stored under another
+    version (or before versions were kept) is validated again, once, before it is admitted."""
+    if job.spec_version == SPEC_SCHEMA_VERSION:
+        return None
+    try:
+        JobSpec.from_dict(job.spec)
+    except SpecError as err:
+        stored = "version not recorded" if job.spec_version is None else f"version {job.spec_version}"
+        return (
+            f"the stored spec (schema {stored}; this coordinator's is version {SPEC_SCHEMA_VERSION}) "
+            f"is no longer valid: {err}"
+        )
+    return None
 
 
 def _reports_signal(batch: list[pb.StepReport]) -> ReportsArrived:

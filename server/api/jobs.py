@@ -33,10 +33,10 @@ from gradwire.server.auth import PrincipalDep, get_services
 from gradwire.server.control import Services
 from gradwire.server.principals import Principal
 from gradwire.server.problems import FieldError, ProblemError, problem_responses
-from gradwire.server.records import JobEvent, JobNotFound, JobPoint, JobRecord
+from gradwire.server.records import JobEvent, JobNotFound, JobPoint, JobRecord, RankPlacement
 from gradwire.server.resume import check_resume
 from gradwire.server.states import JobState
-from gradwire.spec import JobSpec, PolicyError
+from gradwire.spec import SPEC_SCHEMA_VERSION, JobSpec, PolicyError
 from gradwire.spec_io import unique_json_object
 
 __all__ = ["JobEvents", "JobLinks", "JobList", "JobMetrics", "JobResource", "router"]
@@ -72,19 +72,24 @@ class JobResource(BaseModel):
     finished_at: datetime | None
     reason: str = Field(description="why the last state change happened")
     restarts: int
+    attempt: int = Field(description="the worker group's attempt: 0, then n after Ray Train's n-th restore")
+    compressor: str | None = Field(description="the compressor rank 0 reported last (null before any report)")
     ray_job_id: str | None
     spec: dict[str, Any] = Field(description="the JobSpec, defaults filled in")
+    placement: list[RankPlacement] | None = Field(
+        None, description="where each rank reported from last (answers about one job; null in lists)"
+    )
     links: JobLinks
 
     @classmethod
-    def of(cls, job: JobRecord) -> JobResource:
+    def of(cls, job: JobRecord, placement: list[RankPlacement] | None = None) -> JobResource:
         base = f"/v1/jobs/{job.id}"
         links = JobLinks.model_validate(
             {"self": base, "events": f"{base}/events", "metrics": f"{base}/metrics",
              "logs": f"{base}/logs", "cancel": f"{base}:cancel"}
         )  # fmt: skip
-        fields = job.model_dump(include=set(cls.model_fields) - {"links"})
-        return cls(**fields, links=links)
+        fields = job.model_dump(include=set(cls.model_fields) - {"links", "placement"})
+        return cls(**fields, placement=placement, links=links)
 
 
 class JobList(BaseModel):
@@ -198,7 +203,7 @@ async def submit_job(
     )
     response.status_code = 202 if created else 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return JobResource.of(job)
+    return JobResource.of(job, placement=services.store.placement(job.id))
 
 
 def _queue_job(
@@ -210,7 +215,9 @@ def _queue_job(
     owner = principal.name
     with QUEUE.lock:  # the caps are checked and the job inserted together
         QUEUE.check(services.store, services.settings, owner, key)  # 429 with Retry-After
-        job, created = services.store.create(spec, priority=priority, idempotency_key=key, owner=owner)
+        job, created = services.store.create(
+            spec, priority=priority, idempotency_key=key, owner=owner, spec_version=SPEC_SCHEMA_VERSION
+        )
     if created:
         services.control.wake()
     return job, created
@@ -248,7 +255,8 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobResource, summary="Get a job", responses=problem_responses(404))
 def get_job(job_id: JobId, services: ServicesDep, principal: PrincipalDep) -> JobResource:
-    return JobResource.of(_visible_job(job_id, services, principal))
+    job = _visible_job(job_id, services, principal)
+    return JobResource.of(job, placement=services.store.placement(job_id))
 
 
 def _visible_job(job_id: str, services: Services, principal: Principal) -> JobRecord:
@@ -325,7 +333,7 @@ def cancel_job(
     job = services.control.cancel(job_id)
     if not job.terminal:
         response.status_code = 202
-    return JobResource.of(job)
+    return JobResource.of(job, placement=services.store.placement(job.id))
 
 
 @router.delete(

@@ -307,6 +307,21 @@ def test_delete_only_finished_jobs(api: Api, spec: dict[str, Any]) -> None:
     problem(api.client.get(f"/v1/jobs/{job['id']}"), 404, "job-not-found")
 
 
+def test_a_job_shows_its_placement_attempt_and_compressor(api: Api, spec: dict[str, Any]) -> None:
+    job = api.submit(spec)
+    assert job["placement"] == [] and job["attempt"] == 0 and job["compressor"] is None
+    api.store.set_placement(job["id"], [(0, 0, "10.0.0.1", 1), (1, 0, "10.0.0.2", 1)])
+    api.store.set_placement(job["id"], [(1, 1, "10.0.0.7", 21)])  # rank 1 restored on another node
+    api.store.set_fields(job["id"], compressor="powersgd")
+    got = api.client.get(f"/v1/jobs/{job['id']}").json()
+    assert [(p["rank"], p["node_address"], p["attempt"], p["since_step"]) for p in got["placement"]] == [
+        (0, "10.0.0.1", 0, 1), (1, "10.0.0.7", 1, 21),
+    ]  # fmt: skip
+    assert got["compressor"] == "powersgd"
+    listed = api.client.get("/v1/jobs").json()["items"]
+    assert [j["placement"] for j in listed] == [None]  # lists leave placement out
+
+
 def test_metrics_time_series(api: Api, spec: dict[str, Any]) -> None:
     job_id = api.submit(spec)["id"]
     points = [

@@ -29,7 +29,7 @@ from gradwire.server.ray_jobs import submission_id
 from gradwire.server.scheduler import Scheduler
 from gradwire.server.states import JobState, can_transition
 from gradwire.server.store import JobStore
-from gradwire.spec import JobSpec
+from gradwire.spec import SPEC_SCHEMA_VERSION, JobSpec
 
 SPEC = Path(__file__).parents[2] / "examples" / "specs" / "digits-powersgd.yaml"
 S = JobState
@@ -210,3 +210,35 @@ def test_restarts_follow_the_attempt_and_placement_moves_with_it(launched):
     scheduler.cancel(job_id)
     scheduler.on_reports([report(job_id, 0, 5, attempt=3)])
     assert store.get(job_id).state is JobState.CANCELLED and store.get(job_id).restarts == 1
+
+
+# --- the spec: validated at the door, trusted after ----------------------------------------------
+
+
+class TinyCluster:
+    """A cluster of one CPU: every job of the example spec (2 workers) is too big for it."""
+
+    def resources(self, timeout_s: float = 10.0) -> dict:
+        return {"total": {"CPU": 1.0, "GPU": 0.0}, "available": {"CPU": 1.0, "GPU": 0.0}}
+
+
+def test_a_stored_spec_is_trusted_at_its_schema_version_and_validated_again_otherwise(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path}/jobs.db")
+    scheduler = Scheduler(store, TinyCluster(), CoordinatorMetrics(), telemetry_address="127.0.0.1:1")
+    valid = JobSpec.from_file(SPEC).model_dump(mode="json")
+    broken = {**valid, "compression": {"name": "no-such-compressor"}}
+    trusted, _ = store.create(broken, spec_version=SPEC_SCHEMA_VERSION)  # as if the door had passed it
+    legacy, _ = store.create(broken)  # stored before versions were kept
+    older, _ = store.create(valid, spec_version=SPEC_SCHEMA_VERSION - 1)  # still valid: admitted on
+    scheduler.poll_once()
+    reasons = {job.id: store.get(job.id).reason for job in (trusted, legacy, older)}
+    assert all(store.get(j).state is JobState.FAILED for j in reasons)
+    # trusted: not validated again, so it got as far as the cluster's size
+    assert reasons[trusted.id].startswith("cannot ever run on this cluster"), reasons[trusted.id]
+    assert reasons[older.id].startswith("cannot ever run on this cluster"), reasons[older.id]
+    assert reasons[legacy.id].startswith(
+        f"the stored spec (schema version not recorded; this coordinator's is version {SPEC_SCHEMA_VERSION}) "
+        "is no longer valid"
+    ), reasons[legacy.id]
+    assert "compression.name" in reasons[legacy.id]
+    store.close()

@@ -13,17 +13,21 @@ from gradwire.server.demand import Demand
 from gradwire.server.ray_jobs import failure_reason, submission_id
 from gradwire.server.records import JobPoint
 from gradwire.server.report_points import report_rows
+from gradwire.spec import JobSpec
 
 CLUSTER = {"total": {"CPU": 8.0, "GPU": 0.0}, "available": {"CPU": 8.0}}
 
 
-def test_demand_of_a_spec_multiplies_workers_by_their_share():
+def test_demand_of_a_stored_spec_multiplies_workers_by_their_share():
     spec = {"name": "d", "model": {"name": "mlp"}, "data": {"dataset": "digits", "batch_size": 8},
             "optimizer": {"name": "sgd", "lr": 0.1}, "steps": 1,
             "workers": {"count": 3, "cpus_per_worker": 1.5}}  # fmt: skip
-    demand = Demand.of(spec)
+    stored = JobSpec.from_dict(spec).model_dump(mode="json")  # as the REST door stores it
+    demand = Demand.of(stored)
     assert (demand.cpus, demand.gpus) == (4.5, 0.0)
     assert str(demand) == "3 workers × 1.5 CPU"
+    with pytest.raises(ValueError, match="workers"):
+        Demand.of({"name": "d"})
 
 
 def test_a_demand_beyond_the_whole_cluster_says_which_resource():
