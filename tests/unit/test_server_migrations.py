@@ -25,7 +25,7 @@ from sqlalchemy import Engine, MetaData, Table, delete, insert, inspect, select,
 from typer.testing import CliRunner
 
 from gradwire.server.models_db import SCHEMA_VERSION, Base, SchemaMismatch, make_engine
-from gradwire.server.schema import LEGACY_REVISION, current_revision, head_revision, upgrade
+from gradwire.server.schema import LEGACY_REVISION, alembic_config, current_revision, head_revision, upgrade
 from gradwire.server.states import JobState
 from gradwire.server.store import JobStore
 
@@ -228,6 +228,9 @@ def test_upgrade_from_the_previous_release_keeps_every_job(store_url: str, engin
             assert [p.model_dump() for p in store.points(job.id)] == sorted(
                 want["points"], key=lambda p: (p["step"], p["rank"])
             )
+            # 0004: no attempt, compressor, placement or schema version was known before
+            assert (job.attempt, job.compressor, job.spec_version) == (0, None, None)
+            assert store.placement(job.id) == []
         if dev_build:
             assert store.telemetry_digest("job-000000000003") == "ab" * 32
         # keys: an owner's key replays its job; owners now have keys of their own
@@ -250,6 +253,40 @@ def test_upgrade_from_the_previous_release_keeps_every_job(store_url: str, engin
     with engine.connect() as connection:
         # the release before reads gradwire_schema and refuses anything but 1
         assert connection.execute(text("SELECT version FROM gradwire_schema")).scalar() == SCHEMA_VERSION == 2
+
+
+def test_0004_adds_attempts_and_placement_to_a_0003_database(store_url: str, engine: Engine):
+    """Revision 0004 on a database at 0003 with a running job: the job keeps everything, reads
+    attempt 0 and no compressor, can store its placement and a new attempt; 0004 downgrades."""
+    assert upgrade(engine, "0003") == (None, "0003")
+    jobs = Table("jobs", MetaData(), autoload_with=engine)
+    assert "attempt" not in jobs.c
+    with engine.begin() as connection:
+        connection.execute(
+            insert(jobs).values(
+                id="job-00000000abcd", name="before-0004", state="RUNNING", priority=0, spec={"name": "x"},
+                created_at=utc(engine, T0), updated_at=utc(engine, T0), reason="running", restarts=0,
+            )
+        )  # fmt: skip
+    assert upgrade(engine, "head") == ("0003", head_revision())
+    assert schema_diff(engine) == []
+    store = JobStore(store_url)
+    try:
+        job = store.get("job-00000000abcd")
+        assert (job.name, job.state, job.restarts) == ("before-0004", JobState.RUNNING, 0)
+        assert (job.attempt, job.compressor, job.spec_version) == (0, None, None)
+        store.set_placement(job.id, [(0, 1, "10.0.0.3", 40)])
+        moved = store.transition(job.id, JobState.RESTARTING, "restored", attempt=1)
+        assert (moved.attempt, moved.restarts) == (1, 1)
+        assert [(p.rank, p.attempt, p.node_address) for p in store.placement(job.id)] == [(0, 1, "10.0.0.3")]
+    finally:
+        store.close()
+    from alembic import command
+
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0003")
+    assert "job_ranks" not in inspect(engine).get_table_names()
+    assert "attempt" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
 
 
 def test_the_newest_revision_is_the_models(engine: Engine):
