@@ -25,7 +25,7 @@ The job's label is ``job_id`` (:data:`JOB_LABEL`), never ``job``: Prometheus giv
 series a ``job`` label of its own (the scrape job), and a scrape config or a Prometheus Operator
 ServiceMonitor without ``honor_labels`` would rename ours to ``exported_job``.
 
-How step reports become series (:meth:`CoordinatorMetrics.observe_report`):
+How step reports become series (:meth:`CoordinatorMetrics.observe_reports`):
 
 * Bytes. A report's ``bytes_sent`` / ``bytes_uncompressed`` are the rank's *cumulative* ledger
   counters, so the counters grow by the increase since the previous report of the same
@@ -54,7 +54,6 @@ which :meth:`~CoordinatorMetrics.render` runs before each scrape.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import threading
 import time
@@ -129,36 +128,6 @@ def _observe_many(child: Any, values: list[float]) -> None:
     prometheus_client's own observe keeps its buckets and sum consistent under its lock)."""
     for value in values:
         child.observe(value)
-
-
-class _Report:
-    """The fields of one StepReport the metrics read, from a proto message or a dict."""
-
-    __slots__ = (
-        "accuracy", "bytes_sent", "bytes_uncompressed", "compressor", "job", "loss", "phases", "rank",
-        "stragglers",
-    )  # fmt: skip
-
-    def __init__(self, report: pb.StepReport | Mapping[str, Any]) -> None:
-        if isinstance(report, pb.StepReport):
-            get: Callable[[str], Any] = functools.partial(getattr, report)
-            self.accuracy = report.accuracy if report.HasField("accuracy") else None
-        elif isinstance(report, Mapping):
-            get = report.get
-            self.accuracy = report.get("accuracy")
-        else:
-            raise TypeError(f"a report must be a StepReport or a mapping, not {type(report).__name__}")
-        self.job = str(get("job_id") or "")
-        if not self.job:
-            raise ValueError("a step report needs a non-empty job_id")
-        self.rank = int(get("rank") or 0)
-        self.compressor = str(get("compressor") or "") or UNKNOWN_COMPRESSOR
-        self.loss = get("loss")
-        self.bytes_sent = int(get("bytes_sent") or 0)
-        self.bytes_uncompressed = int(get("bytes_uncompressed") or 0)
-        self.stragglers = len(get("stragglers") or ())
-        # a phase missing from a dict is not observed; a proto always carries all four
-        self.phases = {phase: get(field) for phase, field in PHASES.items()}
 
 
 class _WithoutCreated:
@@ -280,54 +249,20 @@ class CoordinatorMetrics:
 
     # ---------------------------------------------------------------- step reports
 
-    def observe_report(self, report: pb.StepReport | Mapping[str, Any]) -> None:
-        """Fold one step report (a ``StepReport`` or a dict of its field names) into the metrics."""
-        rep = _Report(report)
-        job = rep.job
-        with self._lock:
-            self._jobs.add(job)
-            self._compressors.setdefault(job, set()).add(rep.compressor)
-            key = (job, rep.rank)
-            prev = self._baselines.get(key, (0, 0))
-            self._baselines[key] = (rep.bytes_sent, rep.bytes_uncompressed)
-        sent, uncompressed = rep.bytes_sent - prev[0], rep.bytes_uncompressed - prev[1]
-        if sent >= 0 and uncompressed >= 0:
-            self.bytes_sent.labels(job, rep.compressor).inc(sent)
-            self.bytes_uncompressed.labels(job, rep.compressor).inc(uncompressed)
-        # else: a restore from an older checkpoint; the new values are the baseline from now on
+    def observe_report(self, report: pb.StepReport) -> None:
+        """Fold one ``StepReport`` into the metrics."""
+        self.observe_reports([report])
 
-        for phase, seconds in rep.phases.items():
-            if seconds is not None and math.isfinite(seconds):
-                self.step_seconds.labels(job, phase).observe(max(0.0, float(seconds)))
-
-        if rep.rank != 0:
-            return
-        self.train_steps.labels(job).inc()
-        if rep.loss is not None:
-            self.train_loss.labels(job).set(float(rep.loss))
-        if rep.accuracy is not None:
-            self.eval_accuracy.labels(job).set(float(rep.accuracy))
-        self.stragglers.labels(job).inc(rep.stragglers)
-        wait = rep.phases["wait"]
-        self.straggler_wait.labels(job).inc(_finite_nonneg(float(wait or 0.0)))
-
-    def observe_reports(self, reports: Iterable[pb.StepReport | Mapping[str, Any]]) -> None:
-        """:meth:`observe_report` for each report, in order (fits ``TelemetrySink(on_reports=...)``).
-
-        ``StepReport`` messages are folded per job first and each series is touched once per call
-        (the same values as report by report: byte increases summed, histogram buckets counted,
-        the gauges set to the last report's values); mappings go one by one."""
-        protos: list[pb.StepReport] = []
-        for report in reports:
-            if isinstance(report, pb.StepReport):
-                protos.append(report)
-            else:
-                if protos:
-                    self._observe_protos(protos)
-                    protos = []
-                self.observe_report(report)
-        if protos:
-            self._observe_protos(protos)
+    def observe_reports(self, reports: Iterable[pb.StepReport]) -> None:
+        """Fold ``StepReport`` messages, in order, into the metrics (fits
+        ``TelemetrySink(on_reports=...)``): per job, each series is touched once per call (byte
+        increases summed, histogram buckets counted, the gauges set to the last report's values).
+        The StepReport is the only shape a step report has here; anything else is a ``TypeError``."""
+        batch = list(reports)
+        for report in batch:
+            if not isinstance(report, pb.StepReport):
+                raise TypeError(f"a step report must be a StepReport, not {type(report).__name__}")
+        self._observe_protos(batch)
 
     def _observe_protos(self, reports: list[pb.StepReport]) -> None:
         by_job: dict[str, list[pb.StepReport]] = {}

@@ -220,6 +220,7 @@ def exposition(tmp_path_factory: pytest.TempPathFactory) -> Exposition:
     from fastapi.testclient import TestClient
     from prometheus_client.parser import text_string_to_metric_families
 
+    from gradwire.protos import telemetry_pb2 as pb
     from gradwire.server.app import create_app
     from gradwire.server.metrics import CoordinatorMetrics
     from gradwire.server.settings import Settings
@@ -228,9 +229,9 @@ def exposition(tmp_path_factory: pytest.TempPathFactory) -> Exposition:
     db = tmp_path_factory.mktemp("exposition") / "coordinator.db"
     metrics = CoordinatorMetrics()
     metrics.observe_report(
-        {"job_id": "job-1", "rank": 0, "compressor": "powersgd", "loss": 1.5, "accuracy": 0.5,
-         "bytes_sent": 100, "bytes_uncompressed": 1000, "stragglers": [1], "compute_s": 0.1,
-         "compress_s": 0.01, "communicate_s": 0.02, "wait_s": 0.03}
+        pb.StepReport(job_id="job-1", rank=0, compressor="powersgd", loss=1.5, accuracy=0.5,
+                      bytes_sent=100, bytes_uncompressed=1000, stragglers=[1], compute_s=0.1,
+                      compress_s=0.01, communicate_s=0.02, wait_s=0.03)
     )  # fmt: skip
     metrics.observe_transition(JobState.QUEUED, JobState.STARTING, job="job-1")
     metrics.observe_transition(JobState.RUNNING, JobState.RESTARTING, job="job-1")

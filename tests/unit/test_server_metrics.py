@@ -47,14 +47,14 @@ def value(samples: dict, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 
 
-def report(job: str, rank: int, step: int, sent: int, unc: int, **extra) -> dict:
+def report(job: str, rank: int, step: int, sent: int, unc: int, **extra) -> pb.StepReport:
     out = {
         "job_id": job, "rank": rank, "step": step, "bytes_sent": sent, "bytes_uncompressed": unc,
         "compressor": "topk", "loss": 1.0 / (step + 1), "compute_s": 0.02, "compress_s": 0.003,
         "communicate_s": 0.004, "wait_s": 0.001,
     }  # fmt: skip
     out.update(extra)
-    return out
+    return pb.StepReport(**out)
 
 
 def test_exactly_the_contract_families() -> None:
@@ -155,7 +155,9 @@ def test_proto_reports_and_unset_accuracy() -> None:
     assert value(got, "gradwire_stragglers_total", job_id="p") == 1
     assert value(got, "gradwire_step_seconds_count", job_id="p", phase="wait") == 1
     with pytest.raises(ValueError, match="job_id"):
-        m.observe_report({"rank": 0})
+        m.observe_report(pb.StepReport(rank=0))
+    with pytest.raises(TypeError, match="StepReport"):
+        m.observe_reports([{"job_id": "p", "rank": 0}])  # one shape only
 
 
 def test_transitions_job_counts_and_restarts() -> None:
