@@ -19,7 +19,8 @@ Methods (comma-separated ``--methods``):
 * ``topk:RULE:RATIO``: Top-k with feedback RULE (ef, ef21, ef21-sgdm, econtrol), Adam on the result;
 * ``onebit:COMP:wW``: ``OneBitAdam`` (compressors/onebit_adam.py): W Adam warm-up steps, then v frozen
   and the momentum compressed by COMP (``sign``, ``powersgd4`` for rank 4, ``topk0.01``...) with EF;
-  ``:doubling`` adds 0/1 Adam's full-precision variance refreshes at 2W, 4W, ...
+  ``:doubling`` adds 0/1 Adam's full-precision variance refreshes at 2W, 4W, ...; ``:update`` compresses
+  the momentum divided by the frozen √v̂ + ε (the update) instead of the momentum
 
     python benchmarks/adam.py --json /tmp/adam.json --resume --methods allreduce,onebit:sign:w20
     python benchmarks/adam.py --json /tmp/adam.json --render   # the table into docs/benchmarks.md
@@ -80,13 +81,16 @@ def parse_method(method: str) -> dict[str, Any]:
             return {"kind": "hook", "name": "topk", "params": {"feedback": rest[0], "ratio": float(rest[1])}}
         if head == "onebit" and len(rest) >= 2 and rest[1][0] == "w":
             comp, cparams = momentum_compressor(rest[0])
-            variance = "frozen"
+            variance, space = "frozen", "momentum"
             for opt in rest[2:]:
-                if opt != "doubling":
+                if opt == "doubling":
+                    variance = "doubling"
+                elif opt == "update":
+                    space = "update"
+                else:
                     raise ValueError(opt)
-                variance = "doubling"
             return {"kind": "onebit", "compressor": comp, "compressor_params": cparams,
-                    "freeze_step": int(rest[1][1:]), "variance": variance}  # fmt: skip
+                    "freeze_step": int(rest[1][1:]), "variance": variance, "space": space}  # fmt: skip
     except (ValueError, IndexError):
         pass
     raise ValueError(f"cannot read method {method!r}: see benchmarks/adam.py's docstring for the forms")
@@ -115,10 +119,10 @@ class Run:
         lr = work["optimizer"][1]
         self.state: Any = None
         if self.kind == "onebit":
-            self.opt = OneBitAdam(
-                self.ddp.parameters(), lr=lr, freeze_step=spec["freeze_step"], variance=spec["variance"],
-                compressor=spec["compressor"], compressor_params=spec["compressor_params"],
-            )  # fmt: skip
+            options = {
+                k: spec[k] for k in ("freeze_step", "variance", "space", "compressor", "compressor_params")
+            }
+            self.opt = OneBitAdam(self.ddp.parameters(), lr=lr, **options)
             self.ddp.register_comm_hook(*self.opt.comm_hook())
             self.state = self.opt
         else:

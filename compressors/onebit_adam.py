@@ -45,6 +45,8 @@ from gradwire.compressors.registry import parse_config, plugin
 #: what may compress the momentum: compressors that take error feedback ("ef")
 MOMENTUM_COMPRESSORS = ("sign", "powersgd", "topk", "randk", "qsgd", "fp16", "bf16")
 VARIANCE_POLICIES = ("frozen", "doubling")
+#: what the compressor sees: the momentum (1-bit Adam), or the momentum divided by the frozen √v̂ + ε
+SPACES = ("momentum", "update")
 STATE_VERSION = 1
 
 
@@ -106,6 +108,7 @@ class OneBitAdam(torch.optim.Optimizer):
         *,
         freeze_step: int,
         variance: str = "frozen",
+        space: str = "momentum",
         compressor: str = "sign",
         compressor_params: dict[str, Any] | None = None,
         process_group: Any = None,
@@ -129,10 +132,13 @@ class OneBitAdam(torch.optim.Optimizer):
             raise ValueError(
                 f"OneBitAdam: variance={variance!r} must be one of {', '.join(VARIANCE_POLICIES)}"
             )
+        if space not in SPACES:
+            raise ValueError(f"OneBitAdam: space={space!r} must be one of {', '.join(SPACES)}")
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         self.freeze_step = freeze_step
         self.variance = variance
+        self.space = space
         self.reducer = _momentum_reducer(compressor, dict(compressor_params or {}), process_group)
         #: steps taken (the next step's 0-based index)
         self.steps_taken = 0
@@ -193,18 +199,19 @@ class OneBitAdam(torch.optim.Optimizer):
         return work.get_future().then(lambda done: done.value()[0])
 
     def _agree(self) -> None:
-        """Check that every rank runs the same schedule: one all-reduce (MAX) of
-        ``[step, freeze_step, variance policy, Σv]`` and their negatives, at a run's first step (and the
+        """Check that every rank runs the same schedule: one all-reduce (MAX) of ``[step,
+        freeze_step, variance policy, space, Σv]`` and their negatives, at a run's first step (and the
         first after a load) and at the freeze. Every rank sees the same result, so all raise or none does."""
         comm = self.reducer.comm
         total = sum(float(s["v"].sum(dtype=torch.float64)) for s in self.state.values() if "v" in s)
-        mine = [self.steps_taken, self.freeze_step, VARIANCE_POLICIES.index(self.variance), total]
+        policy = [VARIANCE_POLICIES.index(self.variance), SPACES.index(self.space)]
+        mine = [self.steps_taken, self.freeze_step, *policy, total]
         probe = torch.tensor(mine + [-x for x in mine], dtype=torch.float64)
         comm.ledger.record_all_reduce(probe.numel() * probe.element_size(), comm.world_size)
         dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=comm.group)
-        high, low = probe[:4].tolist(), [-x for x in probe[4:].tolist()]
+        high, low = probe[: len(mine)].tolist(), [-x for x in probe[len(mine) :].tolist()]
         if high != low:
-            names = ("step", "freeze_step", "variance policy", "sum of v")
+            names = ("step", "freeze_step", "variance policy", "space", "sum of v")
             differ = ", ".join(f"{n} {lo!r}..{hi!r}" for n, lo, hi in zip(names, low, high) if lo != hi)
             raise FreezeMismatchError(
                 f"ranks disagree on OneBitAdam's schedule ({differ}). Every rank must build OneBitAdam "
@@ -255,30 +262,42 @@ class OneBitAdam(torch.optim.Optimizer):
                 raise TypeError(f"parameter {key} has a sparse gradient; OneBitAdam needs dense ones")
         t = self.steps_taken + 1
         if dense:
+            refresh = self.steps_taken >= self.freeze_step
+            before = [self.denominator(p, group) for _, group, p in entries] if refresh else None
             self.variance_steps += 1
             self.dense_steps += 1
-            momenta = []
             for _, group, p in entries:
                 beta1, beta2 = group["betas"]
                 state = self._state_of(p)
                 state["m"].lerp_(p.grad, 1 - beta1)  # torch.optim.Adam's arithmetic, bit for bit
                 state["v"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                momenta.append(state["m"])
+            denoms = [self.denominator(p, group) for _, group, p in entries]
+            if before is not None and self.space == "update":  # residuals are in units of the old update
+                for (key, _, _), old, new in zip(entries, before, denoms):
+                    residual = self.reducer.feedback.state.get(key, {}).get("e")
+                    if residual is not None:
+                        residual.mul_(old).div_(new)
         else:
+            denoms = [self.denominator(p, group) for _, group, p in entries]
             local = [
                 torch.lerp(self._state_of(p)["m"], p.grad, 1 - group["betas"][0]) for _, group, p in entries
             ]
-            momenta = self.reducer.reduce(local, keys=[key for key, _, _ in entries])
-            for (_, _, p), mean in zip(entries, momenta):
-                self.state[p]["m"].copy_(mean)
-        for (_, group, p), m in zip(entries, momenta):
-            beta1, beta2 = group["betas"]
+            if self.space == "update":  # v is frozen and equal on every rank: mean(m_i/D) = mean(m_i)/D
+                local = [m.div_(d) for m, d in zip(local, denoms)]
+            means = self.reducer.reduce(local, keys=[key for key, _, _ in entries])
+            for (_, _, p), mean, d in zip(entries, means, denoms):
+                self.state[p]["m"].copy_(mean.mul_(d) if self.space == "update" else mean)
+        for (_, group, p), denom in zip(entries, denoms):
             if group["weight_decay"]:
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-            denom = (self.state[p]["v"].sqrt() / math.sqrt(1 - beta2**self.variance_steps)).add_(group["eps"])
-            p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1**t))
+            p.addcdiv_(self.state[p]["m"], denom, value=-group["lr"] / (1 - group["betas"][0] ** t))
         self.steps_taken = t
         return loss
+
+    def denominator(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """Adam's ``√v̂ + ε`` as torch computes it (v̂ with the bias correction of the steps that updated v)."""
+        bias = math.sqrt(1 - group["betas"][1] ** self.variance_steps)
+        return (self._state_of(p)["v"].sqrt() / bias).add_(group["eps"])
 
     def _state_of(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self.state[p]
@@ -309,6 +328,7 @@ class OneBitAdam(torch.optim.Optimizer):
             "world_size": comm.world_size,
             "freeze_step": self.freeze_step,
             "variance": self.variance,
+            "space": self.space,
             "steps_taken": self.steps_taken,
             "variance_steps": self.variance_steps,
             "dense_steps": self.dense_steps,
@@ -333,7 +353,7 @@ class OneBitAdam(torch.optim.Optimizer):
                 f"{comm.rank} of {comm.world_size}: its error-feedback residuals belong to that rank. "
                 "Load each rank's own state, in a group of the same size"
             )
-        for field in ("freeze_step", "variance"):
+        for field in ("freeze_step", "variance", "space"):
             if mine[field] != getattr(self, field):
                 raise ValueError(
                     f"this state was saved with {field}={mine[field]!r}, this optimizer has "

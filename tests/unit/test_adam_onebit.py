@@ -62,6 +62,28 @@ def test_after_the_freeze_v_holds_and_matrix_momentum_is_a_scaled_sign() -> None
     assert opt.stats()["dense_steps"] == 3 and opt.stats()["steps"] == 7
 
 
+def test_update_space_compresses_the_preconditioned_momentum() -> None:
+    model = _model()
+    opt = OneBitAdam(model.parameters(), lr=3e-3, freeze_step=3, space="update")
+    _train(model, opt, _batches(5))
+    for p in model.parameters():
+        if p.dim() == 2:  # the sign's single magnitude is in units of the update m / (√v̂ + ε)
+            update = opt.state[p]["m"] / opt.denominator(p, opt.param_groups[0])
+            assert torch.allclose(update.abs(), update.abs().mean().expand_as(update), rtol=1e-5)
+            assert opt.state[p]["m"].abs().unique().numel() > 1
+
+
+def test_update_space_residual_follows_a_variance_refresh() -> None:
+    model = _model()
+    opt = OneBitAdam(model.parameters(), lr=3e-3, freeze_step=2, variance="doubling", space="update")
+    _train(model, opt, _batches(4))  # steps 0, 1 dense; 2, 3 compressed
+    weight, group = next(model.parameters()), opt.param_groups[0]
+    old_denom, old_residual = opt.denominator(weight, group), opt.reducer.feedback.state[0]["e"].clone()
+    _train(model, opt, _batches(1, seed=4))  # step 4 refreshes v: the residual keeps its meaning
+    expected = old_residual * old_denom / opt.denominator(weight, group)
+    assert torch.allclose(opt.reducer.feedback.state[0]["e"], expected, rtol=1e-6)
+
+
 def test_error_feedback_keeps_what_the_sign_dropped() -> None:
     model = _model()
     opt = OneBitAdam(model.parameters(), lr=3e-3, freeze_step=2)
@@ -129,6 +151,7 @@ def test_state_round_trip_continues_bit_for_bit() -> None:
         ({"rank": 1}, "saved by rank 1 of 1"),
         ({"world_size": 4}, "rank 0 of 4"),
         ({"freeze_step": 9}, "freeze_step=9"),
+        ({"space": "update"}, "space='update'"),
         ({"version": 99}, "version 99"),
     ],
 )
@@ -161,6 +184,7 @@ def test_load_refuses_a_plain_adam_state() -> None:
         ({"freeze_step": 2, "eps": 0.0}, "eps=0.0"),
         ({"freeze_step": 2, "weight_decay": -0.1}, "weight_decay=-0.1"),
         ({"freeze_step": 2, "variance": "adaptive"}, "variance='adaptive'"),
+        ({"freeze_step": 2, "space": "gradient"}, "space='gradient'"),
         ({"freeze_step": 2, "compressor": "nope"}, "compressor='nope'"),
         ({"freeze_step": 2, "compressor_params": {"feedback": "ef21"}}, "feedback='ef21'"),
         ({"freeze_step": 2, "compressor_params": {"start_iter": 5}}, "start_iter is set by OneBitAdam"),
