@@ -7,11 +7,13 @@ Ray's services), ranks 2-4 worker nodes with 1 CPU each, so a 2-worker job × 1 
 nodes and one node is spare. The only folder the nodes and the coordinator share is the checkpoint
 storage (a tmp folder here; NFS or an object store on a real cluster).
 
-* A digits PowerSGD job submitted over REST runs its two ranks on two different nodes (Ray's state
-  API: its Train workers' nodes), SUCCEEDS, and ``/metrics`` counts ranks × the ledger's bytes.
+* A digits PowerSGD job submitted over REST runs its two ranks on two different nodes (the job's
+  placement as the coordinator learnt it from the ranks' step reports, checked against Ray's state
+  API), SUCCEEDS, and ``/metrics`` counts ranks × the ledger's bytes.
 * The same job again, and one of its worker nodes is killed (every process in that namespace,
-  SIGKILL) after a checkpoint: Ray Train restores the group on the spare node from that checkpoint,
-  and the final model, optimizer and compressor states equal the uninterrupted run's bit for bit.
+  SIGKILL) after a checkpoint: Ray Train restores the group on the spare node from that checkpoint
+  (the coordinator shows RESTARTING, attempt 1 and the new placement), and the final model,
+  optimizer and compressor states equal the uninterrupted run's bit for bit.
 * ``ray job submit`` of ``deploy/ray/train_job.py`` (working dir uploaded with the spec) to the
   same head runs across two nodes and succeeds.
 
@@ -113,10 +115,13 @@ def test_rest_job_spans_two_nodes_and_counts_bytes(site, reference):
     assert final["state"] == "SUCCEEDED", final
     job_id = final["id"]
 
-    # its two ranks ran on two different worker nodes (1 CPU each), none on the head or the client
-    nodes = [address for _, address in reference["placement"]]
-    assert len(nodes) == 2 and len(set(nodes)) == 2, reference["placement"]
-    assert set(nodes) <= {ray.node_address(r) for r in NODES}, reference["placement"]
+    # its two ranks ran on two different worker nodes (1 CPU each), none on the head or the client:
+    # the coordinator knows where from the ranks' step reports, and Ray's state API agrees
+    where = {p["rank"]: p["node_address"] for p in final["placement"]}
+    assert sorted(where) == [0, 1] and len(set(where.values())) == 2, final["placement"]
+    assert set(where.values()) <= {ray.node_address(r) for r in NODES}, final["placement"]
+    assert {p["attempt"] for p in final["placement"]} == {0} and final["attempt"] == 0, final
+    assert sorted(address for _, address in reference["placement"]) == sorted(where.values())
 
     # the coordinator reached Ray by the Jobs API only: the job carries its spec in its environment,
     # no working dir or modules from the coordinator's machine, whose folder no node can even see
@@ -170,8 +175,15 @@ def test_killed_node_restores_on_spare_node_bit_exact(site, reference):
 
     final = coordinator.wait(job_id, timeout=JOB_S)
     assert final["state"] == "SUCCEEDED", final
+    # the coordinator saw Ray Train's restore (attempt 1) and where the ranks went: the node that
+    # survived and the spare one; Ray's state API shows a Train worker on the spare node too
+    events = [e["to_state"] for e in coordinator.rest("GET", f"/v1/jobs/{job_id}/events")["events"]]
+    assert events == ["QUEUED", "STARTING", "RUNNING", "RESTARTING", "RUNNING", "SUCCEEDED"], events
+    assert final["attempt"] == 1 and {p["attempt"] for p in final["placement"]} == {1}, final
+    survivor = next(address for address in before if address != ray.node_address(victim))
+    assert sorted(p["node_address"] for p in final["placement"]) == sorted([survivor, spare]), final
     after = placement(ray, final["ray_job_id"])
-    assert any(address == spare for _, address in after), f"nothing ran on the spare node {spare}: {after}"
+    assert ("ALIVE", spare) in after or ("DEAD", spare) in after, f"nothing ran on the spare node: {after}"
     assert ray.node_address(victim) not in ray.alive_nodes()
 
     ref_dir, got_dir = final_checkpoint(reference["storage"]), final_checkpoint(storage / "killed")

@@ -281,3 +281,22 @@ def test_shaping_reaches_the_rate_and_each_switch_port_is_full_duplex():
     assert unshaped > 10 * rate, unshaped
     for lab_id in (switch_id, shared_id, unshaped_id):
         assert_nothing_left(lab_id, before)
+
+
+def test_lab_ray_cluster_refuses_bad_roles_naming_them():
+    from benchmarks.netlab.raycluster import LabRayCluster
+
+    with pytest.raises(ValueError, match="switch-topology"):
+        LabRayCluster(Lab(4, topology="shared"))
+    with pytest.raises(ValueError, match="rank=4"):
+        LabRayCluster(Lab(4), nodes=[2, 3, 4])  # the lab has ranks 0..3
+    with pytest.raises(ValueError, match="each rank may hold one role"):
+        LabRayCluster(Lab(4), client=1, head=1, nodes=[2, 3])
+    with pytest.raises(ValueError, match="node_cpus=0"):
+        LabRayCluster(Lab(4), nodes=[2, 3], node_cpus=0)
+    with pytest.raises(ValueError, match="75 MiB"):
+        LabRayCluster(Lab(4), nodes=[2, 3], object_store_bytes=1 << 20)
+    cluster = LabRayCluster(Lab(4), nodes=[2, 3])
+    assert cluster.jobs_address == "http://10.211.0.2:8265" and cluster.gcs_address == "10.211.0.2:6379"
+    with pytest.raises(ValueError, match="rank 0 runs no Ray node"):
+        cluster.kill_node(0)
