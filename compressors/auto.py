@@ -9,7 +9,7 @@ has chosen (plain all-reduce until the first choice) and, every so often, measur
 
 1. **Measure** (at the first bucket of step ``probe_after``, then every ``remeasure_every`` steps, on
    every rank at the same point of the same step): ``probe_reps`` timed all-reduces of 4 KiB and of
-   ``probe_bytes`` (at most the model's gradient bytes) on the reducer's own process group; the step's
+   ``probe_bytes`` on the reducer's own process group; the step's
    compute time (from one step start to the next, less the time spent in this reducer: the median of the
    steps since the last measurement); the running candidate's compression seconds per step; and, from the
    gradients of the step before, the quality figures of the guard (below). One all-reduce (MAX) of
@@ -335,8 +335,7 @@ class AutoReducer(Reducer):
         """This step's rank-agreed measurements (a collective: every rank calls it at the same point)."""
         started = time.perf_counter()
         shapes = self._shapes or [[]]
-        grad_bytes = 4 * sum(numel(s) for bucket in shapes for s in bucket)
-        large = max(64 << 10, min(self.config.probe_bytes, grad_bytes))
+        large = self.config.probe_bytes  # well above a shaped link's token bucket (netlab: 128 KiB)
         small_s, large_s = self._probe(SMALL_PROBE_BYTES), self._probe(large)
         compute = statistics.median(self._compute) if self._compute else 0.0
         steps = max(1, self._window_steps)

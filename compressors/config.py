@@ -258,8 +258,8 @@ class AutoConfig(CompressorConfig):
         2 << 20,
         ge=64 << 10,
         le=64 << 20,
-        description="the larger probe all-reduce's bytes (capped at the model's gradient bytes, at least "
-        "64 KiB)",
+        description="the larger probe all-reduce's bytes (keep it well above a shaped link's token bucket, "
+        "or the fitted bandwidth comes out too high)",
     )
     min_energy: float = Field(
         0.9,
