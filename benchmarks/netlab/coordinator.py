@@ -136,6 +136,8 @@ class LabCoordinator:
             with contextlib.suppress(OSError):
                 self.folder.rmdir()  # the tmpfs went with the coordinator's mount namespace
             self.folder = None
+        if self.log is not None:
+            self.log.unlink(missing_ok=True)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
