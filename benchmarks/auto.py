@@ -254,24 +254,30 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=sorted(DEFAULT_STEPS), default=sorted(DEFAULT_STEPS))
     parser.add_argument("--rates", nargs="+", default=RATES, help="unshaped or a tc rate (10gbit, 100mbit)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 200 CNN, 400 LM)")
+    parser.add_argument(
+        "--steps", nargs="+", default=[], help="N or MODEL=N training steps (default: CNN 200, LM 300)"
+    )
     parser.add_argument("--eval-every", type=int, default=None, help="default 10 CNN, 20 LM")
     parser.add_argument("--timed", type=int, default=16, help="timed steps per fixed method and link")
     parser.add_argument("--turn", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--json", type=Path, default=None, help="keep (and resume from) the raw results")
     args = parser.parse_args(argv)
-    if (
-        (args.eval_every is not None and args.eval_every < 1)
-        or args.timed < 1
-        or args.turn < 1
-        or (args.steps is not None and args.steps < 1)
-    ):
-        parser.error("--steps, --eval-every, --timed and --turn must be >= 1")
+    steps = dict(DEFAULT_STEPS)
+    for item in args.steps:
+        model, sep, value = item.rpartition("=")
+        if not value.isdigit() or int(value) < 1 or (sep and model not in DEFAULT_STEPS):
+            parser.error(
+                f"--steps {item!r}: give N or MODEL=N, N >= 1, MODEL one of {', '.join(DEFAULT_STEPS)}"
+            )
+        for name in [model] if sep else list(steps):
+            steps[name] = int(value)
+    if (args.eval_every is not None and args.eval_every < 1) or args.timed < 1 or args.turn < 1:
+        parser.error("--eval-every, --timed and --turn must be >= 1")
     problem = support_problem()
     if problem:
         parser.exit(2, f"auto.py: {problem}\n")
-    args.steps = {m: args.steps or DEFAULT_STEPS[m] for m in args.models}
+    args.steps = {m: steps[m] for m in args.models}
     args.eval_every = {m: args.eval_every or EVAL_EVERY[m] for m in args.models}
     started = time.perf_counter()
     results = measure(args)
