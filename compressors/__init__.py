@@ -39,6 +39,7 @@ __all__ = [
     "CompressorPlugin",
     "UnknownCompressorError",
     "available",
+    "choice_history",
     "config_schemas",
     "current_choice",
     "gather_state_dicts",
@@ -98,6 +99,13 @@ def current_choice(state: HookState | Reducer) -> str:
     reducer = getattr(state, "reducer", state)
     choice = getattr(reducer, "current_choice", None)
     return choice() if callable(choice) else str(reducer.name)
+
+
+def choice_history(state: HookState | Reducer) -> list[tuple[int, str, str]]:
+    """``(step, choice, why)`` of every choice ``auto`` made, in order (empty for another compressor):
+    what ``gradwire train``'s summary lists."""
+    reducer = getattr(state, "reducer", state)
+    return [tuple(h) for h in getattr(reducer, "history", [])]  # type: ignore[misc]
 
 
 def gather_state_dicts(state: HookState | Reducer) -> list[dict[str, Any]]:

@@ -157,6 +157,9 @@ def train(
     if metrics.get("changed"):
         typer.echo(f"{spec.name}: resumed with a changed spec: {'; '.join(metrics['changed'])}", err=True)
     console.print(summary(spec.name, metrics))
+    if metrics.get("compressor_choices"):  # compression: auto — (step, choice, why) of each choice
+        chosen = "; ".join(f"step {s}: {choice} ({why})" for s, choice, why in metrics["compressor_choices"])
+        console.print(f"compression auto chose: {chosen}")
     if metrics.get("stopped"):
         typer.echo(f"{spec.name}: stopped: {metrics['stopped']}", err=True)
         raise typer.Exit(1)
