@@ -91,8 +91,9 @@ class LabCoordinator:
         command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _PRIVATE_FOLDER,
                    str(self.folder), sys.executable, "-m", "gradwire.cli", "serve"]  # fmt: skip
         with open(self.log, "wb") as out:
-            self._proc = self.ray.popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                        stderr=subprocess.STDOUT)  # fmt: skip
+            # only the settings given here: none of this process's GRADWIRE_* variables
+            self._proc = self.ray.popen(command, env=env, drop=("GRADWIRE_",), stdin=subprocess.DEVNULL,
+                                        stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
         try:
             self._wait_ready()
         except BaseException:

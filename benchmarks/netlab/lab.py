@@ -267,13 +267,14 @@ class Lab:
         if self._state != "open":
             raise NetlabError(f"lab {self.lab_id} is not open (use it inside `with Lab(...) as lab:`)")
 
-    def popen(self, rank: int, argv: Sequence[str], env: Mapping[str, str] | None = None,
-              **kw) -> subprocess.Popen:
+    def popen(self, rank: int, argv: Sequence[str], env: Mapping[str, str] | None = None, *,
+              inherit_env: bool = True, **kw) -> subprocess.Popen:
         """Start ``argv`` in ``rank``'s namespace. ``env`` is added to (not a replacement for) this
-        process's environment. The child gets its own session (so it and its children can be killed as
-        a group); the lab kills it, and anything else left in its namespaces, when it closes."""
+        process's environment; with ``inherit_env=False`` it is the whole environment. The child gets
+        its own session (so it and its children can be killed as a group); the lab kills it, and
+        anything else left in its namespaces, when it closes."""
         self._require_open()
-        full_env = dict(os.environ)
+        full_env = dict(os.environ) if inherit_env else {}
         full_env.update(env or {})
         kw.setdefault("start_new_session", True)
         proc = subprocess.Popen(self.command(rank, argv), env=full_env, **kw)

@@ -276,10 +276,14 @@ class LabRayCluster:
         return "\n".join(text.rstrip().splitlines()[-lines:]) or "(empty)"
 
     # ------------------------------------------------------------------ asking Ray (from the client rank)
-    def popen(self, argv: Sequence[str], env: Mapping[str, str] | None = None, **kw) -> subprocess.Popen:
-        """Start ``argv`` in the client rank's namespace with ``env`` on top of :func:`ray_node_env`
-        (a coordinator, ``ray job submit``...); the lab stops it when it closes."""
-        return self.lab.popen(self.client, argv, env={**ray_node_env(), **(env or {})}, **kw)
+    def popen(
+        self, argv: Sequence[str], env: Mapping[str, str] | None = None, *, drop: Sequence[str] = (), **kw
+    ) -> subprocess.Popen:
+        """Start ``argv`` in the client rank's namespace (a coordinator, ``ray job submit``...) with
+        :func:`ray_node_env` less the variables whose names start with a prefix in ``drop``, then
+        ``env``; the lab stops it when it closes."""
+        base = {k: v for k, v in ray_node_env().items() if not k.startswith(tuple(drop))}
+        return self.lab.popen(self.client, argv, env={**base, **(env or {})}, inherit_env=False, **kw)
 
     def http(
         self,

@@ -300,3 +300,15 @@ def test_lab_ray_cluster_refuses_bad_roles_naming_them():
     assert cluster.jobs_address == "http://10.211.0.2:8265" and cluster.gcs_address == "10.211.0.2:6379"
     with pytest.raises(ValueError, match="rank 0 runs no Ray node"):
         cluster.kill_node(0)
+
+
+@needs_netns
+def test_popen_without_inheriting_gets_only_the_given_environment(monkeypatch):
+    monkeypatch.setenv("GW_NETLAB_LEAK", "from-the-caller")
+    with Lab(workers=1) as lab:
+        given = {"PATH": os.environ["PATH"], "ONLY": "this"}
+        alone = lab.popen(0, ["env"], env=given, inherit_env=False, stdout=subprocess.PIPE, text=True)
+        inherited = lab.popen(0, ["env"], env={"ONLY": "this"}, stdout=subprocess.PIPE, text=True)
+        alone_out, inherited_out = alone.communicate(timeout=30)[0], inherited.communicate(timeout=30)[0]
+    assert "ONLY=this" in alone_out and "GW_NETLAB_LEAK" not in alone_out, alone_out
+    assert "ONLY=this" in inherited_out and "GW_NETLAB_LEAK=from-the-caller" in inherited_out
