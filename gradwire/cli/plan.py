@@ -260,13 +260,21 @@ def plan(
     spec, data, shapes, model = _load(spec_path, workers)
     n = spec.workers.count
     own = spec.compressor_config()
-    if chosen is None or own.registry_name() in {c.registry_name() for c in configs}:
+    choosing = own.registry_name() == "auto"  # chosen at run time: compare its candidates instead
+    if choosing:
+        candidates = own.candidates  # type: ignore[attr-defined]
+        if chosen is None:
+            configs = [parse_config(*own.candidate_params(c)) for c in candidates]  # type: ignore[attr-defined]
+    elif chosen is None or own.registry_name() in {c.registry_name() for c in configs}:
         configs = [own, *[c for c in configs if config_label(c) != config_label(own)]]  # own replaces
     cal = Calibration.load(calibration)
     key = model_key(spec.model.name, spec.model.params, spec.data.dataset, spec.data.params,
                     spec.data.batch_size)
     link = Link(bytes_per_s * cal.efficiency, cal.latency_s if alpha is None else alpha, topology)
     notes: list[str] = []
+    if choosing:
+        notes.append(f"compression: auto measures the link and the step at run time and runs the fastest of "
+                     f"{', '.join(candidates)} whose quality guard holds (docs/compressors.md)")
 
     if compute_ms is not None:
         compute_s: float | None = compute_ms / 1e3

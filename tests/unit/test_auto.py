@@ -266,3 +266,21 @@ def test_every_rank_decides_the_same_and_switching_mid_training_keeps_ddp_consis
     assert torch.equal(a["params"], b["params"])  # bitwise the same model on both ranks after the switches
     first, last = sum(a["losses"][:5]) / 5, sum(a["losses"][-5:]) / 5
     assert last < 0.7 * first, (first, last)
+
+
+def test_gradwire_plan_of_an_auto_spec_compares_auto_s_candidates():
+    import json
+
+    from typer.testing import CliRunner
+
+    from gradwire.cli import app
+
+    spec = ROOT / "examples" / "specs" / "digits-auto.yaml"
+    args = ["plan", str(spec), "--bandwidth", "100Mbit", "--compute-ms", "5", "--json"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    found = json.loads(done.output)
+    assert [r["compressor"] for r in found["rows"]] == [
+        "none", "fp16", "bf16", "powersgd r=1", "powersgd r=2", "powersgd r=4", "powersgd r=8", "topk 1% ef21"
+    ]  # fmt: skip
+    assert any("compression: auto measures the link" in note for note in found["notes"])
