@@ -13,7 +13,9 @@ Methods: ``allreduce`` (DDP's own), ``compute-only`` (no communication at all: t
 ``torch-powersgd:R`` (torch's ``powerSGD_hook``; one bucket, with several it deadlocks on gloo; gradwire
 hooks get the same one bucket unless ``--overlap``),
 and gradwire's ``fp16``, ``bf16``, ``powersgd:R``, ``topk:ef``, ``topk:ef21``, ``topk:econtrol``
-(1 %), ``qsgd``, ``none``. Evaluation pauses the clock: ``wall_seconds`` is training time only.
+(1 %), ``qsgd``, ``none``; a gradwire method with ``+overlap`` (``powersgd:2+overlap``) runs the hook
+with ``overlap=True`` on 1 MB buckets, so a layer whose gradient is ready early is reduced while
+backward goes on. Evaluation pauses the clock: ``wall_seconds`` is training time only.
 
 ``--methods A,B,C`` trains one model per method in the same processes, the methods taking turns
 ``--turn`` steps at a time (warm-up first), and writes ``{"runs": [one record per method]}``: every
@@ -97,8 +99,25 @@ TORCH_START_ITER = 2  # torch's hook needs > 1 with error feedback or warm start
 ONE_BUCKET_MB = 1024.0
 
 
+OVERLAP_SUFFIX = "+overlap"
+#: DDP bucket cap of a ``+overlap`` method: small enough that the CNN's large linear layer, whose
+#: gradient is ready first, is a bucket of its own, reduced while backward computes the convolutions
+OVERLAP_BUCKET_MB = 1.0
+
+
+def split_overlap(method: str) -> tuple[str, bool]:
+    """``("powersgd:2", True)`` for ``powersgd:2+overlap``: a gradwire method with the hook's
+    ``overlap=True`` and several buckets (torch's hook deadlocks on gloo with more than one)."""
+    if method.endswith(OVERLAP_SUFFIX):
+        return method[: -len(OVERLAP_SUFFIX)], True
+    return method, False
+
+
 def parse_method(method: str) -> tuple[str, dict[str, Any]]:
     """``(kind, params)``: kind is allreduce, compute-only, torch-powersgd or a registry name."""
+    method, overlap = split_overlap(method)
+    if overlap and (method in ("allreduce", "compute-only") or method.startswith("torch-")):
+        raise ValueError(f"{OVERLAP_SUFFIX!r} is for gradwire methods, not {method!r}")
     if method in ("allreduce", "compute-only"):
         return method, {}
     if method in GRADWIRE:
@@ -107,7 +126,10 @@ def parse_method(method: str) -> tuple[str, dict[str, Any]]:
     if name in ("powersgd", "torch-powersgd") and rank.isdigit() and int(rank) >= 1:
         return name, {"rank": int(rank)}
     known = ["allreduce", "compute-only", "torch-powersgd:R", "powersgd:R", *GRADWIRE]
-    raise ValueError(f"unknown method {method!r}; expected one of {', '.join(known)}")
+    raise ValueError(
+        f"unknown method {method!r}; expected one of {', '.join(known)} (gradwire's with an optional "
+        f"{OVERLAP_SUFFIX!r})"
+    )
 
 
 def torch_psgd_bytes(model: nn.Module, rank: int) -> int:
@@ -176,10 +198,15 @@ class Trainer:
             self.model = model_name(data.num_features, data.num_classes, **model_params)
         # torch's hook deadlocks on gloo with several buckets; gradwire's hooks get the same one bucket
         # (fewest collectives per step) unless --overlap or --bucket-mb say otherwise
-        one_bucket = (self.kind != "allreduce" and not args.overlap) or args.bucket_mb is not None
-        cap = (args.bucket_mb or ONE_BUCKET_MB) if one_bucket else None
+        overlap = args.overlap or split_overlap(method)[1]
+        if args.bucket_mb is not None:
+            cap = args.bucket_mb
+        elif split_overlap(method)[1]:
+            cap = OVERLAP_BUCKET_MB
+        else:
+            cap = ONE_BUCKET_MB if self.kind != "allreduce" and not overlap else None
         self.ddp = DistributedDataParallel(self.model, bucket_cap_mb=cap)
-        self.state = attach(self.ddp, self.kind, self.params, args.overlap)
+        self.state = attach(self.ddp, self.kind, self.params, overlap)
         opt_name, lr = work["optimizer"]
         lr = args.lr or lr
         self.opt = (torch.optim.SGD(self.ddp.parameters(), lr=lr, momentum=0.9) if opt_name == "sgd"
