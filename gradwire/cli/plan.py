@@ -263,8 +263,10 @@ def plan(
     choosing = own.registry_name() == "auto"  # chosen at run time: compare its candidates instead
     if choosing:
         candidates = own.candidates  # type: ignore[attr-defined]
-        if chosen is None:
-            configs = [parse_config(*own.candidate_params(c)) for c in candidates]  # type: ignore[attr-defined]
+        if chosen is None:  # its candidates first, then the other defaults
+            first = [parse_config(*own.candidate_params(c)) for c in candidates]  # type: ignore[attr-defined]
+            labels = {config_label(c) for c in first}
+            configs = first + [c for c in configs if config_label(c) not in labels]
     elif chosen is None or own.registry_name() in {c.registry_name() for c in configs}:
         configs = [own, *[c for c in configs if config_label(c) != config_label(own)]]  # own replaces
     cal = Calibration.load(calibration)
