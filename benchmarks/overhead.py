@@ -1,26 +1,34 @@
-"""gradwire's per-step overhead on Ray Train: the runtime with compressor ``none`` vs plain DDP.
+"""gradwire's per-step overhead on Ray Train: the runtime with compressor ``none`` vs plain DDP,
+the arms taking turns inside the same worker processes.
 
-Both arms are Ray Train ``TorchTrainer`` fits of the same job on the same loopback Ray (2 workers,
-gloo): the same data, batches (:class:`~gradwire.worker.sampler.PartitionSampler`), model,
-optimizer and schedule.
+One Ray Train ``TorchTrainer`` fit (2 workers, gloo, loopback). Every worker builds three copies of
+the same job (same data, batches from :class:`~gradwire.worker.sampler.PartitionSampler`, model
+initialisation, optimizer) and runs them in turns of ``--turn`` steps, the order alternating every
+round (A B C, then C B A), so the drift of a shared machine falls on every arm alike:
 
-* **gradwire** — :func:`gradwire.worker.runtime.train_loop`: DDP with the gradwire hook and
-  compressor ``none`` (the byte ledger, non-finite detection), per-step measurement and a
-  telemetry report per step (JSONL sink; the gRPC client queues the same way);
-* **plain DDP** — a loop written the way a user would without gradwire: Ray Train's
-  ``prepare_model`` (DDP with torch's built-in all-reduce), forward, backward, step.
+* **plain** — what a user writes without gradwire: Ray Train's ``prepare_model`` (DDP with torch's
+  built-in all-reduce), forward, backward, optimizer step;
+* **hook** — the same loop with gradwire's DDP hook for ``none`` registered (byte ledger, the
+  non-finite check): what the hook alone costs;
+* **runtime** — the runtime's own step pieces, in the order :func:`gradwire.worker.runtime.train_loop`
+  runs them: :class:`~gradwire.worker.steps.DdpStep` (the hook, its counters before and after),
+  optimizer and learning-rate schedule, :class:`~gradwire.worker.runtime.RunState`, and one telemetry
+  report per step (:func:`~gradwire.worker.runtime.step_report` into the JSONL sink the runtime uses
+  without a coordinator).
 
-Each arm times its own loop from the first step to the last (setup, Ray start-up and the final
-checkpoint are outside). Arms alternate, ``--repeats`` times each, and the ratio of medians is
-quoted: the machine is shared and noisy, so only side-by-side numbers mean anything.
+Each turn is timed on every rank; a turn's time is the slowest rank's. The overhead is the median
+over rounds of ``runtime turn / plain turn`` (paired within a round), with a distribution-free 95 %
+interval of that median (order statistics of the binomial), so "within ±3 %" is a claim the run
+can check. The hook arm splits the overhead into hook and loop bookkeeping.
 
-    python benchmarks/overhead.py [--steps 300] [--repeats 3] [--out docs/benchmarks.md]
+    python benchmarks/overhead.py [--rounds 40] [--turn 10] [--out docs/benchmarks.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import os
 import platform
 import statistics
@@ -38,6 +46,9 @@ from benchmarks.sections import write_section  # noqa: E402
 from gradwire.spec import JobSpec  # noqa: E402
 
 BEGIN, END = "<!-- overhead:begin -->", "<!-- overhead:end -->"
+ARMS = ("plain", "hook", "runtime")
+#: the target: the runtime costs at most this much over plain DDP
+TARGET = 0.03
 
 WORKLOADS = {
     # name: (model params, batch size) on digits; the wider MLP has a more realistic step time
@@ -61,119 +72,210 @@ def job(model_params: dict[str, Any], batch_size: int, steps: int, storage: str)
     )
 
 
-def plain_ddp_loop(config: dict[str, Any]) -> None:
-    """The baseline: the same job without gradwire (torch's own DDP all-reduce, no telemetry)."""
+def arm_order(round_index: int) -> tuple[str, ...]:
+    """A B C on even rounds, C B A on odd ones: no arm always runs first after a switch."""
+    return ARMS if round_index % 2 == 0 else ARMS[::-1]
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median of ``values``: the order statistics ``k`` and
+    ``n − 1 − k`` with ``P(Binomial(n, ½) ≤ k) ≤ (1 − confidence) / 2``, k as large as allowed.
+    With fewer than 6 values no such interval exists and the whole range is returned."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("median_interval needs at least one value")
+    tail, k, cumulative = (1 - confidence) / 2, -1, 0.0
+    for i in range(n):
+        cumulative += math.comb(n, i) / 2**n
+        if cumulative > tail:
+            break
+        k = i
+    if k < 0:
+        return ordered[0], ordered[-1]
+    return ordered[k], ordered[n - 1 - k]
+
+
+def turns_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: the three arms in turns; rank 0 reports every turn's slowest-rank time."""
     import ray.train
     import ray.train.torch
     import torch
+    import torch.distributed as dist
 
+    from gradwire.compressors import make_hook
     from gradwire.worker.models import build_model
     from gradwire.worker.partition import partition_indices
-    from gradwire.worker.runtime import evaluate_model, load_data, make_optimizer, partition_labels, to_device
+    from gradwire.worker.runtime import (
+        RunState,
+        load_data,
+        lr_factor,
+        make_optimizer,
+        node_address,
+        partition_labels,
+        step_report,
+        to_device,
+    )
     from gradwire.worker.sampler import PartitionSampler
-    from gradwire.worker.steps import loss_fn
+    from gradwire.worker.steps import DdpStep, loss_fn
+    from gradwire.worker.telemetry import make_telemetry
 
     spec = JobSpec.from_dict(config["spec"])
+    rounds, turn = int(config["rounds"]), int(config["turn"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
     data = load_data(spec)
     shares = partition_indices(partition_labels(data), world_size, seed=spec.seed)
     sampler = PartitionSampler(shares, spec.data.batch_size, spec.seed)
-    torch.manual_seed(spec.seed)
-    model = build_model(spec.model.name, data.num_features, data.num_classes, **spec.model.params)
-    model = ray.train.torch.prepare_model(model)
-    optimizer = make_optimizer(spec.optimizer, model.parameters())
-    device = ray.train.torch.get_device()
 
-    started = time.perf_counter()
-    for step in range(spec.steps):
+    def fresh_model() -> torch.nn.Module:
+        torch.manual_seed(spec.seed)
+        return build_model(spec.model.name, data.num_features, data.num_classes, **spec.model.params)
+
+    plain = ray.train.torch.prepare_model(fresh_model())
+    plain_opt = make_optimizer(spec.optimizer, plain.parameters())
+    hooked = ray.train.torch.prepare_model(fresh_model())
+    hook_state, hook = make_hook(spec.compression.name, **spec.compression.params())
+    hooked.register_comm_hook(hook_state, hook)
+    hooked_opt = make_optimizer(spec.optimizer, hooked.parameters())
+    runtime = DdpStep(fresh_model(), spec.compression, ray.train.torch.prepare_model, rank=rank)
+    runtime_opt = make_optimizer(spec.optimizer, runtime.module.parameters())
+    total = 2 * rounds * turn  # the schedule's horizon: the steps the runtime arm takes, and more
+    scheduler = torch.optim.lr_scheduler.LambdaLR(runtime_opt, lr_factor(spec.optimizer, total))
+    run_dir = tempfile.mkdtemp(prefix="gw-overhead-")
+    telemetry = make_telemetry(None, "overhead", rank, run_dir=run_dir)
+    run, node = RunState(start_step=0), node_address()
+    steps = dict.fromkeys(ARMS, 0)
+
+    def plain_step(model: Any, optimizer: Any, step: int) -> None:
         x, y = to_device(data, sampler.indices(rank, step), device)
         loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    evaluate_model(model.module, data, device)  # the gradwire arm evaluates after its last step too
-    seconds = time.perf_counter() - started
-    metrics = {"wall_seconds": seconds, "step": spec.steps, "loss": float(loss)}
+
+    def runtime_step(step: int) -> None:
+        batches = {rank: to_device(data, sampler.indices(rank, step), device)}
+        times = runtime(batches, step)
+        learning_rate = runtime_opt.param_groups[0]["lr"]
+        runtime_opt.step()
+        scheduler.step()
+        run.record(times)
+        telemetry.report(
+            step_report(
+                step + 1, times, runtime.stats(), attempt=0, node=node, compressor=spec.compression.name,
+                learning_rate=learning_rate, samples=len(batches[rank][1]),
+                epoch=sampler.epoch(rank, step), evaluation=None,
+            )
+        )  # fmt: skip
+
+    def one(arm: str) -> None:
+        step = steps[arm]
+        if arm == "plain":
+            plain_step(plain, plain_opt, step)
+        elif arm == "hook":
+            plain_step(hooked, hooked_opt, step)
+        else:
+            runtime_step(step)
+        steps[arm] = step + 1
+
+    for arm in ARMS:  # warm-up: DDP's bucket rebuild after the first step, allocator, caches
+        for _ in range(max(3, turn)):
+            one(arm)
+    mine: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    for index in range(rounds):
+        for arm in arm_order(index):
+            started = time.perf_counter()
+            for _ in range(turn):
+                one(arm)
+            mine[arm].append((time.perf_counter() - started) / turn)
+    telemetry.close(timeout=5.0)
+    every: list[Any] = [None] * world_size
+    dist.all_gather_object(every, mine)
+    slowest = {arm: [max(r[arm][i] for r in every) for i in range(rounds)] for arm in ARMS}
+    metrics = {"turns": slowest, "telemetry_sent": telemetry.sent, "hook_steps": hook_state.stats()["steps"]}
     # Ray Train (V2) hands back the metrics of the latest checkpointed report
     with tempfile.TemporaryDirectory() as folder:
-        Path(folder, "done.txt").write_text(str(spec.steps))
+        Path(folder, "done.txt").write_text("done")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def fit_plain(spec: JobSpec) -> dict[str, Any]:
+def fit_turns(spec: JobSpec, rounds: int, turn: int) -> dict[str, Any]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
-        plain_ddp_loop,
-        train_loop_config={"spec": spec.model_dump(mode="json")},
+        turns_loop,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "rounds": rounds, "turn": turn},
         scaling_config=ScalingConfig(num_workers=spec.workers.count, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name=f"plain-{time.time_ns()}", storage_path=spec.checkpoint.storage),
+        run_config=RunConfig(name=f"overhead-{time.time_ns()}", storage_path=spec.checkpoint.storage),
     )
     return dict(trainer.fit().metrics or {})
 
 
-def fit_gradwire(spec: JobSpec) -> dict[str, Any]:
-    from gradwire.worker.launch import run_job
+def summarise(name: str, turns: dict[str, list[float]]) -> dict[str, Any]:
+    """Per-step medians and the paired ratios (runtime/plain, hook/plain) with their intervals."""
+    row: dict[str, Any] = {"workload": name, "turns": turns}
+    for arm in ARMS:
+        row[f"{arm}_ms"] = 1e3 * statistics.median(turns[arm])
+    for arm in ("hook", "runtime"):
+        ratios = [a / b for a, b in zip(turns[arm], turns["plain"])]
+        row[f"{arm}_overhead"] = statistics.median(ratios) - 1
+        low, high = median_interval(ratios)
+        row[f"{arm}_interval"] = (low - 1, high - 1)
+    return row
 
-    unique = spec.with_overrides([f"name=gradwire-{time.time_ns() % 10**9}"])
-    return run_job(unique)
 
-
-def measure(steps: int, repeats: int) -> list[dict[str, Any]]:
+def measure(rounds: int, turn: int) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="gw-overhead-") as storage:
         for name, (params, batch) in WORKLOADS.items():
-            spec = job(params, batch, steps, storage)
-            times: dict[str, list[float]] = {"plain": [], "gradwire": []}
-            fit_plain(spec)  # warm-up: first fits pay for imports and worker start-up
-            for _ in range(repeats):
-                for arm, fit in (("plain", fit_plain), ("gradwire", fit_gradwire)):
-                    metrics = fit(spec)
-                    per_step = float(metrics["wall_seconds"]) / steps
-                    times[arm].append(per_step)
-                    print(f"{name:12s} {arm:9s} {1e3 * per_step:7.3f} ms/step", flush=True)
-            plain, ours = statistics.median(times["plain"]), statistics.median(times["gradwire"])
-            rows.append({"workload": name, "plain_ms": 1e3 * plain, "gradwire_ms": 1e3 * ours, **times})
+            spec = job(params, batch, 2 * rounds * turn, storage)
+            metrics = fit_turns(spec, rounds, turn)
+            row = summarise(name, metrics["turns"])
+            rows.append(row)
+            print(f"{name:12s} " + "  ".join(f"{arm} {row[f'{arm}_ms']:.3f} ms" for arm in ARMS)
+                  + f"  runtime {100 * row['runtime_overhead']:+.1f} %", flush=True)  # fmt: skip
     return rows
 
 
-def render(rows: list[dict[str, Any]], steps: int, repeats: int) -> str:
+def verdict(row: dict[str, Any]) -> str:
+    low, high = row["runtime_interval"]
+    if high <= TARGET:
+        return "met"
+    if low > TARGET:
+        return "missed"
+    return "not resolved"
+
+
+def render(rows: list[dict[str, Any]], rounds: int, turn: int, command: str, load: str) -> str:
     lines = [
         BEGIN,
         "## Runtime overhead on Ray Train (`benchmarks/overhead.py`)",
         "",
-        f"Measured {dt.date.today()} on {platform.machine()} ({os.cpu_count()} shared cores), "
-        f"Python {platform.python_version()}; 2 Ray Train workers (gloo, loopback), digits, {steps} steps "
-        f"per fit, arms alternated, median of {repeats} fits each. The gradwire arm is the real runtime "
-        "with compressor `none` (hook, byte ledger, non-finite check, one telemetry report per step); "
-        "the plain arm is DDP with torch's own all-reduce and nothing else. Loop time only (Ray "
-        "start-up, data loading and checkpoints excluded).",
+        f"Measured {dt.date.today()} on {platform.machine()} ({os.cpu_count()} shared cores, 1-minute "
+        f"load {load} at the start), Python {platform.python_version()}; one Ray Train fit per workload, "
+        f"2 workers (gloo, loopback), digits. In every worker three arms take turns of {turn} steps, "
+        f"{rounds} rounds, the order reversed every other round: *plain* (Ray Train's DDP with torch's "
+        "all-reduce, forward, backward, step), *hook* (the same loop with gradwire's `none` hook: byte "
+        "ledger, non-finite check) and *runtime* (the runtime's step: `DdpStep`, optimizer and "
+        "schedule, one telemetry report per step into the JSONL sink). A turn's time is the slowest "
+        "rank's; the overhead is the median over rounds of the paired ratio to *plain*, with a "
+        "distribution-free 95 % interval of that median.",
         "",
-        "| workload | plain DDP ms/step (min–max) | gradwire `none` ms/step (min–max) | median ratio − 1 |",
-        "|:---|---:|---:|---:|",
+        "| workload | plain ms/step | hook ms/step | runtime ms/step | hook − plain | runtime − plain "
+        "(95 % interval) | target ≤ 3 % |",
+        "|:---|---:|---:|---:|---:|---:|:--|",
     ]
-    noisy = False
     for row in rows:
-        overhead = row["gradwire_ms"] / row["plain_ms"] - 1
-        cells = [row["workload"]]
-        for arm in ("plain", "gradwire"):
-            times = [1e3 * t for t in row[arm]]
-            cells.append(f"{statistics.median(times):.2f} ({min(times):.2f}–{max(times):.2f})")
-            noisy |= (max(times) - min(times)) / statistics.median(times) > 0.06
-        cells.append(f"{100 * overhead:+.1f} %")
-        lines.append("| " + " | ".join(cells) + " |")
-    if noisy:
-        lines += [
-            "",
-            "The spread between fits of the same arm is wider than the 3 % target: on this shared "
-            "machine the run does not resolve gradwire's overhead either way. What gradwire adds per "
-            "step, measured in-process: one telemetry report (30–40 µs), the ledger and step "
-            "bookkeeping (a few µs), and for `none` the all-reduce is DDP's own asynchronous one plus a "
-            "float64 sum of the bucket for the non-finite check.",
-        ]
-    lines += ["", "Command: `python benchmarks/overhead.py`", END, ""]
+        low, high = row["runtime_interval"]
+        lines.append(
+            f"| {row['workload']} | {row['plain_ms']:.2f} | {row['hook_ms']:.2f} | {row['runtime_ms']:.2f} "
+            f"| {100 * row['hook_overhead']:+.1f} % | {100 * row['runtime_overhead']:+.1f} % "
+            f"({100 * low:+.1f} … {100 * high:+.1f} %) | {verdict(row)} |"
+        )
+    lines += ["", f"Command: `{command}`", END, ""]
     return "\n".join(lines)
 
 
@@ -181,18 +283,24 @@ def write(out: Path, section: str) -> None:
     write_section(out, section, BEGIN, END)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=40, help="turns of each arm")
+    parser.add_argument("--turn", type=int, default=10, help="steps per turn")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.rounds < 6 or args.turn < 1:
+        parser.error(f"--rounds must be >= 6 (a 95 % interval needs 6) and --turn >= 1, not {args.rounds}")
 
     from gradwire.worker.launch import start_local_ray
 
+    load = f"{os.getloadavg()[0]:.1f}"
     start_local_ray(num_cpus=2)
-    rows = measure(args.steps, args.repeats)
-    section = render(rows, args.steps, args.repeats)
+    rows = measure(args.rounds, args.turn)
+    command = "python benchmarks/overhead.py"
+    if (args.rounds, args.turn) != (40, 10):
+        command += f" --rounds {args.rounds} --turn {args.turn}"
+    section = render(rows, args.rounds, args.turn, command, load)
     print(section)
     write(args.out, section)
 

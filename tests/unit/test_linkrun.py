@@ -28,14 +28,16 @@ def _two_ranks(args: list[str], out: Path) -> dict:
 
 
 def test_methods_taking_turns_each_get_their_own_steps_bytes_and_clocks(tmp_path):
-    methods = ["compute-only", "powersgd:2", "topk:ef"]
+    methods = ["compute-only", "powersgd:2", "topk:ef", "powersgd:2+overlap"]
     got = _two_ranks(["--model", "digits_cnn", "--methods", ",".join(methods), "--steps", "3",
                       "--warmup", "2", "--turn", "2"], tmp_path / "turns.json")  # fmt: skip
     runs = got["runs"]
     assert [r["method"] for r in runs] == methods
     assert all(len(r["step_seconds"]) == 3 and r["steps"] == 3 and r["workers"] == 2 for r in runs)
     assert all(t > 0 for r in runs for t in r["step_seconds"])
-    floor, psgd, topk = runs
+    floor, psgd, topk, overlapped = runs
+    # on several buckets with the hook's thread: the same bytes as on one bucket
+    assert overlapped["bytes_per_step"] == psgd["bytes_per_step"]
     # the ledgers count the timed steps only (the warm-up steps' bytes, PowerSGD's plain ones, are left out)
     assert floor["bytes_per_step"] == 0
     assert psgd["bytes_per_step"] == 41536 and topk["bytes_per_step"] == 87048
@@ -65,6 +67,8 @@ def test_a_single_method_run_records_the_same_bytes_after_powersgds_plain_start(
         (["--methods", "fp16,qsgd", "--eval-every", "5"], "--eval-every needs a single --method"),
         (["--methods", "fp16", "--turn", "0"], "--turn"),
         (["--method", "powersgd:2", "--psgd-start", "-1"], "--psgd-start must be >= 0"),
+        (["--methods", "torch-powersgd:2+overlap"], "'+overlap' is for gradwire methods"),
+        (["--method", "allreduce+overlap"], "'+overlap' is for gradwire methods"),
     ],
 )
 def test_bad_method_lists_are_refused_by_name(argv, why, tmp_path, capsys):
