@@ -233,6 +233,7 @@ def exposition(tmp_path_factory: pytest.TempPathFactory) -> Exposition:
                       bytes_sent=100, bytes_uncompressed=1000, stragglers=[1], compute_s=0.1,
                       compress_s=0.01, communicate_s=0.02, wait_s=0.03)
     )  # fmt: skip
+    metrics.compressor_active("job-1", "powersgd")
     metrics.observe_transition(JobState.QUEUED, JobState.STARTING, job="job-1")
     metrics.observe_transition(JobState.RUNNING, JobState.RESTARTING, job="job-1")
     with pytest.MonkeyPatch.context() as env:
@@ -409,7 +410,7 @@ def test_exposition_has_the_contract_families(exposition: Exposition) -> None:
         "gradwire_train_steps_total",
         "gradwire_train_loss", "gradwire_eval_accuracy", "gradwire_stragglers_total",
         "gradwire_straggler_wait_seconds_total", "gradwire_jobs", "gradwire_job_transitions_total",
-        "gradwire_worker_restarts_total",
+        "gradwire_worker_restarts_total", "gradwire_compressor_active",
     }  # fmt: skip
     assert expected <= exposition.samples
 
