@@ -16,8 +16,10 @@ illegal move cannot be persisted.
 - ``QUEUED``: stored, waiting for the scheduler to find room on the cluster.
 - ``STARTING``: the scheduler admitted it and is submitting it as a Ray job.
 - ``RUNNING``: the Ray job's workers are training.
-- ``RESTARTING``: the worker group failed and is being brought back from the last checkpoint
-  (``RUNNING → RESTARTING → RUNNING``); each entry counts as one restart.
+- ``RESTARTING``: the worker group failed and Ray Train brought it back from the last checkpoint
+  (``RUNNING → RESTARTING → RUNNING``, when a step report carries a higher worker-group attempt
+  than the job's; :mod:`gradwire.server.job_lifecycle` decides it); each entry counts as one
+  restart.
 - ``SUCCEEDED`` / ``FAILED`` / ``CANCELLED``: terminal; nothing leaves them, and only jobs in
   them may be deleted.
 
