@@ -263,8 +263,8 @@ def plan(
     choosing = own.registry_name() == "auto"  # chosen at run time: compare its candidates instead
     if choosing:
         candidates = own.candidates  # type: ignore[attr-defined]
+        first = [parse_config(*own.candidate_params(c)) for c in candidates]  # type: ignore[attr-defined]
         if chosen is None:  # its candidates first, then the other defaults
-            first = [parse_config(*own.candidate_params(c)) for c in candidates]  # type: ignore[attr-defined]
             labels = {config_label(c) for c in first}
             configs = first + [c for c in configs if config_label(c) not in labels]
     elif chosen is None or own.registry_name() in {c.registry_name() for c in configs}:
@@ -334,6 +334,10 @@ def plan(
     best = min(rows, key=lambda r: r["step_ms"]) if rows else None
     for row in rows:
         row["best"] = row is best
+    if choosing:  # the spec's row: what auto would run on this link if the quality guard holds for it
+        own_rows = [r for r in rows if r["config"] in [c.model_dump(mode="json") for c in first]]
+        if own_rows:
+            min(own_rows, key=lambda r: r["step_ms"])["spec"] = True
     inputs = {
         "spec": str(spec_path), "workers": n, "bandwidth_bytes_per_s": bytes_per_s,
         "goodput_fraction": cal.efficiency, "latency_s": link.latency, "topology": topology,
