@@ -19,8 +19,9 @@ Methods (comma-separated ``--methods``):
 * ``topk:RULE:RATIO``: Top-k with feedback RULE (ef, ef21, ef21-sgdm, econtrol), Adam on the result;
 * ``onebit:COMP:wW``: ``OneBitAdam`` (compressors/onebit_adam.py): W Adam warm-up steps, then v frozen
   and the momentum compressed by COMP (``sign``, ``powersgd4`` for rank 4, ``topk0.01``...) with EF;
-  ``:doubling`` adds 0/1 Adam's full-precision variance refreshes at 2W, 4W, ...; ``:update`` compresses
-  the momentum divided by the frozen √v̂ + ε (the update) instead of the momentum
+  ``:doubling`` adds 0/1 Adam's full-precision variance refreshes at 2W, 4W, ...; ``:pK`` one every K
+  steps after the freeze; ``:update`` compresses the momentum divided by the frozen √v̂ + ε (the
+  update) instead of the momentum
 
     python benchmarks/adam.py --json /tmp/adam.json --resume --methods allreduce,onebit:sign:w20
     python benchmarks/adam.py --json /tmp/adam.json --render   # the table into docs/benchmarks.md
@@ -81,16 +82,19 @@ def parse_method(method: str) -> dict[str, Any]:
             return {"kind": "hook", "name": "topk", "params": {"feedback": rest[0], "ratio": float(rest[1])}}
         if head == "onebit" and len(rest) >= 2 and rest[1][0] == "w":
             comp, cparams = momentum_compressor(rest[0])
-            variance, space = "frozen", "momentum"
+            variance, space, every = "frozen", "momentum", None
             for opt in rest[2:]:
                 if opt == "doubling":
                     variance = "doubling"
+                elif opt[0] == "p":
+                    variance, every = "periodic", int(opt[1:])
                 elif opt == "update":
                     space = "update"
                 else:
                     raise ValueError(opt)
             return {"kind": "onebit", "compressor": comp, "compressor_params": cparams,
-                    "freeze_step": int(rest[1][1:]), "variance": variance, "space": space}  # fmt: skip
+                    "freeze_step": int(rest[1][1:]), "variance": variance, "space": space,
+                    "refresh_every": every}  # fmt: skip
     except (ValueError, IndexError):
         pass
     raise ValueError(f"cannot read method {method!r}: see benchmarks/adam.py's docstring for the forms")

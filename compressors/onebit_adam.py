@@ -16,7 +16,12 @@ schedule of 0/1 Adam (Lu et al., ICLR 2023, arXiv:2202.06009) as an option:
   frozen ``v̂``, so the parameters stay bit-identical across ranks.
 * ``variance="doubling"`` (after 0/1 Adam's variance policy): after the freeze, steps
   ``2·freeze_step, 4·freeze_step, …`` are again full-precision Adam steps that update ``v`` from the
-  mean gradient (log₂ of the run's length of them in all), for runs whose gradient scale drifts.
+  mean gradient (log₂ of the run's length of them in all), for runs whose gradient scale drifts;
+  ``variance="periodic"`` with ``refresh_every=K`` makes every K-th step after the freeze one.
+* ``space="update"`` compresses ``m_i / (√v̂ + ε)`` instead of ``m_i``: with ``v`` frozen and equal on
+  every rank the mean is the same, but the compressor's error lands where Adam's step is taken (a
+  scaled sign gives every element of a tensor the same *step*, not the same momentum, so elements
+  with a small ``v`` are not thrown far).
 
 Use it with DDP (the hook is required: without it DDP would all-reduce every gradient as well)::
 
@@ -44,7 +49,7 @@ from gradwire.compressors.registry import parse_config, plugin
 
 #: what may compress the momentum: compressors that take error feedback ("ef")
 MOMENTUM_COMPRESSORS = ("sign", "powersgd", "topk", "randk", "qsgd", "fp16", "bf16")
-VARIANCE_POLICIES = ("frozen", "doubling")
+VARIANCE_POLICIES = ("frozen", "doubling", "periodic")
 #: what the compressor sees: the momentum (1-bit Adam), or the momentum divided by the frozen √v̂ + ε
 SPACES = ("momentum", "update")
 STATE_VERSION = 1
@@ -108,6 +113,7 @@ class OneBitAdam(torch.optim.Optimizer):
         *,
         freeze_step: int,
         variance: str = "frozen",
+        refresh_every: int | None = None,
         space: str = "momentum",
         compressor: str = "sign",
         compressor_params: dict[str, Any] | None = None,
@@ -132,12 +138,22 @@ class OneBitAdam(torch.optim.Optimizer):
             raise ValueError(
                 f"OneBitAdam: variance={variance!r} must be one of {', '.join(VARIANCE_POLICIES)}"
             )
+        if (variance == "periodic") != (refresh_every is not None):
+            raise ValueError(
+                f"OneBitAdam: refresh_every={refresh_every!r} goes with variance='periodic' and only with it "
+                f"(variance={variance!r})"
+            )
+        if refresh_every is not None and (
+            isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 2
+        ):
+            raise ValueError(f"OneBitAdam: refresh_every={refresh_every!r} must be an int >= 2")
         if space not in SPACES:
             raise ValueError(f"OneBitAdam: space={space!r} must be one of {', '.join(SPACES)}")
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         self.freeze_step = freeze_step
         self.variance = variance
+        self.refresh_every = refresh_every
         self.space = space
         self.reducer = _momentum_reducer(compressor, dict(compressor_params or {}), process_group)
         #: steps taken (the next step's 0-based index)
@@ -156,6 +172,8 @@ class OneBitAdam(torch.optim.Optimizer):
         """Whether 0-based ``step`` is a full-precision Adam step (gradients all-reduced, v updated)."""
         if step < self.freeze_step:
             return True
+        if self.refresh_every:
+            return (step - self.freeze_step) % self.refresh_every == 0 and step > self.freeze_step
         if self.variance == "doubling":
             ratio = step // self.freeze_step
             return step % self.freeze_step == 0 and ratio >= 2 and ratio & (ratio - 1) == 0
@@ -204,7 +222,10 @@ class OneBitAdam(torch.optim.Optimizer):
         first after a load) and at the freeze. Every rank sees the same result, so all raise or none does."""
         comm = self.reducer.comm
         total = sum(float(s["v"].sum(dtype=torch.float64)) for s in self.state.values() if "v" in s)
-        policy = [VARIANCE_POLICIES.index(self.variance), SPACES.index(self.space)]
+        policy = [
+            VARIANCE_POLICIES.index(self.variance) + 10 * (self.refresh_every or 0),
+            SPACES.index(self.space),
+        ]
         mine = [self.steps_taken, self.freeze_step, *policy, total]
         probe = torch.tensor(mine + [-x for x in mine], dtype=torch.float64)
         comm.ledger.record_all_reduce(probe.numel() * probe.element_size(), comm.world_size)
@@ -284,7 +305,13 @@ class OneBitAdam(torch.optim.Optimizer):
             ]
             if self.space == "update":  # v is frozen and equal on every rank: mean(m_i/D) = mean(m_i)/D
                 local = [m.div_(d) for m, d in zip(local, denoms)]
-            means = self.reducer.reduce(local, keys=[key for key, _, _ in entries])
+            # a 1-D tensor travels as a 1 × d row, so elementwise compressors encode it too (PowerSGD's
+            # size rule still sends it plain)
+            rows = [m.view(1, -1) if m.dim() == 1 else m for m in local]
+            means = [
+                mean.view_as(m)
+                for mean, m in zip(self.reducer.reduce(rows, keys=[k for k, _, _ in entries]), local)
+            ]
             for (_, _, p), mean, d in zip(entries, means, denoms):
                 self.state[p]["m"].copy_(mean.mul_(d) if self.space == "update" else mean)
         for (_, group, p), denom in zip(entries, denoms):
@@ -328,6 +355,7 @@ class OneBitAdam(torch.optim.Optimizer):
             "world_size": comm.world_size,
             "freeze_step": self.freeze_step,
             "variance": self.variance,
+            "refresh_every": self.refresh_every,
             "space": self.space,
             "steps_taken": self.steps_taken,
             "variance_steps": self.variance_steps,
@@ -353,7 +381,7 @@ class OneBitAdam(torch.optim.Optimizer):
                 f"{comm.rank} of {comm.world_size}: its error-feedback residuals belong to that rank. "
                 "Load each rank's own state, in a group of the same size"
             )
-        for field in ("freeze_step", "variance", "space"):
+        for field in ("freeze_step", "variance", "refresh_every", "space"):
             if mine[field] != getattr(self, field):
                 raise ValueError(
                     f"this state was saved with {field}={mine[field]!r}, this optimizer has "

@@ -62,6 +62,11 @@ def test_after_the_freeze_v_holds_and_matrix_momentum_is_a_scaled_sign() -> None
     assert opt.stats()["dense_steps"] == 3 and opt.stats()["steps"] == 7
 
 
+def test_periodic_refresh_schedule() -> None:
+    opt = OneBitAdam(_model().parameters(), freeze_step=3, variance="periodic", refresh_every=4)
+    assert [t for t in range(16) if opt.dense(t)] == [0, 1, 2, 7, 11, 15]
+
+
 def test_update_space_compresses_the_preconditioned_momentum() -> None:
     model = _model()
     opt = OneBitAdam(model.parameters(), lr=3e-3, freeze_step=3, space="update")
@@ -116,14 +121,13 @@ def test_ledger_counts_exactly_the_compressed_momentum() -> None:
     model = _model()
     opt = OneBitAdam(model.parameters(), lr=3e-3, freeze_step=2)
     _train(model, opt, _batches(5))
-    matrices = [p.numel() for p in model.parameters() if p.dim() == 2]
-    vectors = [p.numel() for p in model.parameters() if p.dim() == 1]
-    # per compressed step: ⌈d/8⌉ sign bytes + a 4-byte scale per matrix, fp32 for the 1-D tensors;
+    sizes = [p.numel() for p in model.parameters()]
+    # per compressed step: ⌈d/8⌉ sign bytes + a 4-byte scale per tensor (1-D ones travel as rows);
     # the warm-up of a group of one sends nothing (no hook, no peers)
-    per_step = sum(math.ceil(d / 8) + 4 for d in matrices) + 4 * sum(vectors)
+    per_step = sum(math.ceil(d / 8) + 4 for d in sizes)
     stats = opt.stats()
     assert stats["bytes_sent"] == 3 * per_step
-    assert stats["bytes_uncompressed"] == 3 * 4 * sum(matrices + vectors)
+    assert stats["bytes_uncompressed"] == 3 * 4 * sum(sizes)
 
 
 def test_state_round_trip_continues_bit_for_bit() -> None:
@@ -185,6 +189,9 @@ def test_load_refuses_a_plain_adam_state() -> None:
         ({"freeze_step": 2, "weight_decay": -0.1}, "weight_decay=-0.1"),
         ({"freeze_step": 2, "variance": "adaptive"}, "variance='adaptive'"),
         ({"freeze_step": 2, "space": "gradient"}, "space='gradient'"),
+        ({"freeze_step": 2, "variance": "periodic"}, "refresh_every=None goes with variance='periodic'"),
+        ({"freeze_step": 2, "refresh_every": 5}, "refresh_every=5 goes with"),
+        ({"freeze_step": 2, "variance": "periodic", "refresh_every": 1}, "refresh_every=1 must be"),
         ({"freeze_step": 2, "compressor": "nope"}, "compressor='nope'"),
         ({"freeze_step": 2, "compressor_params": {"feedback": "ef21"}}, "feedback='ef21'"),
         ({"freeze_step": 2, "compressor_params": {"start_iter": 5}}, "start_iter is set by OneBitAdam"),
