@@ -51,7 +51,9 @@ FIXED = {
     "topk:ef21": "topk-ef21",
 }  # fmt: skip
 RATES = ["unshaped", "10gbit", "1gbit", "100mbit"]
-DEFAULT_STEPS = {"digits_cnn": 200, "tiny_lm": 300}
+DEFAULT_STEPS = {"digits_cnn": 200, "tiny_lm": 200}
+#: plain all-reduced steps before compressing: linkrun's PowerSGD (as torch's hook), auto's probe_after
+PLAIN_START = {"powersgd": linkrun.TORCH_START_ITER, "auto": 3}
 EVAL_EVERY = {"digits_cnn": 10, "tiny_lm": 20}
 #: examples per rank and step: 2 ranks × 64, the global batch of links.py's 4 ranks × 32
 BATCH = 64
@@ -129,10 +131,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             with Lab(workers=2, rate=None if rate == "unshaped" else rate, topology="switch") as lab:
                 key = f"{model}|{rate}"
                 if key not in results["steps"]:
-                    timed = ["--model", model, "--methods", ",".join(FIXED), "--steps", str(args.timed),
+                    methods = ",".join([*FIXED, "auto"])
+                    timed = ["--model", model, "--methods", methods, "--steps", str(args.timed),
                              "--warmup", "3", "--turn", str(args.turn), "--batch", str(BATCH)]  # fmt: skip
                     runs = run_ranks(lab, timed)["runs"]
                     results["steps"][key] = {r["method"]: {
+                        "choices": [h[1] for h in r.get("auto", {}).get("history", [])],
                         "median_ms": 1e3 * statistics.median(r["step_seconds"]),
                         "p95_ms": 1e3 * percentile(r["step_seconds"], 0.95), "bytes": r["bytes_per_step"],
                     } for r in runs}  # fmt: skip
@@ -154,13 +158,25 @@ def summarise(results: dict[str, Any], models: list[str], rates: list[str]) -> d
     for model in models:
         target = TARGETS[model]
         table: dict[str, dict[str, float | None]] = {m: {} for m in [*FIXED, "auto"]}
+        wall: dict[str, float | None] = {}
         for rate in rates:
-            for method in FIXED:
-                hit = first_at(results["curves"][f"{model}|{method}"], target)
-                step_ms = results["steps"][f"{model}|{rate}"][method]["median_ms"]
-                table[method][rate] = None if hit is None else hit["step"] * step_ms / 1e3
-            hit = first_at(results["auto"][f"{model}|{rate}"]["evals"], target)
-            table["auto"][rate] = None if hit is None else hit["wall_seconds"]
+            steps = results["steps"][f"{model}|{rate}"]
+            plain_ms = steps["allreduce"]["median_ms"]
+            for method in [*FIXED, "auto"]:
+                if method == "auto":
+                    found = results["auto"][f"{model}|{rate}"]
+                    hit = first_at(found["evals"], target)
+                    wall[rate] = None if hit is None else hit["wall_seconds"]
+                    probes = found.get("probe_seconds", 0.0)
+                else:
+                    hit, probes = first_at(results["curves"][f"{model}|{method}"], target), 0.0
+                plain = min(PLAIN_START.get(method.partition(":")[0], 0), hit["step"]) if hit else 0
+                table[method][rate] = (
+                    None
+                    if hit is None
+                    else (plain * plain_ms + (hit["step"] - plain) * steps[method]["median_ms"]) / 1e3
+                    + probes
+                )
         verdicts = []
         for rate in rates:
             fixed = {m: table[m][rate] for m in FIXED if table[m][rate] is not None}
@@ -178,6 +194,7 @@ def summarise(results: dict[str, Any], models: list[str], rates: list[str]) -> d
             "verdicts": verdicts,
             "sums": sums,
             "not_beaten": beaten,
+            "wall": wall,
             "target": target,
         }
     return out
