@@ -215,14 +215,17 @@ def render(results: dict[str, Any], summary: dict[str, Any], args: argparse.Name
         f"{min(load):.1f}–{max(load):.1f} during the runs), 2 gloo ranks (1 thread each, one per core) in a "
         "netlab `switch` topology (each rank its own shaped link).",
         "",
-        f"Fixed choices: time to target = first evaluated step at the target (accuracy from "
-        f"{trained}, in an unshaped lab; {BATCH} examples per rank and step) × the median"
-        f" step time on that link ({args.timed} timed steps per method "
-        f"after 3 warm-up steps, the methods taking turns {args.turn} steps at a time in the same "
-        "processes). auto: its own run on that link, evaluated as often; its time is its training wall "
-        "time up to that evaluation (its 3 plain first steps, the probes, guard checks and switches "
-        "included). auto runs its defaults and may choose among exactly the fixed choices listed "
-        "(`allreduce` is auto's `none`).",
+        "Time to target, every method alike: the first evaluated step at the target accuracy × the "
+        f"method's median step time on that link ({args.timed} timed steps per method after 3 warm-up "
+        f"steps, all methods and auto taking turns {args.turn} steps at a time in the same processes, so "
+        "the machine's load falls on all alike); the plain all-reduced first steps (PowerSGD 2, auto 3) "
+        "count at the all-reduce's median, and auto's probe seconds are added. The step at the target: "
+        f"for the fixed choices from one run each in an unshaped lab ({trained}; {BATCH} examples per "
+        "rank and step; accuracy per step does not depend on the link), for auto from its own run on "
+        "each link (its choices depend on the link). *auto wall*: that run's own training wall time up "
+        "to the target (evaluation pauses the clock; every slow step of a loaded machine counts). auto "
+        "runs its defaults and may choose among exactly the fixed choices listed (`allreduce` is auto's "
+        "`none`).",
         "",
     ]  # fmt: skip
     for model in args.models:
@@ -237,6 +240,9 @@ def render(results: dict[str, Any], summary: dict[str, Any], args: argparse.Name
             name = f"**{method}**" if method == "auto" else method
             lines.append(f"| {name} | " + " | ".join(cell(row[r]) for r in args.rates)
                          + f" | {cell(s['sums'][method])} |")  # fmt: skip
+        walls = [s["wall"].get(r) for r in args.rates]
+        total = None if None in walls else sum(walls)  # type: ignore[arg-type]
+        lines.append("| *auto wall* | " + " | ".join(cell(w) for w in walls) + f" | {cell(total)} |")
         lines.append("")
         lines.append("auto's choices (step, choice, why):")
         lines.append("")
@@ -249,7 +255,9 @@ def render(results: dict[str, Any], summary: dict[str, Any], args: argparse.Name
                 gbit = decision["bandwidth"] * 8 / 1e9
                 fit = (f"; last fit α = {decision['alpha_s'] * 1e6:.0f} µs, B = {gbit:.3g} Gbit/s, compute "
                        f"{decision['compute_s'] * 1e3:.1f} ms")  # fmt: skip
-            lines.append(f"- {rate}: {steps}{fit}; probes {found.get('probe_seconds', 0.0):.2f} s in all")
+            timed = results["steps"][f"{model}|{rate}"].get("auto", {}).get("choices", [])
+            lines.append(f"- {rate}: {steps}{fit}; probes {found.get('probe_seconds', 0.0):.2f} s in all; "
+                         f"in the timed run: {' → '.join(timed) or '–'}")  # fmt: skip
         lines.append("")
         for v in s["verdicts"]:
             ratio = "not reached" if v["ratio"] is None else f"{v['ratio']:.2f}×"
