@@ -152,8 +152,11 @@ time, {args.rounds} jobs each.
 {chr(10).join(rows)}
 
 "communicate" is the worker's own `communicate_s`: the durations of the step's collectives as the
-byte ledger times them, summed; DDP launches several buckets at once, so it can exceed the step. A plain step moves {4 * params / 1e6:.1f} MB each way over the link; at the measured 95.6 Mbit/s of
-payload that alone is {4 * params * 8 / 95.6e6 * 1e3:.0f} ms. Timings on 2 shared cores move by ±30 %.
+byte ledger times them, summed; DDP launches several buckets at once, so it can exceed the step.
+A plain step moves {4 * params / 1e6:.1f} MB each way over the link; at the measured 95.6 Mbit/s of
+payload that alone is {4 * params * 8 / 95.6e6 * 1e3:.0f} ms. PowerSGD's step is bound by the CPU, so it
+grows with the machine's load; the plain step is bound by the link. Timings on 2 shared cores move
+by ±30 %.
 {END}
 """
 

@@ -77,17 +77,7 @@ class LabCoordinator:
         self.storage.mkdir(parents=True, exist_ok=True)
         self.folder = Path(tempfile.mkdtemp(prefix="gw-coordinator-"))
         self.log = Path(tempfile.mkstemp(prefix="gw-coordinator-", suffix=".log")[1])
-        env = {
-            "RAY_ADDRESS": self.ray.jobs_address,
-            "GRADWIRE_HOST": "127.0.0.1",
-            "GRADWIRE_PORT": str(REST_PORT),
-            "GRADWIRE_GRPC_HOST": self.address,
-            "GRADWIRE_GRPC_PORT": str(TELEMETRY_PORT),
-            "GRADWIRE_TELEMETRY_PUBLIC_ADDRESS": self.telemetry_address,
-            "GRADWIRE_TOKENS": f"lab:{self.token}",  # the telemetry sink listens beyond loopback
-            "GRADWIRE_CHECKPOINT_ROOT": str(self.storage),
-            **self.extra_env,
-        }
+        env = self.environment()
         command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _PRIVATE_FOLDER,
                    str(self.folder), sys.executable, "-m", "gradwire.cli", "serve"]  # fmt: skip
         with open(self.log, "wb") as out:
@@ -100,6 +90,20 @@ class LabCoordinator:
             self.stop()
             raise
         return self
+
+    def environment(self) -> dict[str, str]:
+        """The settings ``gradwire serve`` gets (docs/deploy-ray.md shows the same for a real cluster)."""
+        return {
+            "RAY_ADDRESS": self.ray.jobs_address,
+            "GRADWIRE_HOST": "127.0.0.1",
+            "GRADWIRE_PORT": str(REST_PORT),
+            "GRADWIRE_GRPC_HOST": self.address,
+            "GRADWIRE_GRPC_PORT": str(TELEMETRY_PORT),
+            "GRADWIRE_TELEMETRY_PUBLIC_ADDRESS": self.telemetry_address,
+            "GRADWIRE_TOKENS": f"lab:{self.token}",  # the telemetry sink listens beyond loopback
+            "GRADWIRE_CHECKPOINT_ROOT": str(self.storage),
+            **self.extra_env,
+        }
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_wait_s

@@ -152,14 +152,10 @@ class LabRayCluster:
         if self.temp_root is None:
             self.temp_root = Path(tempfile.mkdtemp(prefix="gwrc-", dir="/tmp"))  # short: Unix sockets
         try:
-            self._start_node(self.head, [
-                "--head", f"--port={GCS_PORT}", "--num-cpus=0",
-                f"--dashboard-host={self.head_address}", f"--dashboard-port={JOBS_PORT}",
-                "--include-dashboard=true",
-            ])  # fmt: skip
+            self._start_node(self.head)
             self._wait(lambda: self._jobs_api_problem(), "the head's Jobs API")
             for rank in self.nodes:
-                self._start_node(rank, [f"--address={self.gcs_address}", f"--num-cpus={self.node_cpus}"])
+                self._start_node(rank)
             want = {self.node_address(r) for r in [self.head, *self.nodes]}
             self._wait(lambda: self._nodes_problem(want), f"all {len(want)} nodes alive")
         except BaseException:
@@ -167,7 +163,28 @@ class LabRayCluster:
             raise
         return self
 
-    def _start_node(self, rank: int, args: list[str]) -> None:
+    def node_command(self, rank: int, temp_dir: str | Path) -> list[str]:
+        """The ``ray start --block ...`` command of the head or of worker node ``rank`` (the commands
+        docs/deploy-ray.md shows, plus a temp dir and a small object store)."""
+        if rank == self.head:
+            role = [
+                "--head", f"--port={GCS_PORT}", "--num-cpus=0", f"--node-ip-address={self.head_address}",
+                f"--dashboard-host={self.head_address}", f"--dashboard-port={JOBS_PORT}",
+                "--include-dashboard=true",
+            ]  # fmt: skip
+        elif rank in self.nodes:
+            role = [
+                f"--address={self.gcs_address}", f"--num-cpus={self.node_cpus}",
+                f"--node-ip-address={self.node_address(rank)}",
+            ]  # fmt: skip
+        else:
+            raise ValueError(
+                f"rank {rank} runs no Ray node of this cluster (head {self.head}, nodes {self.nodes})"
+            )
+        return [_ray_cli(), "start", "--block", *role, "--disable-usage-stats", f"--temp-dir={temp_dir}",
+                f"--object-store-memory={self.object_store_bytes}"]  # fmt: skip
+
+    def _start_node(self, rank: int) -> None:
         assert self.temp_root is not None
         temp = self.temp_root / f"n{rank}"
         temp.mkdir(parents=True, exist_ok=True)
@@ -177,18 +194,13 @@ class LabRayCluster:
         env["GLOO_SOCKET_IFNAME"] = self.lab.interface(rank)
         if rank == self.head:
             env.update(_HEALTH_CHECK)
-        command = [
-            _ray_cli(), "start", "--block", *args, f"--node-ip-address={self.node_address(rank)}",
-            f"--temp-dir={temp}", f"--object-store-memory={self.object_store_bytes}",
-            "--disable-usage-stats",
-        ]  # fmt: skip
         log = self.temp_root / f"ray-start-r{rank}.log"
         self._logs[rank] = log
         with open(log, "wb") as out:
-            # not lab.popen: the nodes need an environment *without* some of this process's variables
-            self._procs[rank] = subprocess.Popen(
-                self.lab.command(rank, command), env=env, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
+            # only this environment: none of this process's Ray addresses or loopback-only settings
+            self._procs[rank] = self.lab.popen(
+                rank, self.node_command(rank, temp), env=env, inherit_env=False,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
 
     def _wait(self, problem, what: str) -> None:
