@@ -284,3 +284,35 @@ def test_gradwire_plan_of_an_auto_spec_compares_auto_s_candidates():
         "none", "fp16", "bf16", "powersgd r=1", "powersgd r=2", "powersgd r=4", "powersgd r=8", "topk 1% ef21"
     ]  # fmt: skip
     assert any("compression: auto measures the link" in note for note in found["notes"])
+
+
+def _ddp_auto_overlap(rank, world):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 512), torch.nn.ReLU(), torch.nn.Linear(512, 4))
+    ddp = DistributedDataParallel(model, bucket_cap_mb=0.01)  # several buckets, reduced on the hook's thread
+    state, hook = make_hook("auto", overlap=True, probe_after=2, remeasure_every=10, guard_every=3,
+                            probe_bytes=64 << 10)  # fmt: skip
+    ddp.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gen = torch.Generator().manual_seed(rank)
+    for step in range(16):
+        if step == 6:
+            state.reducer.switch_to("powersgd-r2")
+        x = torch.randn(8, 16, generator=gen)
+        opt.zero_grad()
+        ddp(x).square().mean().backward()
+        opt.step()
+    assert not torch.equal(before, torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    dist.barrier()
+    return {"params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+            "history": state.reducer.history, "overlap": state.overlap}  # fmt: skip
+
+
+def test_auto_under_the_overlapping_hook_with_several_buckets():
+    a, b = run_ranks(_ddp_auto_overlap, 2, timeout=120)
+    assert a["overlap"] and a["history"] == b["history"] and len(a["history"]) >= 2
+    assert torch.equal(a["params"], b["params"])
