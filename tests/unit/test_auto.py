@@ -85,8 +85,10 @@ def test_rank_energies_match_the_best_rank_r_approximation():
 
 
 def test_the_guard_raises_the_minimum_rank_when_the_energy_fraction_drops():
-    config = parse_config("auto", {"min_energy": 0.8, "candidates": ["powersgd-r1", "powersgd-r2",
-                                                                     "powersgd-r4", "powersgd-r8"]})
+    config = parse_config(
+        "auto",
+        {"min_energy": 0.8, "candidates": ["powersgd-r1", "powersgd-r2", "powersgd-r4", "powersgd-r8"]},
+    )
     reducer = AutoReducer(config)
 
     def smallest_eligible(singular_values):
