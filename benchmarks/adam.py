@@ -21,7 +21,8 @@ Methods (comma-separated ``--methods``):
   and the momentum compressed by COMP (``sign``, ``powersgd4`` for rank 4, ``topk0.01``...) with EF;
   ``:doubling`` adds 0/1 Adam's full-precision variance refreshes at 2W, 4W, ...; ``:pK`` one every K
   steps after the freeze; ``:update`` compresses the momentum divided by the frozen √v̂ + ε (the
-  update) instead of the momentum
+  update) instead of the momentum; ``:local`` keeps per-rank moments and compresses the ranks' Adam
+  steps
 
     python benchmarks/adam.py --json /tmp/adam.json --resume --methods allreduce,onebit:sign:w20
     python benchmarks/adam.py --json /tmp/adam.json --render   # the table into docs/benchmarks.md
@@ -86,6 +87,8 @@ def parse_method(method: str) -> dict[str, Any]:
             for opt in rest[2:]:
                 if opt == "doubling":
                     variance = "doubling"
+                elif opt == "local":
+                    variance, space = "local", "update"
                 elif opt[0] == "p":
                     variance, every = "periodic", int(opt[1:])
                 elif opt == "update":
@@ -123,9 +126,8 @@ class Run:
         lr = work["optimizer"][1]
         self.state: Any = None
         if self.kind == "onebit":
-            options = {
-                k: spec[k] for k in ("freeze_step", "variance", "space", "compressor", "compressor_params")
-            }
+            names = ("freeze_step", "variance", "refresh_every", "space", "compressor", "compressor_params")
+            options = {k: spec[k] for k in names}
             self.opt = OneBitAdam(self.ddp.parameters(), lr=lr, **options)
             self.ddp.register_comm_hook(*self.opt.comm_hook())
             self.state = self.opt

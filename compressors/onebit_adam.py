@@ -18,6 +18,11 @@ schedule of 0/1 Adam (Lu et al., ICLR 2023, arXiv:2202.06009) as an option:
   ``2·freeze_step, 4·freeze_step, …`` are again full-precision Adam steps that update ``v`` from the
   mean gradient (log₂ of the run's length of them in all), for runs whose gradient scale drifts;
   ``variance="periodic"`` with ``refresh_every=K`` makes every K-th step after the freeze one.
+* ``variance="local"`` (with ``space="update"``) never freezes: after the warm-up each rank keeps
+  updating its own ``m_i`` and ``v_i`` from its own gradients, and what is compressed (with error
+  feedback) and averaged is each rank's Adam step ``m̂_i / (√v̂_i + ε)``; every rank applies the same
+  mean, so the parameters stay identical while the moments are per rank (as the per-worker inner
+  AdamW of DiLoCo, Douillard et al. 2023, with one local step between averages).
 * ``space="update"`` compresses ``m_i / (√v̂ + ε)`` instead of ``m_i``: with ``v`` frozen and equal on
   every rank the mean is the same, but the compressor's error lands where Adam's step is taken (a
   scaled sign gives every element of a tensor the same *step*, not the same momentum, so elements
@@ -49,7 +54,7 @@ from gradwire.compressors.registry import parse_config, plugin
 
 #: what may compress the momentum: compressors that take error feedback ("ef")
 MOMENTUM_COMPRESSORS = ("sign", "powersgd", "topk", "randk", "qsgd", "fp16", "bf16")
-VARIANCE_POLICIES = ("frozen", "doubling", "periodic")
+VARIANCE_POLICIES = ("frozen", "doubling", "periodic", "local")
 #: what the compressor sees: the momentum (1-bit Adam), or the momentum divided by the frozen √v̂ + ε
 SPACES = ("momentum", "update")
 STATE_VERSION = 1
@@ -149,6 +154,11 @@ class OneBitAdam(torch.optim.Optimizer):
             raise ValueError(f"OneBitAdam: refresh_every={refresh_every!r} must be an int >= 2")
         if space not in SPACES:
             raise ValueError(f"OneBitAdam: space={space!r} must be one of {', '.join(SPACES)}")
+        if variance == "local" and space != "update":
+            raise ValueError(
+                "OneBitAdam: variance='local' needs space='update' (each rank's v differs, so only the "
+                "ranks' Adam steps, not their momenta, can be averaged)"
+            )
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         self.freeze_step = freeze_step
@@ -172,6 +182,8 @@ class OneBitAdam(torch.optim.Optimizer):
         """Whether 0-based ``step`` is a full-precision Adam step (gradients all-reduced, v updated)."""
         if step < self.freeze_step:
             return True
+        if self.variance == "local":
+            return False
         if self.refresh_every:
             return (step - self.freeze_step) % self.refresh_every == 0 and step > self.freeze_step
         if self.variance == "doubling":
@@ -222,6 +234,8 @@ class OneBitAdam(torch.optim.Optimizer):
         first after a load) and at the freeze. Every rank sees the same result, so all raise or none does."""
         comm = self.reducer.comm
         total = sum(float(s["v"].sum(dtype=torch.float64)) for s in self.state.values() if "v" in s)
+        if self.variance == "local" and self.steps_taken > self.freeze_step:
+            total = 0.0  # each rank's own v since the freeze
         policy = [
             VARIANCE_POLICIES.index(self.variance) + 10 * (self.refresh_every or 0),
             SPACES.index(self.space),
@@ -298,6 +312,8 @@ class OneBitAdam(torch.optim.Optimizer):
                     residual = self.reducer.feedback.state.get(key, {}).get("e")
                     if residual is not None:
                         residual.mul_(old).div_(new)
+        elif self.variance == "local":
+            self._local_step(entries, t)
         else:
             denoms = [self.denominator(p, group) for _, group, p in entries]
             local = [
@@ -305,21 +321,39 @@ class OneBitAdam(torch.optim.Optimizer):
             ]
             if self.space == "update":  # v is frozen and equal on every rank: mean(m_i/D) = mean(m_i)/D
                 local = [m.div_(d) for m, d in zip(local, denoms)]
-            # a 1-D tensor travels as a 1 × d row, so elementwise compressors encode it too (PowerSGD's
-            # size rule still sends it plain)
-            rows = [m.view(1, -1) if m.dim() == 1 else m for m in local]
-            means = [
-                mean.view_as(m)
-                for mean, m in zip(self.reducer.reduce(rows, keys=[k for k, _, _ in entries]), local)
-            ]
+            means = self._reduce(local, entries)
             for (_, _, p), mean, d in zip(entries, means, denoms):
                 self.state[p]["m"].copy_(mean.mul_(d) if self.space == "update" else mean)
-        for (_, group, p), denom in zip(entries, denoms):
-            if group["weight_decay"]:
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.addcdiv_(self.state[p]["m"], denom, value=-group["lr"] / (1 - group["betas"][0] ** t))
+        if dense or self.variance != "local":
+            for (_, group, p), denom in zip(entries, denoms):
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.addcdiv_(self.state[p]["m"], denom, value=-group["lr"] / (1 - group["betas"][0] ** t))
         self.steps_taken = t
         return loss
+
+    def _reduce(self, tensors: list[torch.Tensor], entries: list[tuple[int, dict[str, Any], torch.Tensor]]):
+        """The compressed mean over ranks (with error feedback). A 1-D tensor travels as a 1 × d row,
+        so elementwise compressors encode it too (PowerSGD's size rule still sends it plain)."""
+        rows = [x.view(1, -1) if x.dim() == 1 else x for x in tensors]
+        means = self.reducer.reduce(rows, keys=[key for key, _, _ in entries])
+        return [mean.view_as(x) for mean, x in zip(means, tensors)]
+
+    def _local_step(self, entries: list[tuple[int, dict[str, Any], torch.Tensor]], t: int) -> None:
+        """``variance="local"``: each rank's own Adam step from its own moments, compressed with error
+        feedback; every rank applies the same mean of the decoded steps."""
+        self.variance_steps += 1
+        steps = []
+        for _, group, p in entries:
+            beta1, beta2 = group["betas"]
+            state = self._state_of(p)
+            state["m"].lerp_(p.grad, 1 - beta1)
+            state["v"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            steps.append(state["m"] / self.denominator(p, group))
+        for (_, group, p), mean in zip(entries, self._reduce(steps, entries)):
+            if group["weight_decay"]:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(mean, alpha=-group["lr"] / (1 - group["betas"][0] ** t))
 
     def denominator(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
         """Adam's ``√v̂ + ε`` as torch computes it (v̂ with the bias correction of the steps that updated v)."""

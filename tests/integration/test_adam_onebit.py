@@ -44,9 +44,9 @@ def _digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _train(rank: int) -> dict:
+def _train(rank: int, **options) -> dict:
     model = DDP(_model())
-    opt = OneBitAdam(model.parameters(), lr=1e-2, freeze_step=WARMUP)
+    opt = OneBitAdam(model.parameters(), lr=1e-2, freeze_step=WARMUP, **options)
     model.register_comm_hook(*opt.comm_hook())
     losses, digests = [], []
     for x, y in _data(rank):
@@ -85,7 +85,12 @@ def _no_hook(rank: int) -> str:
 
 
 def _all_cases(rank: int, world: int) -> dict:
-    return {"train": _train(rank), "no_hook": _no_hook(rank), "disagree": _disagree(rank)}
+    return {
+        "train": _train(rank),
+        "local": _train(rank, variance="local", space="update"),
+        "no_hook": _no_hook(rank),
+        "disagree": _disagree(rank),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -93,17 +98,19 @@ def ranks() -> list[dict]:
     return run_ranks(_all_cases, 2, timeout=240)
 
 
-def test_ranks_stay_bit_identical_and_the_loss_falls(ranks: list[dict]) -> None:
-    first, second = ranks[0]["train"], ranks[1]["train"]
+@pytest.mark.parametrize("run", ["train", "local"])  # frozen v and shared m; per-rank m and v
+def test_ranks_stay_bit_identical_and_the_loss_falls(ranks: list[dict], run: str) -> None:
+    first, second = ranks[0][run], ranks[1][run]
     assert first["digests"] == second["digests"]  # after every step, warm-up and compressed alike
     assert len(set(first["digests"])) == STEPS  # and the parameters did move every step
     for result in ranks:
-        losses = result["train"]["losses"]
+        losses = result[run]["losses"]
         assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
 
 
-def test_ledger_holds_every_byte(ranks: list[dict]) -> None:
-    train = ranks[0]["train"]
+@pytest.mark.parametrize("run", ["train", "local"])
+def test_ledger_holds_every_byte(ranks: list[dict], run: str) -> None:
+    train = ranks[0][run]
     numel = [math.prod(s) for s in train["shapes"]]
     plain = 4 * sum(numel)
     # compressed stage: sign bits and a 4-byte scale per tensor, all-gathered (1-D ones as rows)

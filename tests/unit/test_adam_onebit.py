@@ -89,6 +89,22 @@ def test_update_space_residual_follows_a_variance_refresh() -> None:
     assert torch.allclose(opt.reducer.feedback.state[0]["e"], expected, rtol=1e-6)
 
 
+def test_local_moments_step_by_the_decoded_adam_step() -> None:
+    model = _model()
+    opt = OneBitAdam(model.parameters(), lr=3e-3, freeze_step=2, variance="local", space="update")
+    _train(model, opt, _batches(3))  # steps 0, 1 plain Adam; step 2 the first compressed one
+    weight = next(model.parameters())
+    before, residual_before = weight.detach().clone(), opt.reducer.feedback.state[0]["e"].clone()
+    _train(model, opt, _batches(1, seed=6))  # t = 4: v keeps moving from this rank's own gradient
+    assert opt.variance_steps == 4 and opt.dense_steps == 2
+    step = opt.state[weight]["m"] / opt.denominator(weight, opt.param_groups[0])
+    decoded = (before - weight.detach()) / (3e-3 / (1 - 0.9**4))
+    # what moved the weight is the sign of this rank's Adam step plus its residual: one magnitude
+    assert torch.allclose(decoded.abs(), decoded.abs().mean().expand_as(decoded), rtol=1e-4)
+    # and what the sign dropped is kept for the next step (error feedback in units of the step)
+    assert torch.allclose(opt.reducer.feedback.state[0]["e"], step + residual_before - decoded, atol=1e-5)
+
+
 def test_error_feedback_keeps_what_the_sign_dropped() -> None:
     model = _model()
     opt = OneBitAdam(model.parameters(), lr=3e-3, freeze_step=2)
@@ -189,6 +205,7 @@ def test_load_refuses_a_plain_adam_state() -> None:
         ({"freeze_step": 2, "weight_decay": -0.1}, "weight_decay=-0.1"),
         ({"freeze_step": 2, "variance": "adaptive"}, "variance='adaptive'"),
         ({"freeze_step": 2, "space": "gradient"}, "space='gradient'"),
+        ({"freeze_step": 2, "variance": "local"}, "variance='local' needs space='update'"),
         ({"freeze_step": 2, "variance": "periodic"}, "refresh_every=None goes with variance='periodic'"),
         ({"freeze_step": 2, "refresh_every": 5}, "refresh_every=5 goes with"),
         ({"freeze_step": 2, "variance": "periodic", "refresh_every": 1}, "refresh_every=1 must be"),
