@@ -17,7 +17,8 @@ storage (a tmp folder here; NFS or an object store on a real cluster).
 * ``ray job submit`` of ``deploy/ray/train_job.py`` (working dir uploaded with the spec) to the
   same head runs across two nodes and succeeds.
 
-Needs root and iproute2 (CI has both); skipped with the reason elsewhere. ~3-4 min on 2 cores.
+Needs root and iproute2 (CI has both); skipped with the reason elsewhere. 4.5 min on the 2 shared cores
+at a 1-minute load of ~10, 6.5-8 min at 15-35 (three Ray Train fits and a restore).
 """
 
 from __future__ import annotations
