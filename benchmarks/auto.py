@@ -152,6 +152,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def auto_ms(history: list[list[Any]], until: int, steps: dict[str, dict[str, float]]) -> float:
+    """auto's milliseconds for its first ``until`` steps: each stretch between two of its choices at the
+    median step time of the fixed method it ran then (the plain first steps at the all-reduce's)."""
+    method_of = {label: method for method, label in FIXED.items()}
+    marks = [(0, "none"), *[(int(h[0]), str(h[1])) for h in history]]
+    total = 0.0
+    for i, (start, label) in enumerate(marks):
+        end = min(until, marks[i + 1][0] if i + 1 < len(marks) else until)
+        total += max(0, end - start) * steps[method_of[label]]["median_ms"]
+    return total
+
+
 def summarise(results: dict[str, Any], models: list[str], rates: list[str]) -> dict[str, Any]:
     """Per model: time to target of every fixed choice and of auto at every rate, and the verdicts."""
     out: dict[str, Any] = {}
@@ -162,21 +174,22 @@ def summarise(results: dict[str, Any], models: list[str], rates: list[str]) -> d
         for rate in rates:
             steps = results["steps"][f"{model}|{rate}"]
             plain_ms = steps["allreduce"]["median_ms"]
-            for method in [*FIXED, "auto"]:
-                if method == "auto":
-                    found = results["auto"][f"{model}|{rate}"]
-                    hit = first_at(found["evals"], target)
-                    wall[rate] = None if hit is None else hit["wall_seconds"]
-                    probes = found.get("probe_seconds", 0.0)
-                else:
-                    hit, probes = first_at(results["curves"][f"{model}|{method}"], target), 0.0
+            for method in FIXED:
+                hit = first_at(results["curves"][f"{model}|{method}"], target)
                 plain = min(PLAIN_START.get(method.partition(":")[0], 0), hit["step"]) if hit else 0
                 table[method][rate] = (
                     None
                     if hit is None
                     else (plain * plain_ms + (hit["step"] - plain) * steps[method]["median_ms"]) / 1e3
-                    + probes
                 )
+            found = results["auto"][f"{model}|{rate}"]
+            hit = first_at(found["evals"], target)
+            wall[rate] = None if hit is None else hit["wall_seconds"]
+            table["auto"][rate] = (
+                None
+                if hit is None
+                else (auto_ms(found["history"], hit["step"], steps) / 1e3 + found.get("probe_seconds", 0.0))
+            )
         verdicts = []
         for rate in rates:
             fixed = {m: table[m][rate] for m in FIXED if table[m][rate] is not None}
@@ -215,17 +228,20 @@ def render(results: dict[str, Any], summary: dict[str, Any], args: argparse.Name
         f"{min(load):.1f}–{max(load):.1f} during the runs), 2 gloo ranks (1 thread each, one per core) in a "
         "netlab `switch` topology (each rank its own shaped link).",
         "",
-        "Time to target, every method alike: the first evaluated step at the target accuracy × the "
-        f"method's median step time on that link ({args.timed} timed steps per method after 3 warm-up "
-        f"steps, all methods and auto taking turns {args.turn} steps at a time in the same processes, so "
-        "the machine's load falls on all alike); the plain all-reduced first steps (PowerSGD 2, auto 3) "
-        "count at the all-reduce's median, and auto's probe seconds are added. The step at the target: "
-        f"for the fixed choices from one run each in an unshaped lab ({trained}; {BATCH} examples per "
-        "rank and step; accuracy per step does not depend on the link), for auto from its own run on "
-        "each link (its choices depend on the link). *auto wall*: that run's own training wall time up "
-        "to the target (evaluation pauses the clock; every slow step of a loaded machine counts). auto "
-        "runs its defaults and may choose among exactly the fixed choices listed (`allreduce` is auto's "
-        "`none`).",
+        "Time to target: the first evaluated step at the target accuracy, times step times measured on "
+        f"that link ({args.timed} timed steps per method after 3 warm-up steps, the fixed methods and "
+        f"auto taking turns {args.turn} steps at a time in the same processes, so that the machine's "
+        "load falls on all alike; median of the slower rank). A fixed choice: its steps × its median "
+        "(PowerSGD's 2 plain first steps at the all-reduce's median). auto: each stretch of its run "
+        "between two of its choices × the median of the fixed method it ran then (its 3 plain first "
+        "steps at the all-reduce's), plus its probe seconds; *auto in the timed run* shows its own "
+        "median when it took turns with the others. The step at the target: for the fixed choices from "
+        f"one run each in an unshaped lab ({trained}; {BATCH} examples per rank and step; accuracy per "
+        "step does not depend on the link), for auto from its own run on each link (its choices depend "
+        "on the link). *auto wall*: that run's own training wall time up to the target (evaluation "
+        "pauses the clock; every slow step of the loaded machine counts, unlike a median). auto runs "
+        "its defaults and may choose among exactly the fixed choices listed (`allreduce` stands for "
+        "auto's `none`).",
         "",
     ]  # fmt: skip
     for model in args.models:
@@ -240,6 +256,8 @@ def render(results: dict[str, Any], summary: dict[str, Any], args: argparse.Name
             name = f"**{method}**" if method == "auto" else method
             lines.append(f"| {name} | " + " | ".join(cell(row[r]) for r in args.rates)
                          + f" | {cell(s['sums'][method])} |")  # fmt: skip
+        timed_ms = [results["steps"][f"{model}|{r}"].get("auto", {}).get("median_ms") for r in args.rates]
+        lines.append("| *auto in the timed run, ms/step* | " + " | ".join(cell(t) for t in timed_ms) + " | |")
         walls = [s["wall"].get(r) for r in args.rates]
         total = None if None in walls else sum(walls)  # type: ignore[arg-type]
         lines.append("| *auto wall* | " + " | ".join(cell(w) for w in walls) + f" | {cell(total)} |")
