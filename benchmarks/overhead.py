@@ -4,10 +4,12 @@ the arms taking turns inside the same worker processes.
 One Ray Train ``TorchTrainer`` fit (2 workers, gloo, loopback). Every worker builds three copies of
 the same job (same data, batches from :class:`~gradwire.worker.sampler.PartitionSampler`, model
 initialisation, optimizer) and runs them in turns of ``--turn`` steps, the order alternating every
-round (A B C, then C B A), so the drift of a shared machine falls on every arm alike:
+round (A B C D, then D C B A), so the drift of a shared machine falls on every arm alike:
 
 * **plain** — what a user writes without gradwire: Ray Train's ``prepare_model`` (DDP with torch's
   built-in all-reduce), forward, backward, optimizer step;
+* **torch-hook** — the same loop with torch's own Python ``allreduce_hook`` registered: what any
+  Python comm hook costs over DDP's built-in C++ all-reduce;
 * **hook** — the same loop with gradwire's DDP hook for ``none`` registered (byte ledger, the
   non-finite check): what the hook alone costs;
 * **runtime** — the runtime's own step pieces, in the order :func:`gradwire.worker.runtime.train_loop`
@@ -46,7 +48,9 @@ from benchmarks.sections import write_section  # noqa: E402
 from gradwire.spec import JobSpec  # noqa: E402
 
 BEGIN, END = "<!-- overhead:begin -->", "<!-- overhead:end -->"
-ARMS = ("plain", "hook", "runtime")
+ARMS = ("plain", "torch-hook", "hook", "runtime")
+#: what the runtime arm's step is made of, timed inside it (seconds per step, summed over its steps)
+PIECES = ("ddp_step", "optimizer", "report")
 #: the target: the runtime costs at most this much over plain DDP
 TARGET = 0.03
 
@@ -73,7 +77,7 @@ def job(model_params: dict[str, Any], batch_size: int, steps: int, storage: str)
 
 
 def arm_order(round_index: int) -> tuple[str, ...]:
-    """A B C on even rounds, C B A on odd ones: no arm always runs first after a switch."""
+    """A B C D on even rounds, D C B A on odd ones: no arm always runs first after a switch."""
     return ARMS if round_index % 2 == 0 else ARMS[::-1]
 
 
@@ -102,6 +106,7 @@ def turns_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
     import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     from gradwire.compressors import make_hook
     from gradwire.worker.models import build_model
@@ -135,6 +140,9 @@ def turns_loop(config: dict[str, Any]) -> None:
 
     plain = ray.train.torch.prepare_model(fresh_model())
     plain_opt = make_optimizer(spec.optimizer, plain.parameters())
+    torch_hooked = ray.train.torch.prepare_model(fresh_model())
+    torch_hooked.register_comm_hook(None, default_hooks.allreduce_hook)
+    torch_hooked_opt = make_optimizer(spec.optimizer, torch_hooked.parameters())
     hooked = ray.train.torch.prepare_model(fresh_model())
     hook_state, hook = make_hook(spec.compression.name, **spec.compression.params())
     hooked.register_comm_hook(hook_state, hook)
@@ -147,6 +155,7 @@ def turns_loop(config: dict[str, Any]) -> None:
     telemetry = make_telemetry(None, "overhead", rank, run_dir=run_dir)
     run, node = RunState(start_step=0), node_address()
     steps = dict.fromkeys(ARMS, 0)
+    pieces = dict.fromkeys(PIECES, 0.0)
 
     def plain_step(model: Any, optimizer: Any, step: int) -> None:
         x, y = to_device(data, sampler.indices(rank, step), device)
@@ -156,11 +165,14 @@ def turns_loop(config: dict[str, Any]) -> None:
         optimizer.step()
 
     def runtime_step(step: int) -> None:
+        started = time.perf_counter()
         batches = {rank: to_device(data, sampler.indices(rank, step), device)}
         times = runtime(batches, step)
+        stepped = time.perf_counter()
         learning_rate = runtime_opt.param_groups[0]["lr"]
         runtime_opt.step()
         scheduler.step()
+        optimised = time.perf_counter()
         run.record(times)
         telemetry.report(
             step_report(
@@ -169,11 +181,16 @@ def turns_loop(config: dict[str, Any]) -> None:
                 epoch=sampler.epoch(rank, step), evaluation=None,
             )
         )  # fmt: skip
+        pieces["ddp_step"] += stepped - started
+        pieces["optimizer"] += optimised - stepped
+        pieces["report"] += time.perf_counter() - optimised
 
     def one(arm: str) -> None:
         step = steps[arm]
         if arm == "plain":
             plain_step(plain, plain_opt, step)
+        elif arm == "torch-hook":
+            plain_step(torch_hooked, torch_hooked_opt, step)
         elif arm == "hook":
             plain_step(hooked, hooked_opt, step)
         else:
@@ -183,6 +200,7 @@ def turns_loop(config: dict[str, Any]) -> None:
     for arm in ARMS:  # warm-up: DDP's bucket rebuild after the first step, allocator, caches
         for _ in range(max(3, turn)):
             one(arm)
+    pieces = dict.fromkeys(PIECES, 0.0)
     mine: dict[str, list[float]] = {arm: [] for arm in ARMS}
     for index in range(rounds):
         for arm in arm_order(index):
@@ -194,7 +212,9 @@ def turns_loop(config: dict[str, Any]) -> None:
     every: list[Any] = [None] * world_size
     dist.all_gather_object(every, mine)
     slowest = {arm: [max(r[arm][i] for r in every) for i in range(rounds)] for arm in ARMS}
-    metrics = {"turns": slowest, "telemetry_sent": telemetry.sent, "hook_steps": hook_state.stats()["steps"]}
+    timed = rounds * turn
+    metrics = {"turns": slowest, "pieces": {k: v / timed for k, v in pieces.items()},
+               "telemetry_sent": telemetry.sent, "hook_steps": hook_state.stats()["steps"]}  # fmt: skip
     # Ray Train (V2) hands back the metrics of the latest checkpointed report
     with tempfile.TemporaryDirectory() as folder:
         Path(folder, "done.txt").write_text("done")
@@ -214,12 +234,15 @@ def fit_turns(spec: JobSpec, rounds: int, turn: int) -> dict[str, Any]:
     return dict(trainer.fit().metrics or {})
 
 
-def summarise(name: str, turns: dict[str, list[float]]) -> dict[str, Any]:
-    """Per-step medians and the paired ratios (runtime/plain, hook/plain) with their intervals."""
-    row: dict[str, Any] = {"workload": name, "turns": turns}
+def summarise(
+    name: str, turns: dict[str, list[float]], pieces: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """Per-step medians and each arm's paired ratio to plain with its interval; ``pieces``: the
+    runtime step's parts (seconds per step)."""
+    row: dict[str, Any] = {"workload": name, "turns": turns, "pieces": pieces or {}}
     for arm in ARMS:
         row[f"{arm}_ms"] = 1e3 * statistics.median(turns[arm])
-    for arm in ("hook", "runtime"):
+    for arm in ARMS[1:]:
         ratios = [a / b for a, b in zip(turns[arm], turns["plain"])]
         row[f"{arm}_overhead"] = statistics.median(ratios) - 1
         low, high = median_interval(ratios)
@@ -233,7 +256,7 @@ def measure(rounds: int, turn: int) -> list[dict[str, Any]]:
         for name, (params, batch) in WORKLOADS.items():
             spec = job(params, batch, 2 * rounds * turn, storage)
             metrics = fit_turns(spec, rounds, turn)
-            row = summarise(name, metrics["turns"])
+            row = summarise(name, metrics["turns"], metrics.get("pieces"))
             rows.append(row)
             print(f"{name:12s} " + "  ".join(f"{arm} {row[f'{arm}_ms']:.3f} ms" for arm in ARMS)
                   + f"  runtime {100 * row['runtime_overhead']:+.1f} %", flush=True)  # fmt: skip
@@ -256,25 +279,37 @@ def render(rows: list[dict[str, Any]], rounds: int, turn: int, command: str, loa
         "",
         f"Measured {dt.date.today()} on {platform.machine()} ({os.cpu_count()} shared cores, 1-minute "
         f"load {load} at the start), Python {platform.python_version()}; one Ray Train fit per workload, "
-        f"2 workers (gloo, loopback), digits. In every worker three arms take turns of {turn} steps, "
+        f"2 workers (gloo, loopback), digits. In every worker four arms take turns of {turn} steps, "
         f"{rounds} rounds, the order reversed every other round: *plain* (Ray Train's DDP with torch's "
-        "all-reduce, forward, backward, step), *hook* (the same loop with gradwire's `none` hook: byte "
+        "built-in all-reduce, forward, backward, step), *torch hook* (the same loop with torch's Python "
+        "`allreduce_hook`: what any Python comm hook costs), *hook* (the same loop with gradwire's "
+        "`none` hook: byte "
         "ledger, non-finite check) and *runtime* (the runtime's step: `DdpStep`, optimizer and "
         "schedule, one telemetry report per step into the JSONL sink). A turn's time is the slowest "
         "rank's; the overhead is the median over rounds of the paired ratio to *plain*, with a "
         "distribution-free 95 % interval of that median.",
         "",
-        "| workload | plain ms/step | hook ms/step | runtime ms/step | hook − plain | runtime − plain "
-        "(95 % interval) | target ≤ 3 % |",
-        "|:---|---:|---:|---:|---:|---:|:--|",
+        "| workload | plain ms/step | torch hook | gradwire hook | runtime | torch hook − plain "
+        "| gradwire hook − plain | runtime − plain (95 % interval) | target ≤ 3 % |",
+        "|:---|---:|---:|---:|---:|---:|---:|---:|:--|",
     ]
     for row in rows:
         low, high = row["runtime_interval"]
         lines.append(
-            f"| {row['workload']} | {row['plain_ms']:.2f} | {row['hook_ms']:.2f} | {row['runtime_ms']:.2f} "
+            f"| {row['workload']} | {row['plain_ms']:.2f} | {row['torch-hook_ms']:.2f} "
+            f"| {row['hook_ms']:.2f} | {row['runtime_ms']:.2f} | {100 * row['torch-hook_overhead']:+.1f} % "
             f"| {100 * row['hook_overhead']:+.1f} % | {100 * row['runtime_overhead']:+.1f} % "
             f"({100 * low:+.1f} … {100 * high:+.1f} %) | {verdict(row)} |"
         )
+    lines += ["", "Where the runtime's step goes (rank 0, mean ms per step, timed inside its arm):", ""]
+    for row in rows:
+        parts = row["pieces"]
+        if parts:
+            lines.append(
+                f"- {row['workload']}: `DdpStep` (forward, backward with the hook, its counters) "
+                f"{1e3 * parts['ddp_step']:.2f}, optimizer and schedule {1e3 * parts['optimizer']:.2f}, "
+                f"`RunState` and the telemetry report {1e3 * parts['report']:.2f}."
+            )
     lines += ["", f"Command: `{command}`", END, ""]
     return "\n".join(lines)
 

@@ -12,6 +12,9 @@ feedback, and one DDP bucket (torch's hook deadlocks on gloo with more). Reporte
   link rate (ring all-reduce: ``2(n−1)/n`` of the payload on each rank's own link; target ≤ 1.2×);
 * the Amdahl limit of the first target: ``(floor + wire) / torch's step`` is the best ratio any
   gradwire step could reach with every line of its own code free;
+* where the step's compression math went: the two GEMMs of a PowerSGD step on each model's largest
+  matrices, in torch's hook's layout (``M Q``, ``Mᵀ P̂``) and in gradwire's (``Qᵀ Mᵀ``, ``P̂ᵀ M``),
+  one thread, best of 30;
 * with ``--curves``: the time to the workload's target accuracy, from each method's accuracy per
   step (trained ``--train-steps`` steps in an unshaped lab of the same ranks) × its median step
   (target ≤ 0.8× torch's).
@@ -46,6 +49,55 @@ BEGIN, END = "<!-- powersgd-lead:begin -->", "<!-- powersgd-lead:end -->"
 RANKS = (2, 4)
 METHODS = ["compute-only", *[f"{who}:{r}" for r in RANKS for who in ("torch-powersgd", "powersgd")]]
 STEP_TARGET, BOUND_TARGET, TTA_TARGET = 0.75, 1.2, 0.8
+
+
+def model_matrices(model: str, count: int = 2) -> list[tuple[str, tuple[int, int]]]:
+    """The ``count`` largest matrices PowerSGD compresses in ``model``, as ``a × b``."""
+    from gradwire.worker.datasets import get_dataset
+    from gradwire.worker.models import build_model
+
+    work = WORKLOADS[model]
+    (data_name, data_params), (maker, params) = work["dataset"], work["model"]
+    data = get_dataset(data_name, seed=0, **data_params)
+    build = (lambda: build_model(maker, data.num_features, data.num_classes, **params)) if isinstance(
+        maker, str
+    ) else (lambda: maker(data.num_features, data.num_classes, **params))  # fmt: skip
+    found = [(n, (p.shape[0], p.numel() // p.shape[0])) for n, p in build().named_parameters() if p.ndim > 1]
+    return sorted(found, key=lambda item: -item[1][0] * item[1][1])[:count]
+
+
+def gemm_profile(models: list[str], reps: int = 30) -> list[dict[str, Any]]:
+    """Best-of-``reps`` seconds of a PowerSGD step's two GEMMs in both layouts, one thread."""
+    import time
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def best(x: Any, y: Any) -> float:
+        torch.bmm(x, y)
+        times = []
+        for _ in range(reps):
+            started = time.perf_counter()
+            torch.bmm(x, y)
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    rows = []
+    try:
+        for model in models:
+            for name, (a, b) in model_matrices(model):
+                for r in RANKS:
+                    m, q, p = torch.randn(1, a, b), torch.randn(1, b, r), torch.randn(1, a, r)
+                    qt, pt = q.transpose(1, 2).contiguous(), p.transpose(1, 2).contiguous()
+                    torch_layout = best(m, q) + best(m.transpose(1, 2), p)
+                    ours = best(qt, m.transpose(1, 2)) + best(pt, m)
+                    rows.append({"model": model, "matrix": f"{name} {a}×{b}", "r": r,
+                                 "torch_ms": 1000 * torch_layout, "ours_ms": 1000 * ours})  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    return rows
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -140,6 +192,19 @@ def render(results: dict[str, Any], args: argparse.Namespace, command: str) -> s
                 f"{mark(c['bound_ratio'] <= BOUND_TARGET)} | {c['amdahl']:.2f} | "
                 f"{c['compress_ms']:.1f} / {c['communicate_ms']:.1f} |"
             )
+    if results.get("gemm"):
+        lines += [
+            "", "The two GEMMs of a PowerSGD step on each model's largest matrices (one thread, best of "
+            "30): torch's hook multiplies `M Q` and `Mᵀ P̂` (outputs of r columns), gradwire `Qᵀ Mᵀ` and "
+            "`P̂ᵀ M` (outputs of r rows), the same numbers in the other layout.", "",
+            "| model | matrix | r | torch's layout ms | gradwire's ms | speed-up |",
+            "|:--|:--|--:|--:|--:|--:|",
+        ]  # fmt: skip
+        for g in results["gemm"]:
+            lines.append(
+                f"| {g['model']} | {g['matrix']} | {g['r']} | {g['torch_ms']:.3f} | {g['ours_ms']:.3f} "
+                f"| {g['torch_ms'] / g['ours_ms']:.1f}× |"
+            )
     if results["curves"]:
         lines += ["", *time_to_accuracy(results, args)]
     lines += ["", END]
@@ -202,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     args.train_steps = {m: {"digits_cnn": 200, "tiny_lm": 400}[m] for m in args.models}
     args.eval_every = 20
     results = measure(args)
+    results["gemm"] = gemm_profile(args.models)
+    save(results, args.json)
     command = "python benchmarks/powersgd_lead.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = render(results, args, command.strip())
     print(section)

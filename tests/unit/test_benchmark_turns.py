@@ -9,8 +9,8 @@ from benchmarks import overhead, powersgd_lead
 
 
 def test_arms_alternate_order_every_round():
-    assert overhead.arm_order(0) == ("plain", "hook", "runtime")
-    assert overhead.arm_order(1) == ("runtime", "hook", "plain")
+    assert overhead.arm_order(0) == ("plain", "torch-hook", "hook", "runtime")
+    assert overhead.arm_order(1) == ("runtime", "hook", "torch-hook", "plain")
     assert overhead.arm_order(2) == overhead.arm_order(0)
 
 
@@ -40,7 +40,8 @@ def test_overhead_verdict_needs_the_whole_interval_on_one_side_of_the_target():
 
 def test_summarise_pairs_the_arms_within_each_round():
     plain = [0.010, 0.020, 0.010, 0.020, 0.010, 0.020, 0.010]
-    turns = {"plain": plain, "hook": [p * 1.01 for p in plain], "runtime": [p * 1.05 for p in plain]}
+    turns = {"plain": plain, "torch-hook": [p * 1.01 for p in plain], "hook": [p * 1.01 for p in plain],
+             "runtime": [p * 1.05 for p in plain]}  # fmt: skip
     row = overhead.summarise("w", turns)
     # the drift between rounds (10 vs 20 ms) cancels in the paired ratios
     assert row["runtime_overhead"] == pytest.approx(0.05)
@@ -63,3 +64,10 @@ def test_powersgd_case_gives_ratio_bound_and_amdahl_limit():
     assert c["bound_ratio"] == pytest.approx(12.0 / 11.0)
     assert c["amdahl"] == pytest.approx(11.0 / 20.0)
     assert c["compress_ms"] == pytest.approx(1.0) and c["communicate_ms"] == pytest.approx(2.0)
+
+
+def test_the_gemm_profile_takes_each_models_largest_compressed_matrices():
+    assert powersgd_lead.model_matrices("digits_cnn") == [
+        ("classifier.0.weight", (256, 4096)), ("features.2.weight", (64, 288))
+    ]  # fmt: skip
+    assert [shape for _, shape in powersgd_lead.model_matrices("tiny_lm")] == [(512, 128), (128, 512)]
