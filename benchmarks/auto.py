@@ -140,6 +140,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         "median_ms": 1e3 * statistics.median(r["step_seconds"]),
                         "p95_ms": 1e3 * percentile(r["step_seconds"], 0.95), "bytes": r["bytes_per_step"],
                     } for r in runs}  # fmt: skip
+                    results.setdefault("timed", {})[model] = args.timed
                     results["load"].append(os.getloadavg()[0])
                     save()
                 if key not in results["auto"]:
@@ -229,7 +230,7 @@ def render(results: dict[str, Any], summary: dict[str, Any], args: argparse.Name
         "netlab `switch` topology (each rank its own shaped link).",
         "",
         "Time to target: the first evaluated step at the target accuracy, times step times measured on "
-        f"that link ({args.timed} timed steps per method after 3 warm-up steps, the fixed methods and "
+        "that link (timed steps per method as given per model, after 3 warm-up steps, the fixed methods and "
         f"auto taking turns {args.turn} steps at a time in the same processes, so that the machine's "
         "load falls on all alike; median of the slower rank). A fixed choice: its steps × its median "
         "(PowerSGD's 2 plain first steps at the all-reduce's median). auto: each stretch of its run "
@@ -247,7 +248,9 @@ def render(results: dict[str, Any], summary: dict[str, Any], args: argparse.Name
     for model in args.models:
         s = summary[model]
         lines += [
-            f"**{model}** (target test accuracy {s['target']}): time to target, seconds",
+            f"**{model}** (target test accuracy {s['target']}; "
+            f"{results.get('timed', {}).get(model, args.timed)} timed steps per method and link): time to "
+            "target, seconds",
             "",
             "| method | " + " | ".join(args.rates) + " | sum |",
             "|:--" + "|--:" * (len(args.rates) + 1) + "|",
