@@ -206,31 +206,44 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         return json.loads(Path(out).read_text())
 
 
+LEGEND = [
+    "Methods: `allreduce` is DDP's own all-reduce with `torch.optim.Adam`; `powersgd:R:sS` gradwire's "
+    "PowerSGD hook, rank R with EF, S plain steps first, Adam on its output; `topk:RULE:RATIO` the Top-k "
+    "hook with feedback RULE; `onebit:COMP:wW` is `OneBitAdam` (compressors/onebit_adam.py): W plain Adam "
+    "steps, then v frozen and the momentum sent through COMP with EF (`sign` 1 bit per element, "
+    "`powersgd4` rank 4); `:doubling` refreshes v in full precision at steps 2W, 4W, …, `:pK` every K "
+    "steps; `:update` compresses m/(√v̂+ε) instead of m; `:local` keeps each rank's own m and v (never "
+    "frozen) and compresses each rank's Adam step.",
+]
+
+
 def render(saved: dict[str, Any]) -> str:
-    runs = saved["runs"]
-    base = next((r for r in runs.values() if r["method"] == "allreduce"), None)
+    runs = list(saved["runs"].values())
+    bases = {(r["steps"], r.get("batch", 64)): r for r in runs if r["method"] == "allreduce"}
     lines = [
         BEGIN, "## Compression with Adam (`benchmarks/adam.py`)", "",
-        f"Commands: {'; '.join(f'`{c}`' for c in saved['commands'])}. Run {saved['date']} on "
+        f"Commands: {'; '.join(f'`{c}`' for c in saved['commands'])}. Last run {saved['date']} on "
         f"{platform.machine()}, Python {platform.python_version()}, 2 shared cores (1-minute load "
-        f"{saved['load']}), {WORLD} gloo ranks on loopback (one thread each). Workload `tiny_lm` "
-        "(4-layer d=128 transformer LM on tiny_text, Adam lr 0.003), 64 sequences per rank and step, "
-        "every method from the same weights on the same batches, taking turns 25 steps at a time. "
-        "*bytes/step*: this rank's payload from the ledger averaged over every step (warm-up included); "
-        "*ratio*: a plain fp32 all-reduce's bytes over the method's. *Δ*: accuracy points against "
-        "the uncompressed run. The target (issue 18): within 1 point at a ratio of 10 or more.", "",
-        "| method | steps | test accuracy | Δ points | bytes/step/rank | ratio | target | ranks identical |",
-        "|:--|--:|--:|--:|--:|--:|:--|:--|",
+        f"{saved['load']} at the start of the last run), {WORLD} gloo ranks on loopback (one thread each). "
+        "Workload `tiny_lm` (4-layer d=128 transformer LM on tiny_text, Adam lr 0.003, 0.8 M parameters), "
+        "every method from the same weights on the same batches, the methods of one command taking turns "
+        "25 steps at a time. *bytes/step*: this rank's payload from the ledger averaged over every step "
+        "(warm-up included); *ratio*: a plain fp32 all-reduce's bytes over the method's; *Δ*: accuracy "
+        "points against `allreduce` with the same steps and batch. The target (issue 18): within 1 point "
+        "at a ratio of 10 or more.", "",
+        "| method | steps | batch/rank | test accuracy | Δ points | bytes/step/rank | ratio | target "
+        "| ranks identical |", "|:--|--:|--:|--:|--:|--:|--:|:--|:--|",
     ]  # fmt: skip
-    for run in runs.values():
+    for run in sorted(runs, key=lambda r: (r["steps"], r.get("batch", 64))):
+        base = bases.get((run["steps"], run.get("batch", 64)))
         acc = run["final_accuracy"]
         delta = 100 * (acc - base["final_accuracy"]) if base else float("nan")
         met = "met" if base and delta >= -1.0 and run["ratio"] >= 10 else "–"
         lines.append(
-            f"| {run['method']} | {run['steps']} | {100 * acc:.1f} % | {delta:+.1f} | "
-            f"{run['bytes_per_step']:,.0f} | {run['ratio']:.1f}× | {met} | {run['ranks_identical']} |"
+            f"| {run['method']} | {run['steps']} | {run.get('batch', 64)} | {100 * acc:.1f} % | {delta:+.1f} "
+            f"| {run['bytes_per_step']:,.0f} | {run['ratio']:.1f}× | {met} | {run['ranks_identical']} |"
         )
-    lines += ["", *saved.get("notes", []), "", END]
+    lines += ["", *LEGEND, "", *saved.get("notes", []), "", END]
     return "\n".join(lines) + "\n"
 
 
