@@ -31,11 +31,11 @@ are worth another try and how long to wait, and how a failed Ray job is explaine
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gradwire.server.ray_cluster import RayUnavailable
+from gradwire.server.ray_jobs import failure_reason
 from gradwire.server.states import TERMINAL_STATES, JobState
 
 __all__ = [
@@ -167,12 +167,12 @@ class FailurePolicy:
     refused the connection), waiting ``submit_backoff_s × n`` before try n+1; any other error,
     or the last try's, fails the job with the error in the reason. "already exists" means the
     submission id is taken by an earlier try of ours: the job is followed, not failed.
-    ``failure_reason(info, logs)`` explains a Ray job that FAILED (``ray_jobs.failure_reason``).
+    :meth:`explain_failure` says why a Ray job FAILED, from its details and the tail of its log
+    (``ray_jobs.failure_reason``: stopped on non-finite values, refused its input, or crashed).
     """
 
     submit_attempts: int = 6
     submit_backoff_s: float = 1.0
-    failure_reason: Callable[[Any, str | None], str] | None = None
 
     def __post_init__(self) -> None:
         if self.submit_attempts < 1 or self.submit_backoff_s < 0:
@@ -197,10 +197,9 @@ class FailurePolicy:
             return self.submit_backoff_s * (attempt + 1)
         return None
 
-    def explain_failure(self, info: Any, logs: str | None) -> str:
-        if self.failure_reason is None:
-            return f"Ray job failed: {getattr(info, 'message', '') or 'no message'}"
-        return self.failure_reason(info, logs)
+    @staticmethod
+    def explain_failure(info: Any, logs: str | None) -> str:
+        return failure_reason(info, logs)
 
 
 def decide(job: StoredJob, signal: Signal, policy: FailurePolicy | None = None) -> Decision:

@@ -84,7 +84,7 @@ from gradwire.server.job_lifecycle import (
 )
 from gradwire.server.metrics import CoordinatorMetrics
 from gradwire.server.ray_cluster import RayCluster, RayUnavailable, is_not_found
-from gradwire.server.ray_jobs import failure_reason, submission_id
+from gradwire.server.ray_jobs import submission_id
 from gradwire.server.records import JobNotFound, JobRecord, StateConflict
 from gradwire.server.resume import driver_spec
 from gradwire.server.states import TERMINAL_STATES, IllegalTransition, JobState
@@ -110,8 +110,8 @@ class Scheduler:
     may ask for (gradwire/policy.py), put in each job's environment so that its driver and
     workers refuse what the REST door would have. A job Ray reports
     RUNNING counts as placed after ``placement_grace_s`` even if no telemetry arrived.
-    ``failure_policy``: retries of a submission and how failures are explained (the default
-    :class:`~gradwire.server.job_lifecycle.FailurePolicy`, explaining with the job's log tail).
+    ``failure_policy``: retries of a submission and how failures are explained (default:
+    :class:`~gradwire.server.job_lifecycle.FailurePolicy`).
     """
 
     def __init__(
@@ -129,7 +129,7 @@ class Scheduler:
         telemetry_env: Mapping[str, str] | None = None,
         failure_policy: FailurePolicy | None = None,
     ) -> None:
-        self.failure_policy = failure_policy or FailurePolicy(failure_reason=failure_reason)
+        self.failure_policy = failure_policy or FailurePolicy()
         self.store, self.metrics = store, metrics
         self.telemetry_env = dict(telemetry_env or {})  # e.g. GRADWIRE_TELEMETRY_CA for every job
         self.policy = policy  # into every job's environment: its driver and workers check again

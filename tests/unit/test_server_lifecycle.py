@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -107,6 +108,10 @@ def test_failure_policy_retries_what_may_pass_and_fails_the_rest():
     assert decide(starting, SubmitFailed("sid", RuntimeError("Job sid already exists"), 0), policy).nothing
     with pytest.raises(ValueError):
         FailurePolicy(submit_attempts=0)
+    diverged = SimpleNamespace(driver_exit_code=1)
+    assert policy.explain_failure(diverged, "run: stopped: loss is nan at step 7\n").startswith(
+        "stopped on non-finite"
+    )
 
 
 def test_reports_start_a_job_and_a_higher_attempt_is_one_restart():
