@@ -31,13 +31,16 @@ schedule of 0/1 Adam (Lu et al., ICLR 2023, arXiv:2202.06009) as an option:
 Use it with DDP (the hook is required: without it DDP would all-reduce every gradient as well)::
 
     ddp = DistributedDataParallel(model)
-    opt = OneBitAdam(ddp.parameters(), lr=3e-3, freeze_step=20)   # sign + EF by default
-    ddp.register_comm_hook(*opt.comm_hook())
+    opt = OneBitAdam(ddp.parameters(), lr=3e-3, freeze_step=10, variance="local", space="update")
+    ddp.register_comm_hook(*opt.comm_hook())   # sign + EF by default
+
+On the small LM of ``benchmarks/adam.py`` a v frozen after 5 % of the steps broke Adam whatever the
+compressor; ``variance="local"`` came closest to uncompressed Adam (docs/benchmarks.md).
 
 ``opt.stats()`` has the reducer's byte ledger (warm-up gradients and compressed momentum alike), and
 ``state_dict()`` this rank's state: the error-feedback residuals belong to the rank that made them,
 so a state is refused by another rank or another world size (save every rank's, as DDP users save
-per-rank RNG state). docs/algorithms.md and docs/compressors.md describe when to use it.
+per-rank RNG state). docs/compressors.md ("Which compressor with which optimizer") says when to use it.
 """
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations against the real
