@@ -301,15 +301,23 @@ def render(rows: list[dict[str, Any]], rounds: int, turn: int, command: str, loa
             f"| {100 * row['hook_overhead']:+.1f} % | {100 * row['runtime_overhead']:+.1f} % "
             f"({100 * low:+.1f} … {100 * high:+.1f} %) | {verdict(row)} |"
         )
-    lines += ["", "Where the runtime's step goes (rank 0, mean ms per step, timed inside its arm):", ""]
+    lines += ["", "Where it goes (medians of the arms, ms per step; the runtime step's parts on rank 0, "
+              "mean ms per step, timed inside its arm):", ""]  # fmt: skip
     for row in rows:
         parts = row["pieces"]
+        line = (
+            f"- {row['workload']}: any Python comm hook (torch's) "
+            f"{row['torch-hook_ms'] - row['plain_ms']:+.2f}; "
+            f"gradwire's hook over torch's {row['hook_ms'] - row['torch-hook_ms']:+.2f}; the runtime's loop "
+            f"over gradwire's hook {row['runtime_ms'] - row['hook_ms']:+.2f}."
+        )
         if parts:
-            lines.append(
-                f"- {row['workload']}: `DdpStep` (forward, backward with the hook, its counters) "
+            line += (
+                f" Runtime step: `DdpStep` (forward, backward with the hook, its counters) "
                 f"{1e3 * parts['ddp_step']:.2f}, optimizer and schedule {1e3 * parts['optimizer']:.2f}, "
                 f"`RunState` and the telemetry report {1e3 * parts['report']:.2f}."
             )
+        lines.append(line)
     lines += ["", f"Command: `{command}`", END, ""]
     return "\n".join(lines)
 

@@ -71,3 +71,9 @@ def test_the_gemm_profile_takes_each_models_largest_compressed_matrices():
         ("classifier.0.weight", (256, 4096)), ("features.2.weight", (64, 288))
     ]  # fmt: skip
     assert [shape for _, shape in powersgd_lead.model_matrices("tiny_lm")] == [(512, 128), (128, 512)]
+
+
+def test_a_step_target_below_the_amdahl_limit_is_called_out_of_reach():
+    assert powersgd_lead.step_verdict({"step_ratio": 0.7, "amdahl": 0.9}) == "met"
+    assert powersgd_lead.step_verdict({"step_ratio": 0.95, "amdahl": 0.9}) == "out of reach"
+    assert powersgd_lead.step_verdict({"step_ratio": 0.8, "amdahl": 0.5}) == "missed"
