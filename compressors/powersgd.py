@@ -83,6 +83,23 @@ def independent_columns(q: torch.Tensor, epsilon: float) -> torch.Tensor:
     return residual > tolerance(epsilon, q.dtype, x.shape[-2]) * torch.linalg.vector_norm(x, dim=-2)
 
 
+#: on CPU, up to this rank the output ``P̂ Q'ᵀ`` is summed from r outer products (one pass over the
+#: output each) rather than a GEMM of inner dimension r: 0.15 vs 0.67 ms for a 256 × 4096 output at
+#: r = 2, 0.31 vs 0.55 ms at r = 4 (MKL, one thread); above it the GEMM wins
+OUTER_PRODUCT_MAX_RANK = 4
+
+
+def low_rank_product(p_hat: torch.Tensor, qt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = p_hat @ qt`` for batches of ``a × r`` and ``r × b`` matrices."""
+    r = p_hat.shape[-1]
+    if out.device.type != "cpu" or r > OUTER_PRODUCT_MAX_RANK:
+        return torch.bmm(p_hat, qt, out=out)
+    torch.mul(p_hat[:, :, 0:1], qt[:, 0:1, :], out=out)
+    for j in range(1, r):
+        out.addcmul_(p_hat[:, :, j : j + 1], qt[:, j : j + 1, :])
+    return out
+
+
 def orthonormalise(p: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal columns spanning the columns of each matrix ``p[..., :, :]`` (``a × r``,
     ``a ≥ r``), and which of the ``r`` columns were kept (bool, ``p.shape[:-2] + (r,)``).
@@ -270,7 +287,7 @@ class PowerSGD(Compressor):
                 offset += n
                 group = tuple(keys[i] for i in members)
                 approx = self._buffer("approx", group, (len(members), m_rows(ph), qmt.shape[2]), ph, step)
-                torch.bmm(ph, qmt, out=approx)
+                low_rank_product(ph, qmt, approx)
                 for j, i in enumerate(members):
                     outputs[i] = approx[j].view(inputs[i].shape)
                     new_q[keys[i]] = qmt[j].t()  # kept as Q (b × r), the layout of state_dict()
