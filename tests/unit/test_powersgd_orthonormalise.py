@@ -75,3 +75,13 @@ def test_dependent_nearly_dependent_and_nonfinite_inputs_take_the_loop(loop_call
     zero = torch.zeros(64, 2)
     out, kept = orthonormalise(zero, 1e-8)
     assert kept.tolist() == [False, False] and torch.equal(out, zero)
+
+
+@pytest.mark.parametrize("r", [1, 2, 4, 5])
+def test_low_rank_product_matches_the_batched_matmul(r: int) -> None:
+    """Claim: the outer-product sum used on CPU for r <= 4 (and the GEMM above) is P̂ Q'ᵀ."""
+    gen = torch.Generator().manual_seed(r)
+    p_hat, qt = torch.randn(3, 17, r, generator=gen), torch.randn(3, r, 29, generator=gen)
+    out = torch.full((3, 17, 29), float("nan"))
+    assert powersgd.low_rank_product(p_hat, qt, out) is out
+    torch.testing.assert_close(out, torch.bmm(p_hat, qt), rtol=1e-6, atol=1e-6)
