@@ -232,7 +232,7 @@ def render(saved: dict[str, Any]) -> str:
         "points against `allreduce` with the same steps and batch. The target (issue 18): within 1 point "
         "at a ratio of 10 or more.", "",
         "| method | steps | batch/rank | test accuracy | Δ points | bytes/step/rank | ratio | target "
-        "| ranks identical |", "|:--|--:|--:|--:|--:|--:|--:|:--|:--|",
+        "| ranks identical | accuracy on the way, % |", "|:--|--:|--:|--:|--:|--:|--:|:--|:--|:--|",
     ]  # fmt: skip
     for run in sorted(runs, key=lambda r: (r["steps"], r.get("batch", 64))):
         base = bases.get((run["steps"], run.get("batch", 64)))
@@ -241,7 +241,9 @@ def render(saved: dict[str, Any]) -> str:
         met = "met" if base and delta >= -1.0 and run["ratio"] >= 10 else "–"
         lines.append(
             f"| {run['method']} | {run['steps']} | {run.get('batch', 64)} | {100 * acc:.1f} % | {delta:+.1f} "
-            f"| {run['bytes_per_step']:,.0f} | {run['ratio']:.1f}× | {met} | {run['ranks_identical']} |"
+            f"| {run['bytes_per_step']:,.0f} | {run['ratio']:.1f}× | {met} | {run['ranks_identical']} | "
+            + " → ".join(f"{100 * e['test_accuracy']:.0f}" for e in run["evals"])
+            + " |"
         )
     lines += ["", *LEGEND, "", *saved.get("notes", []), "", END]
     return "\n".join(lines) + "\n"
