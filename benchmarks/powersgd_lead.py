@@ -180,7 +180,8 @@ def render(results: dict[str, Any], args: argparse.Namespace, command: str) -> s
         f"Command: `{command}` — run {dt.date.today().isoformat()} on {platform.machine()}, "
         f"Python {platform.python_version()}, {os.cpu_count()} cores shared with other work (1-minute load "
         f"{min(loads):.1f}–{max(loads):.1f} during the runs), gloo ranks of 1 thread in a netlab `switch` "
-        f"topology (each rank its own full-duplex link of the rate). In each run compute-only, torch's "
+        "topology (each rank its own full-duplex link of the rate); *load*: the 1-minute load as the run "
+        "started. In each run compute-only, torch's "
         f"hook and gradwire at r = 2 and 4 take turns of {args.turn} steps, {args.steps} timed steps "
         "each after 3 warm-up steps; medians of the slowest rank per step. Both PowerSGDs: 2 plain "
         "steps first, warm start, error feedback, one DDP bucket. *bound* = compute-only floor + "
@@ -188,16 +189,17 @@ def render(results: dict[str, Any], args: argparse.Namespace, command: str) -> s
         "to torch any gradwire step could reach in that run (*out of reach*: Amdahl > 0.75, so no change "
         "to gradwire's hook can meet the target there). *compress*/*comm*: gradwire's hook clocks "
         "per step (comm includes the Q round's math).", "",
-        "| ranks | model | link | r | floor ms | torch ms | gradwire ms | gradwire / torch (≤ 0.75) "
+        "| ranks | model | link | r | load | floor ms | torch ms | gradwire ms | gradwire / torch (≤ 0.75) "
         "| bound ms | gradwire / bound (≤ 1.2) | Amdahl | compress / comm ms |",
-        "|--:|:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "|--:|:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]  # fmt: skip
     for key, value in ordered(results["runs"]):
         workers, model, rate = key.split("|")
         for r in RANKS:
             c = case(value["runs"], rate, r)
             lines.append(
-                f"| {workers} | {model} | {rate} | {r} | {c['floor_ms']:.1f} | {c['torch_ms']:.1f} | "
+                f"| {workers} | {model} | {rate} | {r} | {value['load']:.1f} | {c['floor_ms']:.1f} | "
+                f"{c['torch_ms']:.1f} | "
                 f"{c['ours_ms']:.1f} | {c['step_ratio']:.2f}× {step_verdict(c)} | "
                 f"{c['floor_ms'] + c['wire_ms']:.1f} | {c['bound_ratio']:.2f}× "
                 f"{mark(c['bound_ratio'] <= BOUND_TARGET)} | {c['amdahl']:.2f} | "
