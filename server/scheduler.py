@@ -109,7 +109,11 @@ class Scheduler:
     first launch). ``policy``: what specs
     may ask for (gradwire/policy.py), put in each job's environment so that its driver and
     workers refuse what the REST door would have. A job Ray reports
-    RUNNING counts as placed after ``placement_grace_s`` even if no telemetry arrived.
+    RUNNING counts as placed after ``placement_grace_s`` even if no telemetry arrived. A job
+    bigger than the whole cluster fails only once it has been bigger for ``never_fits_grace_s``
+    (nodes that just joined, or one being replaced, may not be counted yet); until then it waits
+    at the head of the queue. ``python`` is the interpreter the job's driver runs on the head
+    (``GRADWIRE_JOB_PYTHON``; default: the coordinator's own).
     ``failure_policy``: retries of a submission and how failures are explained (default:
     :class:`~gradwire.server.job_lifecycle.FailurePolicy`).
     """
@@ -124,6 +128,7 @@ class Scheduler:
         poll_s: float = 0.5,
         python: str = sys.executable,
         placement_grace_s: float = 120.0,
+        never_fits_grace_s: float = 30.0,
         cluster_timeout_s: float = 10.0,
         policy: JobPolicy | None = None,
         telemetry_env: Mapping[str, str] | None = None,
@@ -138,11 +143,13 @@ class Scheduler:
         self.poll_s = float(poll_s)
         self.python = python
         self.placement_grace_s = float(placement_grace_s)
+        self.never_fits_grace_s = float(never_fits_grace_s)
         self.cluster_timeout_s = float(cluster_timeout_s)
         self._lock = threading.RLock()  # launch and cancel: state change and Ray call together
         self._state = threading.Lock()  # the in-memory maps below
         self._unplaced: dict[str, float | None] = {}  # launched, not yet placed -> when Ray said RUNNING
         self._demands: dict[str, Demand] = {}
+        self._too_big_since: dict[str, float] = {}  # queued job -> first seen bigger than the cluster
         self._stopping: dict[str, float] = {}  # submission id -> last stop request (monotonic)
         self._aborts: dict[str, threading.Event] = {}  # job id -> set by cancel while it is submitted
         # what on_reports compares reports with, per open job: (attempt, compressor) as stored,
@@ -352,6 +359,7 @@ class Scheduler:
         with self._state:
             self._unplaced.pop(job_id, None)
             self._demands.pop(job_id, None)
+            self._too_big_since.pop(job_id, None)
             self._seen.pop(job_id, None)
             self._ranks.pop(job_id, None)
 
@@ -402,12 +410,34 @@ class Scheduler:
             resources = resources or self._cluster.resources()
             beyond = demand.beyond(resources["total"])
             if beyond is not None:
+                if not self._too_big_for_good(job.id, beyond):
+                    return  # the cluster may be growing: the head of the queue waits
                 self._carry_out(job, decide(job, Refused(f"cannot ever run on this cluster: {beyond}")))
                 continue
+            with self._state:
+                self._too_big_since.pop(job.id, None)
             if not self._fits(demand, resources):
                 return  # strict FIFO: the head of the queue waits for room
             self._launch(job, demand)
             resources = None  # read again: the next job sees this one's reservation
+
+    def _too_big_for_good(self, job_id: str, beyond: str) -> bool:
+        """Whether ``job_id`` has been bigger than the whole cluster for ``never_fits_grace_s``."""
+        now = time.monotonic()
+        with self._state:
+            since = self._too_big_since.setdefault(job_id, now)
+        if now - since >= self.never_fits_grace_s:
+            with self._state:
+                self._too_big_since.pop(job_id, None)
+            return True
+        if since == now:  # once per job
+            log.warning(
+                "job %s is bigger than the cluster (%s); it fails if the cluster does not grow within %g s",
+                job_id,
+                beyond,
+                self.never_fits_grace_s,
+            )
+        return False
 
     def _demand(self, job: JobRecord) -> Demand:
         with self._state:

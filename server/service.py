@@ -82,6 +82,7 @@ class Coordinator:
         ray_ports: dict[str, int | None] | None = None,
         poll_s: float = 0.5,
         python: str = sys.executable,
+        never_fits_grace_s: float = 30.0,
         metrics_retention_s: float = 900.0,
         policy: JobPolicy | None = None,
         telemetry_tls_cert: str | Path | None = None,
@@ -104,7 +105,9 @@ class Coordinator:
             "dashboard_address": dashboard_address, **(ray_ports or {}),
         }  # fmt: skip
         self.ray_address = ray_address
-        self._scheduler_args: dict[str, Any] = {"poll_s": poll_s, "python": python, "policy": policy}
+        self._scheduler_args: dict[str, Any] = {
+            "poll_s": poll_s, "python": python, "policy": policy, "never_fits_grace_s": never_fits_grace_s,
+        }  # fmt: skip
         self._metrics_retention_s = metrics_retention_s
         self.store: JobStore | None = None
         self.metrics: CoordinatorMetrics | None = None
@@ -129,6 +132,8 @@ class Coordinator:
             # Settings refuses a non-loopback sink without tokens, so exposing it here was asked for
             "allow_remote_telemetry": not is_loopback(settings.grpc_host),
             "metrics_retention_s": settings.metrics_retention_s,
+            "never_fits_grace_s": settings.never_fits_grace_s,
+            **({"python": settings.job_python} if settings.job_python else {}),
             "ray_ports": {
                 "gcs_port": settings.ray_gcs_port,
                 "dashboard_port": settings.ray_dashboard_port,

@@ -109,6 +109,20 @@ class Settings(BaseSettings):
     ray_client_port: int | None = Field(
         None, ge=1, le=65535, description="embedded Ray head's Ray client server port (default: free)"
     )
+    job_python: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4_096,
+        pattern=r"^[^\s\x00-\x1f]+$",
+        description="the Python a job's driver runs on the Ray head, e.g. /opt/venv/bin/python "
+        "(default: the coordinator's own interpreter, which the head must then have at the same path)",
+    )
+    never_fits_grace_s: float = Field(
+        30.0,
+        ge=0,
+        le=86_400,
+        description="how long a job bigger than the whole cluster waits for nodes to join before it fails",
+    )
     metrics_retention_s: float = Field(
         900.0, ge=0, description="how long a finished job's Prometheus series stay visible"
     )

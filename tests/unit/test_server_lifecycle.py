@@ -229,7 +229,9 @@ class TinyCluster:
 
 def test_a_stored_spec_is_trusted_at_its_schema_version_and_validated_again_otherwise(tmp_path):
     store = JobStore(f"sqlite:///{tmp_path}/jobs.db")
-    scheduler = Scheduler(store, TinyCluster(), CoordinatorMetrics(), telemetry_address="127.0.0.1:1")
+    scheduler = Scheduler(
+        store, TinyCluster(), CoordinatorMetrics(), telemetry_address="127.0.0.1:1", never_fits_grace_s=0
+    )
     valid = JobSpec.from_file(SPEC).model_dump(mode="json")
     broken = {**valid, "compression": {"name": "no-such-compressor"}}
     trusted, _ = store.create(broken, spec_version=SPEC_SCHEMA_VERSION)  # as if the door had passed it
@@ -247,3 +249,78 @@ def test_a_stored_spec_is_trusted_at_its_schema_version_and_validated_again_othe
     ), reasons[legacy.id]
     assert "compression.name" in reasons[legacy.id]
     store.close()
+
+
+class GrowingCluster:
+    """One CPU until ``grow()``; then two (a node joined): room for one 2-CPU job at a time."""
+
+    def __init__(self) -> None:
+        self.cpus = 1.0
+
+    def grow(self) -> None:
+        self.cpus = 2.0
+
+    def resources(self, timeout_s: float = 10.0) -> dict:
+        return {"total": {"CPU": self.cpus, "GPU": 0.0}, "available": {"CPU": self.cpus, "GPU": 0.0}}
+
+
+def test_a_job_bigger_than_the_cluster_waits_for_nodes_before_it_fails(tmp_path, monkeypatch):
+    """One reading of a cluster whose nodes are still joining does not fail a job for good: it waits
+    ``never_fits_grace_s`` at the head of the queue, is launched if the cluster grows, fails if not."""
+    grace = 1.0
+    store = JobStore(f"sqlite:///{tmp_path}/jobs.db")
+    cluster = GrowingCluster()
+    scheduler = Scheduler(
+        store, cluster, CoordinatorMetrics(), telemetry_address="127.0.0.1:1", never_fits_grace_s=grace
+    )
+    launched: list[str] = []
+
+    def launch(job, demand) -> None:  # no Ray here: what a launch stores, without the submission
+        launched.append(job.id)
+        store.transition(job.id, JobState.STARTING, "test: launched")
+
+    monkeypatch.setattr(scheduler, "_launch", launch)
+    spec = JobSpec.from_file(SPEC).model_dump(mode="json")  # 2 workers: bigger than 1 CPU
+    waits, _ = store.create(spec, spec_version=SPEC_SCHEMA_VERSION)
+    fails, _ = store.create(spec, spec_version=SPEC_SCHEMA_VERSION)
+
+    scheduler.poll_once()
+    assert store.get(waits.id).state is JobState.QUEUED and launched == []
+    cluster.grow()
+    scheduler.poll_once()
+    assert launched == [waits.id]  # the node joined in time: the first job runs
+
+    store.transition(waits.id, JobState.CANCELLED, "test: out of the way")
+    cluster.cpus = 1.0  # the node left again: the second job waits, then fails with the cause
+    scheduler.poll_once()
+    assert store.get(fails.id).state is JobState.QUEUED
+    time.sleep(grace + 0.1)
+    scheduler.poll_once()
+    failed = store.get(fails.id)
+    assert failed.state is JobState.FAILED, failed.reason
+    assert failed.reason.startswith("cannot ever run on this cluster"), failed.reason
+    assert "CPU" in failed.reason
+    store.close()
+
+
+def test_the_jobs_python_is_a_setting_refused_when_it_is_not_one_path(tmp_path, monkeypatch):
+    """GRADWIRE_JOB_PYTHON names the interpreter the job's driver runs on the head; a value that
+    is not a single path (a space, a control character) is refused at start, naming the field."""
+    from pydantic import ValidationError
+
+    from gradwire.server.settings import Settings
+
+    monkeypatch.setenv("GRADWIRE_JOB_PYTHON", "/opt/gradwire-venv/bin/python")
+    settings = Settings()
+    assert settings.job_python == "/opt/gradwire-venv/bin/python"
+    store = JobStore(f"sqlite:///{tmp_path}/jobs.db")
+    python = settings.job_python
+    scheduler = Scheduler(store, TinyCluster(), CoordinatorMetrics(), telemetry_address="x:1", python=python)
+    assert scheduler.entrypoint("job-1").split()[:3] == [python, "-m", "gradwire.cli"]
+    store.close()
+    for bad in ("python; rm -rf /", "py\nthon"):
+        monkeypatch.setenv("GRADWIRE_JOB_PYTHON", bad)
+        with pytest.raises(ValidationError) as caught:
+            Settings()
+        assert "job_python" in str(caught.value)
+        assert "rm -rf" not in str(caught.value)  # the value is not echoed back
