@@ -148,7 +148,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     train_step.stats(),
                     attempt=attempt,
                     node=node,
-                    compressor=spec.compression.name,
+                    compressor=train_step.compressor(),
                     learning_rate=learning_rate,
                     samples=sum(len(targets) for _, targets in batches.values()),
                     epoch=sampler.epoch(partitions[0], step - 1),
@@ -211,6 +211,9 @@ class RunState:
         }
         if evaluation is not None:
             metrics["eval_loss"], metrics["accuracy"] = evaluation
+        choices = train_step.compressor_choices()
+        if choices:  # compression: auto; gradwire train's summary lists them
+            metrics["compressor_choices"] = [list(choice) for choice in choices]
         if self.stopped:
             metrics["stopped"] = self.stopped
         return metrics

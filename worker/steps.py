@@ -86,6 +86,18 @@ class DdpStep:
     def stats(self) -> dict[str, Any]:
         return self.hook_state.stats()
 
+    def compressor(self) -> str:
+        """The compressor the hook runs now (``auto:<choice>`` for ``auto``): the step report's."""
+        from gradwire.compressors import current_choice
+
+        return current_choice(self.hook_state)
+
+    def compressor_choices(self) -> list[tuple[int, str, str]]:
+        """``(step, choice, why)`` of each choice ``auto`` made (empty for a fixed compressor)."""
+        from gradwire.compressors import choice_history
+
+        return choice_history(self.hook_state)
+
     def state_dict(self) -> dict[str, Any]:
         return {"compressor": self.hook_state.state_dict()}
 
@@ -180,6 +192,16 @@ class CodedStep:
 
     def stats(self) -> dict[str, Any]:
         return {**self.reducer.stats(), **self.round.stats()}
+
+    def compressor(self) -> str:
+        from gradwire.compressors import current_choice
+
+        return current_choice(self.reducer)
+
+    def compressor_choices(self) -> list[tuple[int, str, str]]:
+        from gradwire.compressors import choice_history
+
+        return choice_history(self.reducer)
 
     def state_dict(self) -> dict[str, Any]:
         return {"compressor": self.reducer.state_dict(), "coded": {"next_round": self.round.next_round}}

@@ -115,3 +115,21 @@ def test_too_many_workers_fails_before_starting(local_ray, tmp_path):
     assert result.exit_code == 2, result.output
     assert "workers.count=8" in result.output
     assert not any(tmp_path.iterdir()), "a run was started"
+
+
+def test_auto_reports_its_choices_in_the_summary(local_ray, tmp_path):
+    """compression: auto under Ray Train: its first choice (after 3 plain steps) and the re-measure at
+    step 103 are listed by ``gradwire train``'s summary, each a candidate of its config."""
+    spec_path = SPEC.with_name("digits-auto.yaml")
+    result = CliRunner().invoke(
+        app,
+        ["train", str(spec_path), "--set", "steps=110", "--set", f"checkpoint.storage={tmp_path}"],
+        env={"COLUMNS": "400"},
+    )
+    assert result.exit_code == 0, result.output
+    line = next((ln for ln in result.output.splitlines() if ln.startswith("compression auto chose:")), None)
+    assert line, result.output
+    choices = re.findall(r"step (\d+): (\S+) \(", line)
+    assert choices and choices[0][0] == "3", line
+    candidates = set(JobSpec.from_file(spec_path).compressor_config().candidates)
+    assert {choice for _, choice in choices} <= candidates, (line, candidates)
