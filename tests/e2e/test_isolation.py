@@ -18,6 +18,7 @@ no fit.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,10 @@ pytestmark = pytest.mark.slow
 
 SPEC = Path(__file__).parents[2] / "examples" / "specs" / "digits-powersgd.yaml"
 FIRST, TOTAL = 20, 40
+
+
+def progress(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "progress.json").read_text())
 
 
 def body(storage: Path, steps: int, *overrides: str) -> dict:
@@ -91,7 +96,7 @@ def test_jobs_of_one_name_keep_their_checkpoints_and_resume_only_when_asked(serv
 
     succeeded(client, first["id"])
     first_run = storage / first["id"]
-    assert (only_checkpoint(first_run) / "progress.json").read_text() == '{"step": 20}'
+    assert progress(only_checkpoint(first_run)) == {"step": 20, "attempt": 0}
 
     again = client.submit(body(storage, TOTAL))  # same name and storage, 40 steps instead of 20
     resumed = client.submit(body(storage, TOTAL, f"resume_from={first['id']}"))
@@ -101,7 +106,7 @@ def test_jobs_of_one_name_keep_their_checkpoints_and_resume_only_when_asked(serv
 
     # each job trained in its own run folder, named by its id; none is named after the spec
     assert sorted(p.name for p in storage.iterdir()) == sorted([first["id"], again["id"], resumed["id"]])
-    assert (only_checkpoint(first_run) / "progress.json").read_text() == '{"step": 20}', "first was changed"
+    assert progress(only_checkpoint(first_run)) == {"step": 20, "attempt": 0}, "first was changed"
 
     # the job named like an earlier one trained from step 1, every rank; the resumed one from 21
     for rank in (0, 1):
@@ -116,4 +121,5 @@ def test_jobs_of_one_name_keep_their_checkpoints_and_resume_only_when_asked(serv
     a, b = only_checkpoint(storage / again["id"]), only_checkpoint(storage / resumed["id"])
     for name in ("model.pt", "optimizer.pt", "rank0.pt", "rank1.pt"):
         assert_same_state(torch.load(a / name), torch.load(b / name), name)
-    assert (b / "progress.json").read_text() == '{"step": 40}'
+    # resume_from starts a new job's run, not a Ray Train restore of it: its group is attempt 0
+    assert progress(b) == {"step": 40, "attempt": 0}

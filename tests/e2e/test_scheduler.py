@@ -56,6 +56,7 @@ pytestmark = pytest.mark.slow
 
 EXAMPLES = Path(__file__).parents[2] / "examples" / "specs"
 CLUSTER_CPUS = 2
+NEVER_FITS_GRACE_S = 2.0  # how long a job bigger than the cluster waits for nodes (30 s by default)
 TIMINGS: dict[str, float] = {}
 
 
@@ -113,6 +114,7 @@ def coordinator(cluster, tmp_path_factory):
     with Coordinator(
         database_url=f"sqlite:///{data}/coordinator.db", data_dir=data, poll_s=0.5,
         ray_address=cluster.dashboard_url,  # the Jobs API address alone
+        never_fits_grace_s=NEVER_FITS_GRACE_S,
     ) as coord:  # fmt: skip
         assert coord.cluster is not None and not coord.cluster.owns_ray  # shares the module's Ray
         yield coord
@@ -204,11 +206,15 @@ def test_ray_listens_on_loopback_only(cluster):
     assert set(resources) == {"total", "available"}
 
 
-def test_job_larger_than_the_cluster_fails_at_once(coordinator, tmp_path):
+def test_job_larger_than_the_cluster_fails_after_the_grace(coordinator, tmp_path):
+    """Bigger than the whole cluster: it waits ``never_fits_grace_s`` for nodes to join (a real
+    cluster's may not all be counted yet), then fails naming the resource, without reaching Ray."""
     store = coordinator.store
     job, _ = store.create(spec("sched-huge", tmp_path, "workers.count=5", "workers.cpus_per_worker=1"))
+    created = time.monotonic()
     coordinator.control.wake()
-    failed = wait_for(lambda: (j := store.get(job.id)).terminal and j, 10, "huge job failed")
+    failed = wait_for(lambda: (j := store.get(job.id)).terminal and j, NEVER_FITS_GRACE_S + 10, "huge failed")
+    assert time.monotonic() - created >= NEVER_FITS_GRACE_S
     assert failed.state is JobState.FAILED
     assert "workers.count=5" in failed.reason and "5 CPUs" in failed.reason, failed.reason
     assert failed.ray_job_id is None  # never reached Ray
