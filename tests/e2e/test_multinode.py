@@ -52,7 +52,10 @@ SPEC = ROOT / "examples" / "specs" / "digits-powersgd.yaml"
 CLIENT, HEAD, NODES = 0, 1, (2, 3, 4)
 STEPS = 300
 EVERY = 20  # checkpoint interval
-KILL_AT = 25  # a node is killed once a rank reported this step (after the checkpoint at EVERY)
+# a node is killed once a checkpoint is on the storage and a rank reported this step: 15 steps after
+# the first checkpoint, so Ray Train has registered it (a group lost before that restarts from step 0
+# as attempt 0, which is no restore)
+KILL_AT = EVERY + 15
 JOB_S = 420.0
 
 
@@ -160,8 +163,15 @@ def test_killed_node_restores_on_spare_node_bit_exact(site, reference):
     job_id = job["id"]
     url = f"/v1/jobs/{job_id}/metrics?all_ranks=true&max_points=100000"
     deadline = time.monotonic() + JOB_S
-    while max((p["step"] for p in coordinator.rest("GET", url)["points"]), default=0) < KILL_AT:
-        assert time.monotonic() < deadline, f"job {job_id} did not reach step {KILL_AT}"
+
+    def saved() -> bool:
+        return any((p / "progress.json").is_file() for p in (storage / "killed").glob("*/checkpoint_*"))
+
+    def reached() -> int:
+        return max((p["step"] for p in coordinator.rest("GET", url)["points"]), default=0)
+
+    while reached() < KILL_AT or not saved():
+        assert time.monotonic() < deadline, f"job {job_id} did not reach step {KILL_AT} with a checkpoint"
         time.sleep(0.2)
     running = coordinator.job(job_id)
     before = [address for state, address in placement(ray, running["ray_job_id"]) if state == "ALIVE"]
@@ -171,15 +181,15 @@ def test_killed_node_restores_on_spare_node_bit_exact(site, reference):
     (spare,) = set(by_address) - set(before)
     killed = ray.kill_node(victim)
     assert killed, f"no process ran in node {victim}'s namespace"
-    reached = max(p["step"] for p in coordinator.rest("GET", url)["points"])
-    assert reached < STEPS, f"the job ended (step {reached}) before its node was killed: raise STEPS"
+    at_kill = reached()
+    assert at_kill < STEPS, f"the job ended (step {at_kill}) before its node was killed: raise STEPS"
 
     final = coordinator.wait(job_id, timeout=JOB_S)
     assert final["state"] == "SUCCEEDED", final
     # the coordinator saw Ray Train's restore (attempt 1) and where the ranks went: the node that
     # survived and the spare one; Ray's state API shows a Train worker on the spare node too
     events = [e["to_state"] for e in coordinator.rest("GET", f"/v1/jobs/{job_id}/events")["events"]]
-    assert events == ["QUEUED", "STARTING", "RUNNING", "RESTARTING", "RUNNING", "SUCCEEDED"], events
+    assert events == ["QUEUED", "STARTING", "RUNNING", "RESTARTING", "RUNNING", "SUCCEEDED"], (events, final)
     assert final["attempt"] == 1 and {p["attempt"] for p in final["placement"]} == {1}, final
     survivor = next(address for address in before if address != ray.node_address(victim))
     assert sorted(p["node_address"] for p in final["placement"]) == sorted([survivor, spare]), final
