@@ -23,7 +23,7 @@ def test_cli_lists_compressors_with_their_parameters():
 def test_cli_names_the_available_ones_for_an_unknown_compressor():
     result = CliRunner().invoke(app, ["compressors", "powerSGD"])
     assert result.exit_code == 2
-    assert "available: bf16, fp16" in result.output
+    assert "available: auto, bf16, fp16" in result.output
 
 
 def test_version(capsys):
