@@ -24,6 +24,7 @@ at a 1-minute load of ~10, 6.5-8 min at 15-35 (three Ray Train fits and a restor
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -50,12 +51,13 @@ pytestmark = [
 ROOT = Path(__file__).parents[2]
 SPEC = ROOT / "examples" / "specs" / "digits-powersgd.yaml"
 CLIENT, HEAD, NODES = 0, 1, (2, 3, 4)
-STEPS = 300
+STEPS = 600  # long enough that the node is killed mid-job however fast the steps run
 EVERY = 20  # checkpoint interval
-# a node is killed once a checkpoint is on the storage and a rank reported this step: 15 steps after
-# the first checkpoint, so Ray Train has registered it (a group lost before that restarts from step 0
-# as attempt 0, which is no restore)
-KILL_AT = EVERY + 15
+# a node is killed once a rank reported this step and Ray Train has registered a checkpoint of the run
+# (its checkpoint_manager_snapshot.json in the run folder lists one): a group lost before that
+# restarts from step 0 as attempt 0, which is no restore (a file on disk is not enough: 20 steps take
+# 0.2 s here, less than Ray Train takes to register the checkpoint)
+KILL_AT = EVERY + 5
 JOB_S = 420.0
 
 
@@ -165,7 +167,13 @@ def test_killed_node_restores_on_spare_node_bit_exact(site, reference):
     deadline = time.monotonic() + JOB_S
 
     def saved() -> bool:
-        return any((p / "progress.json").is_file() for p in (storage / "killed").glob("*/checkpoint_*"))
+        for snapshot in (storage / "killed").glob("*/checkpoint_manager_snapshot.json"):
+            try:
+                if json.loads(snapshot.read_text()).get("checkpoint_results"):
+                    return True
+            except ValueError:  # being written
+                pass
+        return False
 
     def reached() -> int:
         return max((p["step"] for p in coordinator.rest("GET", url)["points"]), default=0)
