@@ -14,8 +14,8 @@ run's checkpoint, ``resume_from``), and the saved attempt + 1 for a group that R
 this run's own checkpoint (``ray.train.get_checkpoint()``: it restored the group after a worker
 failed, or the run is resumed). Every step report carries it, with the node's address
 (:func:`node_address`), so the coordinator sees restores and placement from the workers
-themselves. A group lost before the run's first checkpoint starts again from step 0 as attempt 0.
-The data order is a function of the step
+themselves. A group lost before Ray Train registered the run's first checkpoint starts again
+from step 0 as attempt 0. The data order is a function of the step
 (:mod:`gradwire.worker.sampler`), so resuming from a checkpoint continues the same trajectory.
 
 A step with non-finite gradients stops the job on every rank at once, before the optimizer
