@@ -53,7 +53,7 @@ FIXED = {
 RATES = ["unshaped", "10gbit", "1gbit", "100mbit"]
 DEFAULT_STEPS = {"digits_cnn": 200, "tiny_lm": 200}
 #: plain all-reduced steps before compressing: linkrun's PowerSGD (as torch's hook), auto's probe_after
-PLAIN_START = {"powersgd": linkrun.TORCH_START_ITER, "auto": 3}
+PLAIN_START = {"powersgd": linkrun.TORCH_START_ITER, "auto": 2}
 EVAL_EVERY = {"digits_cnn": 10, "tiny_lm": 20}
 #: examples per rank and step: 2 ranks × 64, the global batch of links.py's 4 ranks × 32
 BATCH = 64
@@ -234,7 +234,7 @@ def render(results: dict[str, Any], summary: dict[str, Any], args: argparse.Name
         f"auto taking turns {args.turn} steps at a time in the same processes, so that the machine's "
         "load falls on all alike; median of the slower rank). A fixed choice: its steps × its median "
         "(PowerSGD's 2 plain first steps at the all-reduce's median). auto: each stretch of its run "
-        "between two of its choices × the median of the fixed method it ran then (its 3 plain first "
+        "between two of its choices × the median of the fixed method it ran then (its 2 plain first "
         "steps at the all-reduce's), plus its probe seconds; *auto in the timed run* shows its own "
         "median when it took turns with the others. The step at the target: for the fixed choices from "
         f"one run each in an unshaped lab ({trained}; {BATCH} examples per rank and step; accuracy per "

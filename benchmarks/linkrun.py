@@ -189,6 +189,8 @@ class Trainer:
             # by default gradwire's PowerSGD starts as torch's hook must: TORCH_START_ITER plain steps
             # (with Adam, the LM's optimizer, starting compressed from step 0 slows learning markedly)
             self.params = {**self.params, "start_iter": args.psgd_start}
+        if self.kind == "auto":  # auto is told the optimizer, as a job's spec tells it
+            self.params = {**self.params, "optimizer": work["optimizer"][0]}
         self.data, self.batch = data, args.batch
         torch.manual_seed(args.seed)  # the same initial model on every rank (and for every method)
         model_name, model_params = work["model"]

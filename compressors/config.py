@@ -135,7 +135,10 @@ class PowerSGDConfig(CompressorConfig):
 
 class _SparseBudget(CompressorConfig):
     ratio: float | None = Field(
-        None, gt=0.0, le=1.0, description="fraction of each tensor's elements to keep, in (0, 1]; "
+        None,
+        gt=0.0,
+        le=1.0,
+        description="fraction of each tensor's elements to keep, in (0, 1]; "
         "0.01 if neither ratio nor k is given",
     )
     k: int | None = Field(None, ge=1, description="elements to keep per tensor (capped at its size)")
@@ -172,9 +175,7 @@ class RandKConfig(_SparseBudget):
 
     name: ClassVar[str] = "randk"
     feedback: FeedbackName = Field("ef", description=_FEEDBACK)
-    scale: bool = Field(
-        False, description="multiply by d/k (unbiased; not contractive, so only none/ef)"
-    )
+    scale: bool = Field(False, description="multiply by d/k (unbiased; not contractive, so only none/ef)")
 
     @model_validator(mode="after")
     def _scaled_is_unbiased(self) -> RandKConfig:
@@ -241,7 +242,7 @@ class AutoConfig(CompressorConfig):
         description="what auto may choose: none, fp16, bf16, powersgd-r1/r2/r4/r8, topk-ef21",
     )
     probe_after: int = Field(
-        3, ge=2, le=10_000, description="plain all-reduce steps before the first choice (they time compute)"
+        2, ge=2, le=10_000, description="plain all-reduce steps before the first choice (they time compute)"
     )
     remeasure_every: int = Field(
         200, ge=10, le=1_000_000, description="steps between two measurements of link and step (and choices)"
@@ -255,7 +256,7 @@ class AutoConfig(CompressorConfig):
     )
     probe_reps: int = Field(3, ge=1, le=20, description="timed all-reduces of each of the two probe sizes")
     probe_bytes: int = Field(
-        2 << 20,
+        1 << 20,
         ge=64 << 10,
         le=64 << 20,
         description="the larger probe all-reduce's bytes (keep it well above a shaped link's token bucket, "
@@ -275,16 +276,41 @@ class AutoConfig(CompressorConfig):
         description="switch only if the best prediction is this fraction faster than the running choice's",
     )
     topk_ratio: float = Field(0.01, gt=0.0, le=0.5, description="fraction of each tensor topk-ef21 keeps")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field(
+        "sgd",
+        description="the optimizer the reduced gradients feed (a job fills it in from optimizer.name): "
+        "under adam or adamw auto never runs Top-k nor PowerSGD below adaptive_min_rank, which cost Adam "
+        "accuracy however much energy they keep (docs/compressors.md)",
+    )
+    adaptive_min_rank: Literal[1, 2, 4, 8] = Field(
+        8, description="the lowest PowerSGD rank auto may run under adam or adamw"
+    )
 
     @model_validator(mode="after")
     def _check_auto(self) -> AutoConfig:
         if len(set(self.candidates)) != len(self.candidates):
             raise ValueError(f"candidates lists a compressor twice: {self.candidates}")
+        if not any(self.optimizer_allows(c) for c in self.candidates):
+            raise ValueError(
+                f"candidates {self.candidates}: none of them may run under {self.optimizer} (Top-k and "
+                f"PowerSGD below adaptive_min_rank={self.adaptive_min_rank} are left out under Adam)"
+            )
         if self.min_compression_rate != 1.0:
             raise ValueError(
                 "min_compression_rate is not a parameter of auto: each candidate keeps its own default"
             )
         return self
+
+    def optimizer_allows(self, label: str) -> bool:
+        """Whether ``label`` may run under :attr:`optimizer`: with Adam or AdamW not Top-k, and PowerSGD
+        only from :attr:`adaptive_min_rank` (Adam divides each coordinate by its own √v, so a compressor's
+        error on a small coordinate becomes a large step; docs/benchmarks.md, "compression: auto")."""
+        name, params = AUTO_CANDIDATES[label]
+        if self.optimizer == "sgd":
+            return True
+        if name == "topk":
+            return False
+        return name != "powersgd" or int(params["rank"]) >= self.adaptive_min_rank  # type: ignore[call-overload]
 
     def candidate_params(self, label: str) -> tuple[str, dict[str, object]]:
         """Registry name and parameters of one candidate (seed and nonfinite passed on)."""

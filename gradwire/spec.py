@@ -360,6 +360,10 @@ class JobSpec(_Section):
             found.append((("optimizer", "warmup_steps"), message))
         if self.stragglers is not None:
             found += _straggler_problems(self.stragglers, self.workers.count, self.compression.name)
+        written = self.compression.params().get("optimizer")
+        if self.compression.name == "auto" and written is not None and written != self.optimizer.name:
+            message = f"auto is told {written!r} but the job's optimizer.name is {self.optimizer.name!r}"
+            found.append((("compression", "optimizer"), message))
         _raise("JobSpec", found)
         return self
 
@@ -385,9 +389,16 @@ class JobSpec(_Section):
             return self
         return self.model_copy(update={"checkpoint": self.checkpoint.model_copy(update={"storage": storage})})
 
+    def run_compression(self) -> CompressionSpec:
+        """The compression section the workers run: as written, except that ``auto`` is told the job's
+        optimizer (under Adam it leaves out the candidates that cost Adam accuracy)."""
+        if self.compression.name != "auto" or "optimizer" in self.compression.params():
+            return self.compression
+        return CompressionSpec(name="auto", **self.compression.params(), optimizer=self.optimizer.name)
+
     def compressor_config(self) -> CompressorConfig:
-        """The compression section as the compressor's validated config model."""
-        return self.compression.config()
+        """The compression section as the compressor's validated config model (:meth:`run_compression`)."""
+        return self.run_compression().config()
 
     def injection(self) -> UniformInjection | BernoulliInjection | BurstyInjection | None:
         """The injected straggler model, with a bursty model's B, W, lam taken from an SGC where omitted."""

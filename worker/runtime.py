@@ -95,7 +95,7 @@ def train_loop(config: dict[str, Any]) -> None:
     else:
         injected = straggler_model(spec.injection(), world_size)  # code 'none': everyone waits
         train_step = DdpStep(
-            model, spec.compression, ray.train.torch.prepare_model, rank=rank, stragglers=injected
+            model, spec.run_compression(), ray.train.torch.prepare_model, rank=rank, stragglers=injected
         )
     partitions = train_step.partitions or [rank]
     optimizer = make_optimizer(spec.optimizer, train_step.module.parameters())

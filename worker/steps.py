@@ -178,7 +178,7 @@ class CodedStep:
         self.model = model.to(device)  # no DDP: the coded round does the reduction
         self.module = self.model
         self.world_size = world_size
-        self.reducer = make_reducer(spec.compression.name, **spec.compression.params())
+        self.reducer = make_reducer(spec.compression.name, **spec.run_compression().params())
         self.round = CodedRound(
             self.code,
             self.reducer,

@@ -262,7 +262,8 @@ def plan(
     own = spec.compressor_config()
     choosing = own.registry_name() == "auto"  # chosen at run time: compare its candidates instead
     if choosing:
-        candidates = own.candidates  # type: ignore[attr-defined]
+        # under Adam auto leaves some candidates out whatever their guard says
+        candidates = [c for c in own.candidates if own.optimizer_allows(c)]  # type: ignore[attr-defined]
         first = [parse_config(*own.candidate_params(c)) for c in candidates]  # type: ignore[attr-defined]
         if chosen is None:  # its candidates first, then the other defaults
             labels = {config_label(c) for c in first}

@@ -106,6 +106,58 @@ def test_the_guard_raises_the_minimum_rank_when_the_energy_fraction_drops():
     assert smallest_eligible([1.0] * 40) is None  # flat: no rank up to 8 keeps 80 %
 
 
+def test_under_adam_the_guard_leaves_out_top_k_and_powersgd_below_rank_8():
+    labels = ["none", "powersgd-r1", "powersgd-r2", "powersgd-r4", "powersgd-r8", "topk-ef21"]
+    figures = GuardFigures()
+    figures.add([spectrum_matrix([10.0, 1.0, 1.0, 1.0]).float()], 0.5, torch.Generator().manual_seed(0))
+    fractions = figures.fractions()
+    measured = {"rank_energy": dict(zip(GUARD_RANKS, fractions)), "topk_energy": 1.0, "max_abs": 1.0}
+
+    def eligible(**params):
+        reducer = AutoReducer(parse_config("auto", {"candidates": labels, **params}))
+        return [label for label in labels if reducer.guard_holds(label, measured, 2)]
+
+    assert fractions[0] > 0.95  # one direction holds the energy: SGD may run rank 1 and Top-k
+    assert eligible() == labels
+    assert eligible(optimizer="adam") == ["none", "powersgd-r8"]
+    assert eligible(optimizer="adamw", adaptive_min_rank=4) == ["none", "powersgd-r4", "powersgd-r8"]
+    with pytest.raises(ValidationError, match="none of them may run under adam"):
+        parse_config("auto", {"optimizer": "adam", "candidates": ["powersgd-r1", "topk-ef21"]})
+    with pytest.raises(ValidationError, match="adaptive_min_rank"):
+        parse_config("auto", {"adaptive_min_rank": 3})
+
+
+def test_a_job_tells_auto_its_optimizer_and_refuses_another():
+    base = yaml.safe_load((ROOT / "examples" / "specs" / "tiny-lm-powersgd.yaml").read_text())
+    spec = JobSpec.from_dict({**base, "compression": {"name": "auto"}})
+    assert spec.run_compression().params() == {"optimizer": "adam"}
+    assert spec.compressor_config().optimizer == "adam"
+    written = JobSpec.from_dict({**base, "compression": {"name": "auto", "optimizer": "adam"}})
+    assert written.compressor_config().optimizer == "adam"
+    with pytest.raises(SpecError, match=r"compression\.optimizer[\s\S]*told 'sgd' but the job's optimizer"):
+        JobSpec.from_dict({**base, "compression": {"name": "auto", "optimizer": "sgd"}})
+    sgd = JobSpec.from_dict(yaml.safe_load((ROOT / "examples" / "specs" / "digits-auto.yaml").read_text()))
+    assert sgd.compressor_config().optimizer == "sgd"
+    plain = JobSpec.from_dict(base)  # not auto: the section runs as written
+    assert plain.run_compression().params() == {"rank": 4, "feedback": "ef"}
+
+
+def _ddp_step_of(rank, world, spec_dict):
+    from torch.nn.parallel import DistributedDataParallel
+
+    from gradwire.worker.steps import DdpStep
+
+    spec = JobSpec.from_dict(spec_dict)
+    step = DdpStep(torch.nn.Linear(8, 2), spec.run_compression(), DistributedDataParallel)
+    return step.hook_state.reducer.config.optimizer
+
+
+def test_the_train_step_of_an_adam_job_runs_auto_under_adam():
+    base = yaml.safe_load((ROOT / "examples" / "specs" / "tiny-lm-powersgd.yaml").read_text())
+    found = run_ranks(_ddp_step_of, 2, {**base, "compression": {"name": "auto"}}, timeout=120)
+    assert found == ["adam", "adam"]
+
+
 # --- error feedback across a switch -------------------------------------------------------------------
 
 
