@@ -217,9 +217,19 @@ LEGEND = [
 ]
 
 
+def run_key(method: str, steps: int, batch: int, seed: int) -> str:
+    """A run's key in ``--json`` (seed 0's without a suffix, as the first runs were keyed)."""
+    return f"{method}|{steps}|{batch}" + (f"|s{seed}" if seed else "")
+
+
+def setting(run: dict[str, Any]) -> tuple[int, int, int]:
+    """What a run is compared within: steps, batch per rank, seed (weights, batches, data)."""
+    return run["steps"], run.get("batch", 64), run.get("seed", 0)
+
+
 def render(saved: dict[str, Any]) -> str:
     runs = list(saved["runs"].values())
-    bases = {(r["steps"], r.get("batch", 64)): r for r in runs if r["method"] == "allreduce"}
+    bases = {setting(r): r for r in runs if r["method"] == "allreduce"}
     lines = [
         BEGIN, "## Compression with Adam (`benchmarks/adam.py`)", "",
         f"Commands: {'; '.join(f'`{c}`' for c in saved['commands'])}. Last run {saved['date']} on "
@@ -229,18 +239,19 @@ def render(saved: dict[str, Any]) -> str:
         "every method from the same weights on the same batches, the methods of one command taking turns "
         "25 steps at a time. *bytes/step*: this rank's payload from the ledger averaged over every step "
         "(warm-up included); *ratio*: a plain fp32 all-reduce's bytes over the method's; *Δ*: accuracy "
-        "points against `allreduce` with the same steps and batch. The target (issue 18): within 1 point "
-        "at a ratio of 10 or more.", "",
-        "| method | steps | batch/rank | test accuracy | Δ points | bytes/step/rank | ratio | target "
-        "| ranks identical | accuracy on the way, % |", "|:--|--:|--:|--:|--:|--:|--:|:--|:--|:--|",
+        "points against `allreduce` with the same steps, batch and seed (the seed draws the weights, the "
+        "batches and the corpus). The target (issue 18): within 1 point at a ratio of 10 or more.", "",
+        "| method | steps | batch/rank | seed | test accuracy | Δ points | bytes/step/rank | ratio | target "
+        "| ranks identical | accuracy on the way, % |", "|:--|--:|--:|--:|--:|--:|--:|--:|:--|:--|:--|",
     ]  # fmt: skip
-    for run in sorted(runs, key=lambda r: (r["steps"], r.get("batch", 64))):
-        base = bases.get((run["steps"], run.get("batch", 64)))
+    for run in sorted(runs, key=setting):
+        base = bases.get(setting(run))
         acc = run["final_accuracy"]
         delta = 100 * (acc - base["final_accuracy"]) if base else float("nan")
         met = "met" if base and delta >= -1.0 and run["ratio"] >= 10 else "–"
         lines.append(
-            f"| {run['method']} | {run['steps']} | {run.get('batch', 64)} | {100 * acc:.1f} % | {delta:+.1f} "
+            f"| {run['method']} | {run['steps']} | {run.get('batch', 64)} | {run.get('seed', 0)} "
+            f"| {100 * acc:.1f} % | {delta:+.1f} "
             f"| {run['bytes_per_step']:,.0f} | {run['ratio']:.1f}× | {met} | {run['ranks_identical']} | "
             + " → ".join(f"{100 * e['test_accuracy']:.0f}" for e in run["evals"])
             + " |"
@@ -278,19 +289,22 @@ def main(argv: list[str] | None = None) -> None:
             parse_method(method)
         except ValueError as err:
             parser.error(str(err))
-    args.methods = [m for m in methods if f"{m}|{args.steps}|{args.batch}" not in saved["runs"]]
+    args.methods = [m for m in methods if run_key(m, args.steps, args.batch, args.seed) not in saved["runs"]]
     if not args.methods:
         print("every method is in --json already")
         return
     load = os.getloadavg()[0]
     for record in measure(args):
-        saved["runs"][f"{record['method']}|{args.steps}|{args.batch}"] = {**record, "batch": args.batch}
+        key = run_key(record["method"], args.steps, args.batch, args.seed)
+        saved["runs"][key] = {**record, "batch": args.batch, "seed": args.seed}
         print(f"{record['method']:28s} acc {100 * record['final_accuracy']:5.1f} %  "
               f"ratio {record['ratio']:6.1f}x  {1000 * record['seconds_per_step']:.0f} ms/step  "
               f"identical {record['ranks_identical']}", flush=True)  # fmt: skip
     command = f"python benchmarks/adam.py --json F --resume --methods {','.join(args.methods)}"
     if args.steps != 400 or args.batch != 64:
         command += f" --steps {args.steps} --batch {args.batch}"
+    if args.seed:
+        command += f" --seed {args.seed}"
     saved["commands"].append(command)
     saved["date"], saved["load"] = dt.date.today().isoformat(), f"{load:.1f}"
     args.json.write_text(json.dumps(saved, indent=1))

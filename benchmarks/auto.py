@@ -337,3 +337,5 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    if sys.argv[1:2] == ["--rank"]:
+        linkrun.exit_now()

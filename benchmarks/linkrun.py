@@ -348,5 +348,16 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(json.dumps(result, indent=1))
 
 
+def exit_now() -> None:
+    """Leave a finished rank process without the interpreter's teardown: with torch 2.13, gloo
+    sometimes aborts there after ``destroy_process_group`` ("terminate called without an active
+    exception", with torch's own comm hooks too; pytorch/pytorch#190489), which would fail a run whose
+    results are already written."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main()
+    exit_now()

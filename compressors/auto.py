@@ -8,8 +8,9 @@
 has chosen (plain all-reduce until the first choice) and, every so often, measures and chooses again:
 
 1. **Measure** (at the first bucket of step ``probe_after``, then every ``remeasure_every`` steps, on
-   every rank at the same point of the same step): ``probe_reps`` timed all-reduces of 4 KiB and of
-   ``probe_bytes`` on the reducer's own process group; the step's
+   every rank at the same point of the same step): ``probe_reps`` timed all-reduces of 4 KiB and of a
+   large probe sized to take about 25 ms on this link (at most ``probe_bytes``; one 256 KiB all-reduce
+   tells the size) on the reducer's own process group; the step's
    compute time (from one step start to the next, less the time spent in this reducer: the median of the
    steps since the last measurement); the running candidate's compression seconds per step; and, from the
    gradients of the step before, the quality figures of the guard (below). One all-reduce (MAX) of
@@ -78,6 +79,12 @@ from gradwire.compressors.registry import parse_config, plugin
 STATE_VERSION = 1
 #: the smaller probe: its time is mostly α
 SMALL_PROBE_BYTES = 4096
+#: the sizing probe, timed once: it absorbs a shaper's burst and tells how large the large probe must be
+SIZING_PROBE_BYTES = 256 << 10
+#: the large probe is sized to take about this long on the link: long beside α's jitter (a few ms on a
+#: loaded machine, which a 1 MiB probe at 1 Gbit/s could not outweigh), short enough that a slow link
+#: does not spend half a second being measured (2 MiB × 3 at 100 Mbit/s did)
+PROBE_TARGET_S = 0.025
 #: fp16's largest finite value: a gradient entry above it (after dividing by the world size, as the
 #: communicator does before a 16-bit all-reduce) would overflow
 FP16_MAX = 65504.0
@@ -321,27 +328,39 @@ class AutoReducer(Reducer):
         self._hook_seconds = 0.0
 
     # --- measuring and choosing -------------------------------------------------------------
-    def _probe(self, nbytes: int, untimed: int) -> float:
-        """Median seconds of ``probe_reps`` all-reduces of ``nbytes`` (after ``untimed`` more: the first
-        probe of a measurement warms the connections; the large one needs no warm-up of its own, which
-        on a 100 Mbit/s link would cost as much as a timed one)."""
+    def _probe(self, nbytes: int, reps: int, untimed: int = 0) -> float:
+        """Median seconds of ``reps`` all-reduces of ``nbytes`` (after ``untimed`` more)."""
         x = torch.zeros(max(1, nbytes // 4))
         group = self.comm.channel
         times = []
-        for i in range(self.config.probe_reps + untimed):
+        for i in range(reps + untimed):
             started = time.perf_counter()
             dist.all_reduce(x, group=group)
             if i >= untimed:
                 times.append(time.perf_counter() - started)
-        self.probe_bytes += (self.config.probe_reps + untimed) * x.numel() * 4
+        self.probe_bytes += (reps + untimed) * x.numel() * 4
         return statistics.median(times)
+
+    def _probes(self) -> list[tuple[str, int, float]]:
+        """The link's probes, each ``(collective, bytes, median seconds)`` on this rank: 4 KiB (after one
+        untimed, which warms the connections), one sizing probe, then the large one, sized from the
+        sizing probe's slowest-rank time (every rank must run the same all-reduces) to take about
+        ``PROBE_TARGET_S``, at most ``probe_bytes``."""
+        reps = self.config.probe_reps
+        small_s = self._probe(SMALL_PROBE_BYTES, reps, untimed=1)
+        sizing = min(SIZING_PROBE_BYTES, self.config.probe_bytes)
+        sizing_s = torch.tensor([self._probe(sizing, 1)], dtype=torch.float64)
+        dist.all_reduce(sizing_s, op=dist.ReduceOp.MAX, group=self.comm.channel)
+        wanted = sizing * PROBE_TARGET_S / max(float(sizing_s), 1e-6)
+        large = 4 * (int(min(max(wanted, sizing), self.config.probe_bytes)) // 4)
+        large_s = self._probe(large, reps)
+        return [("all_reduce", SMALL_PROBE_BYTES, small_s), ("all_reduce", large, large_s)]
 
     def measure(self) -> dict[str, Any]:
         """This step's rank-agreed measurements (a collective: every rank calls it at the same point)."""
         started = time.perf_counter()
         shapes = self._shapes or [[]]
-        large = self.config.probe_bytes  # well above a shaped link's token bucket (netlab: 128 KiB)
-        small_s, large_s = self._probe(SMALL_PROBE_BYTES, untimed=1), self._probe(large, untimed=0)
+        (_, small, small_s), (_, large, large_s) = self._probes()
         compute = statistics.median(self._compute) if self._compute else 0.0
         steps = max(1, self._window_steps)
         compress = (self.inner.compress_seconds - self._window_compress) / steps
@@ -354,7 +373,7 @@ class AutoReducer(Reducer):
         self.probe_seconds += time.perf_counter() - started
         n = len(GUARD_RANKS)
         return {
-            "probes": [("all_reduce", SMALL_PROBE_BYTES, values[0]), ("all_reduce", large, values[1])],
+            "probes": [("all_reduce", small, values[0]), ("all_reduce", large, values[1])],
             "compute_s": values[2], "compress_s": values[3], "max_abs": values[4],
             "rank_energy": dict(zip(GUARD_RANKS, (-v for v in values[5 : 5 + n]))),
             "topk_energy": -values[5 + n], "shapes": shapes,

@@ -256,11 +256,11 @@ class AutoConfig(CompressorConfig):
     )
     probe_reps: int = Field(3, ge=1, le=20, description="timed all-reduces of each of the two probe sizes")
     probe_bytes: int = Field(
-        1 << 20,
+        4 << 20,
         ge=64 << 10,
         le=64 << 20,
-        description="the larger probe all-reduce's bytes (keep it well above a shaped link's token bucket, "
-        "or the fitted bandwidth comes out too high)",
+        description="the largest probe all-reduce's bytes: the large probe is sized to take about 25 ms on "
+        "the link, up to this (keep it well above a shaped link's token bucket)",
     )
     min_energy: float = Field(
         0.9,

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.multiprocess, needs_netns]
 # Random labels give gradients of flat spectrum, which the quality guard would rule PowerSGD out for
 # (tests/unit/test_auto.py tests the guard): min_energy=0 here, so only the link decides.
 RANK = """
-import datetime, json, sys
+import datetime, json, os, sys
 import torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from gradwire.compressors import current_choice, make_hook
@@ -39,8 +39,9 @@ for step in range(4):
     torch.nn.functional.cross_entropy(ddp(x), y).backward()
 d = state.reducer.last_decision
 print(json.dumps({"choice": current_choice(state), "bandwidth": d["bandwidth"], "alpha": d["alpha_s"],
-                  "predicted": d["predicted_s"]}))
+                  "predicted": d["predicted_s"], "probe_bytes": state.stats()["probe_bytes"]}), flush=True)
 dist.destroy_process_group()
+os._exit(0)  # gloo may abort in the interpreter's teardown (torch 2.13; benchmarks/linkrun.py, exit_now)
 """
 
 
@@ -63,3 +64,15 @@ def test_a_slow_link_picks_powersgd_and_a_fast_one_plain_all_reduce():
     assert slow[0]["bandwidth"] < 0.2e9 / 8  # the fit saw a link of about 100 Mbit/s (burst included)
     assert fast[0]["choice"] == "auto:none", fast[0]
     assert fast[0]["bandwidth"] > 10 * slow[0]["bandwidth"]
+
+
+def test_the_fitted_bandwidth_is_the_link_s_and_a_slow_link_is_probed_briefly():
+    # The large probe is sized to take about 25 ms: long enough at 1 Gbit/s that α's jitter does not
+    # inflate the fitted bandwidth (a fixed 1 MiB probe fitted 2 Gbit/s there under load), short at
+    # 100 Mbit/s (a fixed 2 MiB one moved 8 MiB, 0.7 s, before the first choice).
+    for rate, bytes_per_s in (("1gbit", 125e6), ("100mbit", 12.5e6)):
+        found = choices_on(rate, 32)
+        assert found[0]["bandwidth"] == found[1]["bandwidth"]
+        assert 0.6 * bytes_per_s < found[0]["bandwidth"] < 1.6 * bytes_per_s, (rate, found[0])
+        if rate == "100mbit":
+            assert found[0]["probe_bytes"] < 3 << 20, found[0]

@@ -40,8 +40,10 @@ torch.set_num_threads(1)
 dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(seconds=60))
 t = torch.full((4096,), float(dist.get_rank() + 1))
 dist.all_reduce(t)
-print("sum", t.sum().item() / t.numel(), os.readlink("/proc/self/ns/net"), os.environ["GLOO_SOCKET_IFNAME"])
+print("sum", t.sum().item() / t.numel(), os.readlink("/proc/self/ns/net"), os.environ["GLOO_SOCKET_IFNAME"],
+      flush=True)
 dist.destroy_process_group()
+os._exit(0)  # gloo may abort in the interpreter's teardown (torch 2.13; benchmarks/linkrun.py, exit_now)
 """
 RANK_ENV = {"OMP_NUM_THREADS": "1"}
 
