@@ -33,8 +33,10 @@ has chosen (plain all-reduce until the first choice) and, every so often, measur
    3, where one direction held 90 % of the energy, cost 60 more steps to the target).
    docs/algorithms.md, "Choosing the compressor at run time", gives the sources.
 5. **Choose** the fastest eligible candidate; switch only if it is predicted ``switch_margin`` faster than
-   the running one, or the running one lost its eligibility. The inputs are the same on every rank, so is
-   the choice: no rank ever runs another compressor than its peers.
+   the running one (plain all-reduce before the first choice), or the running one lost its eligibility.
+   The cost model hides nothing behind backward, while DDP's plain all-reduce does overlap with it, so
+   a prediction a few per cent faster than plain is no reason to compress. The inputs are the same on
+   every rank, so is the choice: no rank ever runs another compressor than its peers.
 
 **Switching keeps error feedback sound by carrying the residual over.** With error feedback the sum of
 what was sent plus the ranks' mean residual equals the sum of the mean gradients (nothing is lost, only
@@ -426,8 +428,11 @@ class AutoReducer(Reducer):
             predictions.update(self.predict(m["shapes"], n, link, m["compute_s"], ["none"]))
         best = min(allowed, key=lambda c: predictions[c])  # ties: the first listed
         current = self.choice
-        if current is None:
+        if current is None:  # the first steps ran a plain all-reduce: the first choice is a switch from it
             reason = "first choice"
+            keep = predictions["none"] * (1.0 - self.config.switch_margin)
+            if "none" in allowed and predictions[best] >= keep:
+                best = "none"  # not worth leaving plain all-reduce for
         elif current not in allowed:
             reason = f"{current} failed the quality guard"
         elif predictions[best] < predictions[current] * (1.0 - self.config.switch_margin):

@@ -127,6 +127,25 @@ def test_under_adam_the_guard_leaves_out_top_k_and_powersgd_below_rank_8():
         parse_config("auto", {"adaptive_min_rank": 3})
 
 
+@pytest.mark.parametrize(
+    "predicted,chosen",
+    [({"none": 0.100, "bf16": 0.095, "powersgd-r8": 0.093}, "none"),  # 7 % faster: not worth it
+     ({"none": 0.100, "bf16": 0.095, "powersgd-r8": 0.080}, "powersgd-r8")],
+)  # fmt: skip
+def test_the_first_choice_leaves_plain_all_reduce_only_for_a_margin(monkeypatch, predicted, chosen):
+    import gradwire.compressors.auto as auto
+
+    config = {"candidates": ["none", "bf16", "powersgd-r8"], "min_energy": 0.0, "switch_margin": 0.1}
+    reducer = AutoReducer(parse_config("auto", config))
+    measured = {"probes": [], "compute_s": 0.05, "compress_s": 0.0, "max_abs": 1.0, "shapes": [[(64, 32)]],
+                "rank_energy": dict.fromkeys(GUARD_RANKS, 1.0), "topk_energy": 1.0}  # fmt: skip
+    monkeypatch.setattr(auto, "fit_link", lambda probes, n: Link(1e8, 1e-4))
+    monkeypatch.setattr(reducer, "measure", lambda: measured)
+    monkeypatch.setattr(reducer, "predict", lambda *args, **kwargs: dict(predicted))
+    assert reducer.decide() == chosen
+    assert reducer.history == [(reducer.step, chosen, "first choice")]
+
+
 def test_a_job_tells_auto_its_optimizer_and_refuses_another():
     base = yaml.safe_load((ROOT / "examples" / "specs" / "tiny-lm-powersgd.yaml").read_text())
     spec = JobSpec.from_dict({**base, "compression": {"name": "auto"}})
