@@ -124,19 +124,61 @@ class DataSpec(_Section):
     partition: Partition = Field(default_factory=IidPartition, description="how examples go to workers")
 
 
+#: OneBitAdam's choices (compressors/onebit_adam.py, which imports torch, so the literals are repeated
+#: here; tests/unit/test_spec_onebit_adam.py checks that they agree)
+ONEBIT_MOMENTUM_COMPRESSORS = ("sign", "powersgd", "topk", "randk", "qsgd", "fp16", "bf16")
+ONEBIT_VARIANCE_POLICIES = ("frozen", "doubling", "periodic", "local")
+ONEBIT_SPACES = ("momentum", "update")
+#: compressor parameters that OneBitAdam sets itself (its warm-up, non-finite policy and error feedback)
+ONEBIT_FIXED_PARAMS = ("start_iter", "nonfinite", "feedback")
+#: the fields that only onebit_adam takes
+ONEBIT_FIELDS = ("freeze_step", "variance", "refresh_every", "space", "compressor", "compressor_params")
+
+
 class OptimizerSpec(_Section):
     """The optimizer and its learning-rate schedule."""
 
-    name: Literal["sgd", "adam", "adamw"] = Field("sgd", description="torch.optim optimizer")
+    name: Literal["sgd", "adam", "adamw", "onebit_adam"] = Field(
+        "sgd",
+        description="torch.optim optimizer, or onebit_adam (gradwire's OneBitAdam: Adam whose steps "
+        "travel compressed after freeze_step full-precision steps; compression must be none)",
+    )
     lr: float = Field(gt=0, description="peak learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum in [0, 1); sgd only")
-    weight_decay: float = Field(0.0, ge=0, description="L2 penalty (decoupled for adamw)")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty (decoupled for adamw and onebit_adam)")
     schedule: Literal["constant", "cosine", "step"] = Field(
         "constant", description="learning-rate schedule after warm-up"
     )
     warmup_steps: int = Field(0, ge=0, description="steps of linear warm-up from 0 to lr")
     step_size: int | None = Field(None, ge=1, description="schedule 'step': steps between decays (required)")
     gamma: float = Field(0.1, gt=0, le=1, description="schedule 'step': factor applied at each decay")
+    freeze_step: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="onebit_adam: full-precision Adam steps before the compressed stage; "
+        "default 5 % of the job's steps (at least 1)",
+    )
+    variance: Literal["frozen", "doubling", "periodic", "local"] | None = Field(
+        None,
+        description="onebit_adam: second-moment policy after freeze_step (default 'local': per-rank "
+        "moments, the ranks' Adam steps averaged)",
+    )
+    refresh_every: int | None = Field(
+        None, ge=2, le=10_000_000, description="onebit_adam, variance 'periodic': steps between refreshes"
+    )
+    space: Literal["momentum", "update"] | None = Field(
+        None, description="onebit_adam: what is compressed, the momentum or Adam's step (default 'update')"
+    )
+    compressor: Literal["sign", "powersgd", "topk", "randk", "qsgd", "fp16", "bf16"] | None = Field(
+        None, description="onebit_adam: the compressor (with error feedback) of each step (default 'sign')"
+    )
+    compressor_params: dict[str, Any] | None = Field(
+        None,
+        max_length=16,
+        description="onebit_adam: that compressor's parameters (gradwire compressors NAME), without "
+        "start_iter, nonfinite and feedback, which OneBitAdam sets",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> OptimizerSpec:
@@ -147,8 +189,65 @@ class OptimizerSpec(_Section):
             found.append((("step_size",), "schedule 'step' needs step_size"))
         if self.schedule != "step" and self.step_size is not None:
             found.append((("step_size",), f"step_size is unused by schedule {self.schedule!r}"))
+        if self.name == "onebit_adam":
+            found += self._onebit_problems()
+        else:
+            for key in ONEBIT_FIELDS:
+                if getattr(self, key) is not None:
+                    found.append(((key,), f"{key} is a onebit_adam parameter; {self.name} has none"))
         _raise("OptimizerSpec", found)
         return self
+
+    def _onebit_problems(self) -> Found:
+        """compressors/onebit_adam.py's rules on the combinations of its options."""
+        found: Found = []
+        variance, space = self.onebit_variance(), self.onebit_space()
+        if variance == "periodic" and self.refresh_every is None:
+            found.append((("refresh_every",), "variance 'periodic' needs refresh_every"))
+        if variance != "periodic" and self.refresh_every is not None:
+            found.append((("refresh_every",), f"refresh_every is unused by variance {variance!r}"))
+        if variance == "local" and space != "update":
+            message = (
+                "variance 'local' needs space 'update' (each rank's v differs, so only the ranks' Adam "
+                "steps, not their momenta, can be averaged)"
+            )
+            found.append((("space",), message))
+        params = dict(self.compressor_params or {})
+        for key in ONEBIT_FIXED_PARAMS:
+            if key in params:
+                message = (
+                    f"{key} is set by onebit_adam (freeze_step is its warm-up, a non-finite step always "
+                    "stops the job, error feedback is 'ef'), not a compressor parameter to pass"
+                )
+                found.append((("compressor_params", key), message))
+                params.pop(key)
+        try:
+            parse_config(self.onebit_compressor(), {**params, "feedback": "ef", "nonfinite": "raise"})
+        except UnknownCompressorError as err:  # the Literal above lists only registered ones
+            found.append((("compressor",), str(err)))
+        except ValidationError as err:
+            for problem in err.errors():
+                loc = ("compressor_params", *(str(part) for part in problem["loc"]))
+                found.append((loc, problem["msg"]))
+        return found
+
+    def onebit_variance(self) -> str:
+        """onebit_adam's ``variance``, its default filled in."""
+        return self.variance or "local"
+
+    def onebit_space(self) -> str:
+        """onebit_adam's ``space``, its default filled in."""
+        return self.space or "update"
+
+    def onebit_compressor(self) -> str:
+        """onebit_adam's momentum compressor, its default filled in."""
+        return self.compressor or "sign"
+
+    def onebit_freeze_step(self, total_steps: int) -> int:
+        """onebit_adam's ``freeze_step``: as written, else 5 % of ``total_steps`` (at least 1)."""
+        if self.freeze_step is not None:
+            return self.freeze_step
+        return max(1, round(0.05 * total_steps))
 
 
 class WorkersSpec(_Section):
@@ -360,12 +459,39 @@ class JobSpec(_Section):
             found.append((("optimizer", "warmup_steps"), message))
         if self.stragglers is not None:
             found += _straggler_problems(self.stragglers, self.workers.count, self.compression.name)
+        if self.optimizer.name == "onebit_adam":
+            found += self._onebit_adam_problems()
         written = self.compression.params().get("optimizer")
         if self.compression.name == "auto" and written is not None and written != self.optimizer.name:
             message = f"auto is told {written!r} but the job's optimizer.name is {self.optimizer.name!r}"
             found.append((("compression", "optimizer"), message))
         _raise("JobSpec", found)
         return self
+
+    def _onebit_adam_problems(self) -> Found:
+        """onebit_adam compresses Adam's steps itself, in its own DDP hook."""
+        found: Found = []
+        if self.compression.name != "none":
+            message = (
+                f"onebit_adam compresses its own steps (optimizer.compressor, sign by default) in its own "
+                f"DDP hook, so the gradients cannot also go through {self.compression.name!r}; use "
+                "compression: {name: none}"
+            )
+            found.append((("compression", "name"), message))
+        if self.stragglers is not None and self.stragglers.code != "none":
+            message = (
+                f"gradient code {self.stragglers.code!r} decodes gradients outside DDP, where onebit_adam's "
+                "hook cannot compress them; onebit_adam runs without a code (code 'none')"
+            )
+            found.append((("stragglers", "code"), message))
+        freeze = self.optimizer.freeze_step
+        if self.steps is not None and freeze is not None and freeze >= self.steps:
+            message = (
+                f"freeze_step={freeze} leaves no compressed step (steps={self.steps}); "
+                "need freeze_step < steps"
+            )
+            found.append((("optimizer", "freeze_step"), message))
+        return found
 
     def resume_job(self) -> str | None:
         """``resume_from`` when it names a coordinator job, else ``None``."""
