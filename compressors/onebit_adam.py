@@ -374,9 +374,10 @@ class OneBitAdam(torch.optim.Optimizer):
     # --- reporting and state -------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
         """This rank's cumulative counters: the byte ledger (gradients on dense steps, momentum
-        payloads after the freeze) and the step counts."""
+        payloads after the freeze), the momentum reducer's seconds and non-finite count, and the
+        step counts."""
         return {
-            **self.reducer.comm.ledger.as_dict(),
+            **self.reducer.stats(),
             "steps": self.steps_taken,
             "dense_steps": self.dense_steps,
         }

@@ -8,15 +8,17 @@ reported to Ray are every rank's own; the driver shows rank 0's.
 
 A checkpoint directory holds ``model.pt`` and ``optimizer.pt`` (rank 0; the same on every rank),
 ``rank{r}.pt`` per rank (compressor and error-feedback state, coded-round position, torch RNG
-state) and ``progress.json`` (the step reached and the worker group's attempt). The attempt is
-Ray Train's restore count as the loop sees it: 0 for a group that starts fresh (or from another
-run's checkpoint, ``resume_from``), and the saved attempt + 1 for a group that Ray Train hands
-this run's own checkpoint (``ray.train.get_checkpoint()``: it restored the group after a worker
-failed, or the run is resumed). Every step report carries it, with the node's address
-(:func:`node_address`), so the coordinator sees restores and placement from the workers
-themselves. A group lost before Ray Train registered the run's first checkpoint starts again
-from step 0 as attempt 0. The data order is a function of the step
-(:mod:`gradwire.worker.sampler`), so resuming from a checkpoint continues the same trajectory.
+state; with ``onebit_adam``, whose moments and error-feedback residuals are each rank's own, the
+optimizer's state too, and ``optimizer.pt`` records how many ranks saved one, so a group of
+another size refuses to resume) and ``progress.json`` (the step reached and the worker group's
+attempt). The attempt is Ray Train's restore count as the loop sees it: 0 for a group that starts
+fresh (or from another run's checkpoint, ``resume_from``), and the saved attempt + 1 for a group
+that Ray Train hands this run's own checkpoint (``ray.train.get_checkpoint()``: it restored the
+group after a worker failed, or the run is resumed). Every step report carries it, with the node's
+address (:func:`node_address`), so the coordinator sees restores and placement from the workers
+themselves. A group lost before Ray Train registered the run's first checkpoint starts again from
+step 0 as attempt 0. The data order is a function of the step (:mod:`gradwire.worker.sampler`), so
+resuming from a checkpoint continues the same trajectory.
 
 A step with non-finite gradients stops the job on every rank at once, before the optimizer
 applies them; the final report (and checkpoint: the last finite state) carries ``stopped``
@@ -47,7 +49,16 @@ from gradwire.worker.datasets import DATASETS, Dataset, get_dataset
 from gradwire.worker.models import build_model
 from gradwire.worker.partition import partition_indices
 from gradwire.worker.sampler import PartitionSampler
-from gradwire.worker.steps import CodedStep, DdpStep, NonFiniteStep, StepTimes, loss_fn, straggler_model
+from gradwire.worker.steps import (
+    CodedStep,
+    DdpStep,
+    NonFiniteStep,
+    OptimizerHook,
+    StepTimes,
+    loss_fn,
+    optimizer_step,
+    straggler_model,
+)
 from gradwire.worker.telemetry import make_telemetry
 
 LEDGER_KEYS = ("bytes_sent", "bytes_uncompressed", "compress_seconds", "communicate_seconds")
@@ -89,16 +100,24 @@ def train_loop(config: dict[str, Any]) -> None:
         spec.model.name, data.num_features, data.num_classes,
         allow_import_paths=policy is None or policy.allow_import_paths, **spec.model.params,
     )  # fmt: skip
+    # built before the step: DDP and .to(device) keep these parameter objects; onebit_adam's
+    # optimizer brings the DDP hook that averages (and, after its warm-up, compresses) the steps
+    optimizer = make_optimizer(spec.optimizer, model.parameters(), total_steps=total_steps)
     coded = spec.stragglers is not None and spec.stragglers.code in ("fractional", "cyclic")
     if coded:
         train_step: DdpStep | CodedStep = CodedStep(model, spec, rank, world_size, device)
     else:
         injected = straggler_model(spec.injection(), world_size)  # code 'none': everyone waits
+        own_hook = OptimizerHook(optimizer, spec.optimizer.name) if per_rank_optimizer(optimizer) else None
         train_step = DdpStep(
-            model, spec.run_compression(), ray.train.torch.prepare_model, rank=rank, stragglers=injected
+            model,
+            spec.run_compression(),
+            ray.train.torch.prepare_model,
+            rank=rank,
+            stragglers=injected,
+            optimizer_hook=own_hook,
         )
     partitions = train_step.partitions or [rank]
-    optimizer = make_optimizer(spec.optimizer, train_step.module.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec.optimizer, total_steps))
 
     step, attempt = 0, 0
@@ -108,7 +127,9 @@ def train_loop(config: dict[str, Any]) -> None:
         checkpoint = ray.train.Checkpoint(config["resume_from"])
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            step, saved_attempt = load_checkpoint(Path(folder), rank, train_step, optimizer, scheduler)
+            step, saved_attempt = load_checkpoint(
+                Path(folder), rank, train_step, optimizer, scheduler, world_size=world_size
+            )
         attempt = saved_attempt + 1 if restored else 0
     start_step = step
     node = node_address()
@@ -126,13 +147,13 @@ def train_loop(config: dict[str, Any]) -> None:
         while step < total_steps:
             batches = {j: to_device(data, sampler.indices(j, step), device) for j in partitions}
             maybe_kill(kill_at, rank, step)
+            learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step uses
             try:
                 times = train_step(batches, step)
+                optimizer_step(optimizer, train_step, times)
             except NonFiniteStep as err:
                 run.stopped = f"{err}; the job stopped instead of training on non-finite values"
                 break
-            learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step used
-            optimizer.step()
             scheduler.step()
             step += 1
             run.record(times)
@@ -159,13 +180,19 @@ def train_loop(config: dict[str, Any]) -> None:
                 telemetry.close(timeout=5.0)
             if evaluate_now or save_now:
                 metrics = run.metrics(step, train_step, telemetry, evaluation)
-                report(metrics, step, rank, train_step, optimizer, scheduler, save=save_now, attempt=attempt)
+                report(
+                    metrics, step, rank, train_step, optimizer, scheduler, save=save_now, attempt=attempt,
+                    world_size=world_size,
+                )  # fmt: skip
         if run.stopped or start_step >= total_steps:  # stopped early, or restored a finished run
             evaluation = evaluate_model(train_step.module, data, device)
             metrics = run.metrics(step, train_step, telemetry, evaluation)
             # Ray Train hands back the metrics of the latest checkpoint, so stopping saves one too:
             # the state before the non-finite step, which was never applied
-            report(metrics, step, rank, train_step, optimizer, scheduler, save=True, attempt=attempt)
+            report(
+                metrics, step, rank, train_step, optimizer, scheduler, save=True, attempt=attempt,
+                world_size=world_size,
+            )  # fmt: skip
     finally:
         telemetry.close(timeout=5.0)
 
@@ -334,12 +361,50 @@ def node_address() -> str:
         return ""
 
 
-def make_optimizer(spec: OptimizerSpec, params: Any) -> torch.optim.Optimizer:
+def make_optimizer(
+    spec: OptimizerSpec, params: Any, *, total_steps: int | None = None
+) -> torch.optim.Optimizer:
+    """The spec's optimizer. ``onebit_adam`` needs ``total_steps`` (the job's steps) unless its
+    ``freeze_step`` is written, and refuses a ``freeze_step`` that leaves no compressed step; its
+    DDP hook is ``optimizer.comm_hook()`` (:class:`~gradwire.worker.steps.OptimizerHook`)."""
     if spec.name == "sgd":
         return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     if spec.name == "adam":
         return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.name == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.name != "onebit_adam":
+        raise ValueError(f"optimizer.name: unknown optimizer {spec.name!r}")
+    from gradwire.compressors.onebit_adam import OneBitAdam
+
+    if total_steps is None and spec.freeze_step is None:
+        raise ValueError(
+            "optimizer.freeze_step: onebit_adam's default is 5 % of the job's steps, unknown here"
+        )
+    if total_steps is not None and spec.freeze_step is not None and spec.freeze_step >= total_steps:
+        raise ValueError(
+            f"optimizer.freeze_step={spec.freeze_step} leaves no compressed step in this job's "
+            f"{total_steps} steps; need freeze_step < the steps"
+        )
+    return OneBitAdam(
+        params,
+        lr=spec.lr,
+        weight_decay=spec.weight_decay,
+        freeze_step=spec.freeze_step if total_steps is None else spec.onebit_freeze_step(total_steps),
+        variance=spec.onebit_variance(),
+        refresh_every=spec.refresh_every,
+        space=spec.onebit_space(),
+        compressor=spec.onebit_compressor(),
+        compressor_params=spec.compressor_params,
+    )
+
+
+def per_rank_optimizer(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether each rank's optimizer state is its own (OneBitAdam: error-feedback residuals, and
+    per-rank moments with variance 'local'), so each rank saves and loads its own."""
+    from gradwire.compressors.onebit_adam import OneBitAdam
+
+    return isinstance(optimizer, OneBitAdam)
 
 
 def lr_factor(spec: OptimizerSpec, total_steps: int):
@@ -380,39 +445,86 @@ def report(
     *,
     save: bool,
     attempt: int = 0,
+    world_size: int = 1,
 ) -> None:
     """``ray.train.report`` on every rank; with ``save``, each rank adds its files to the checkpoint
-    (rank 0's ``progress.json`` holds the step and the worker group's ``attempt``)."""
+    (:func:`save_checkpoint`)."""
     import ray.train
 
     if not save:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder)
-        torch.save({"step": train_step.state_dict(), "rng": torch.get_rng_state()}, out / f"rank{rank}.pt")
-        if rank == 0:
-            torch.save(train_step.module.state_dict(), out / "model.pt")
-            torch.save(
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                out / "optimizer.pt",
-            )
-            (out / "progress.json").write_text(json.dumps({"step": step, "attempt": attempt}))
+        save_checkpoint(
+            Path(folder), step, rank, train_step, optimizer, scheduler, attempt=attempt, world_size=world_size
+        )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
+def save_checkpoint(
+    out: Path,
+    step: int,
+    rank: int,
+    train_step: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    attempt: int,
+    world_size: int,
+) -> None:
+    """This rank's files of a checkpoint in ``out``: ``rank{rank}.pt`` (with the optimizer's state
+    when it is per rank), and on rank 0 the model, ``optimizer.pt`` and ``progress.json`` (the step
+    and the worker group's ``attempt``)."""
+    per_rank = per_rank_optimizer(optimizer)
+    own: dict[str, Any] = {"step": train_step.state_dict(), "rng": torch.get_rng_state()}
+    if per_rank:
+        own["optimizer"] = optimizer.state_dict()
+    torch.save(own, out / f"rank{rank}.pt")
+    if rank == 0:
+        torch.save(train_step.module.state_dict(), out / "model.pt")
+        shared = {
+            "optimizer": None if per_rank else optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "optimizer_ranks": world_size if per_rank else None,  # rank{r}.pt hold the optimizer
+        }
+        torch.save(shared, out / "optimizer.pt")
+        (out / "progress.json").write_text(json.dumps({"step": step, "attempt": attempt}))
+
+
 def load_checkpoint(
-    folder: Path, rank: int, train_step: Any, optimizer: torch.optim.Optimizer, scheduler: Any
+    folder: Path,
+    rank: int,
+    train_step: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    world_size: int,
 ) -> tuple[int, int]:
-    """Restore what :func:`report` saved; returns the step to continue from and the worker-group
-    attempt that saved it (0 for a checkpoint written before attempts were recorded)."""
-    train_step.module.load_state_dict(torch.load(folder / "model.pt", map_location="cpu"))
+    """Restore what :func:`save_checkpoint` saved; returns the step to continue from and the
+    worker-group attempt that saved it (0 for a checkpoint written before attempts were recorded).
+    A per-rank optimizer state (onebit_adam) is loaded from this rank's own file, and only in a
+    group of the size that saved it (``ValueError`` naming both sizes otherwise)."""
     saved = torch.load(folder / "optimizer.pt")
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+    ranks = saved.get("optimizer_ranks")
+    if ranks is not None and ranks != world_size:
+        raise ValueError(
+            f"checkpoint {folder}: the optimizer state (onebit_adam: each rank's moments and "
+            f"error-feedback residuals) was saved by {ranks} ranks, one file each, and this group has "
+            f"{world_size}; resume with workers.count={ranks}"
+        )
+    if (ranks is not None) != per_rank_optimizer(optimizer):
+        saved_kind = "per rank (onebit_adam)" if ranks is not None else "one for all ranks"
+        raise ValueError(
+            f"checkpoint {folder}: its optimizer state is {saved_kind}, and this job's optimizer "
+            f"{type(optimizer).__name__} keeps {'one per rank' if ranks is None else 'one for all'}: "
+            "resume with the optimizer that saved it"
+        )
+    train_step.module.load_state_dict(torch.load(folder / "model.pt", map_location="cpu"))
     own = folder / f"rank{rank}.pt"
     rank_file = own if own.exists() else folder / "rank0.pt"  # the world size changed
     state = torch.load(rank_file)
+    optimizer.load_state_dict(saved["optimizer"] if ranks is None else state["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
     train_step.load_state_dict(state["step"])
     if own.exists():
         torch.set_rng_state(state["rng"])

@@ -1,7 +1,10 @@
 """One training step's forward, backward and gradient reduction, in the two ways a job can run.
 
 * :class:`DdpStep` — the model wrapped in DDP with the gradwire comm hook: each rank computes
-  its own share's batch, the hook compresses and averages the gradients during backward.
+  its own share's batch, the hook compresses and averages the gradients during backward. With
+  an :class:`OptimizerHook` (``optimizer: {name: onebit_adam}``) the hook is the optimizer's
+  own instead: it averages the gradients of the warm-up steps, and afterwards the optimizer
+  compresses and averages its steps in ``optimizer.step()`` (:func:`optimizer_step` counts it).
 * :class:`CodedStep` — a gradient code (``stragglers: {code: fractional|cyclic}``): each rank
   computes the partitions the code gives it, :class:`~gradwire.compressors.coding.CodedRound`
   decodes the full gradient from the first ``n − s`` finishers, stragglers are left out.
@@ -56,8 +59,62 @@ class StepTimes:
     stragglers: list[int] = field(default_factory=list)
 
 
+class OptimizerHook:
+    """The DDP hook of an optimizer that averages its own steps (OneBitAdam), with what
+    :class:`DdpStep` reads from a compression hook: the byte ledger and seconds, and the name of
+    what runs (``onebit_adam:sign``). The optimizer's state is saved with the optimizer, per rank
+    (:mod:`gradwire.worker.runtime`), so this holds none of its own."""
+
+    def __init__(self, optimizer: Any, name: str) -> None:
+        self.optimizer = optimizer
+        self.name = name
+
+    def comm_hook(self) -> tuple[Any, Any]:
+        return self.optimizer.comm_hook()
+
+    def stats(self) -> dict[str, Any]:
+        return self.optimizer.stats()
+
+    def compressor(self) -> str:
+        from gradwire.compressors import current_choice
+
+        return f"{self.name}:{current_choice(self.optimizer.reducer)}"
+
+    def averages_gradients(self) -> bool:
+        """Whether the coming backward's gradients are averaged by the hook (the warm-up steps), so
+        every rank holds the same ones after it."""
+        return not self.optimizer.compressing
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(
+                "this rank's step state holds a compressor's state, but the job's optimizer "
+                "runs its own hook: was the checkpoint saved by a job with another optimizer?"
+            )
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, train_step: Any, times: StepTimes) -> None:
+    """``optimizer.step()``, adding to ``times`` the compress and communicate seconds the step
+    spent (an :class:`OptimizerHook`'s optimizer compresses and averages there; others spend
+    none). A non-finite value it detects raises :class:`NonFiniteStep` on every rank."""
+    from gradwire.compressors.reducer import NonFiniteGradientError
+
+    before = train_step.stats()
+    try:
+        optimizer.step()
+    except NonFiniteGradientError as err:  # the reducer checks across ranks: every rank raises
+        raise NonFiniteStep(f"non-finite optimizer step ({err})") from err
+    after = train_step.stats()
+    times.compress_s += after["compress_seconds"] - before["compress_seconds"]
+    times.communicate_s += after["communicate_seconds"] - before["communicate_seconds"]
+
+
 class DdpStep:
-    """Forward and backward through DDP; the gradwire hook reduces the gradients inside backward."""
+    """Forward and backward through DDP; the gradwire hook reduces the gradients inside backward
+    (or, given ``optimizer_hook``, the optimizer's own hook, and ``compression`` must be none)."""
 
     def __init__(
         self,
@@ -67,12 +124,23 @@ class DdpStep:
         *,
         rank: int = 0,
         stragglers: Any = None,
+        optimizer_hook: OptimizerHook | None = None,
     ) -> None:
         from gradwire.compressors import make_hook
 
         self.model = prepare_model(model)  # Ray Train wraps it in DDP (gloo on CPU, NCCL on GPU)
-        self.hook_state, hook = make_hook(compression.name, **compression.params())
-        self.model.register_comm_hook(self.hook_state, hook)
+        self.optimizer_hook = optimizer_hook
+        if optimizer_hook is not None:
+            if compression.name != "none":
+                raise ValueError(
+                    f"compression {compression.name!r} and the optimizer's own hook cannot both reduce "
+                    "the gradients (DDP takes one hook); use compression 'none'"
+                )
+            self.hook_state: Any = optimizer_hook
+            self.model.register_comm_hook(*optimizer_hook.comm_hook())
+        else:
+            self.hook_state, hook = make_hook(compression.name, **compression.params())
+            self.model.register_comm_hook(self.hook_state, hook)
         self.partitions = None  # this rank's own share only
         # injected stragglers without a code (``stragglers: {code: none, inject: ...}``): a flagged
         # rank computes ``slowdown`` times longer, and every other rank waits for it in the all-reduce
@@ -87,15 +155,20 @@ class DdpStep:
         return self.hook_state.stats()
 
     def compressor(self) -> str:
-        """The compressor the hook runs now (``auto:<choice>`` for ``auto``): the step report's."""
+        """The compressor the hook runs now (``auto:<choice>`` for ``auto``, ``onebit_adam:<its
+        compressor>`` for the optimizer's hook): the step report's."""
         from gradwire.compressors import current_choice
 
+        if self.optimizer_hook is not None:
+            return self.optimizer_hook.compressor()
         return current_choice(self.hook_state)
 
     def compressor_choices(self) -> list[tuple[int, str, str]]:
         """``(step, choice, why)`` of each choice ``auto`` made (empty for a fixed compressor)."""
         from gradwire.compressors import choice_history
 
+        if self.optimizer_hook is not None:
+            return []
         return choice_history(self.hook_state)
 
     def state_dict(self) -> dict[str, Any]:
@@ -109,6 +182,7 @@ class DdpStep:
 
         ((x, y),) = batches.values()
         before = self.stats()
+        averaged = self.optimizer_hook is not None and self.optimizer_hook.averages_gradients()
         started = time.perf_counter()
         self.model.train()
         loss = loss_fn(self.model(x), y)
@@ -127,6 +201,10 @@ class DdpStep:
         if after["nonfinite_steps"] > before["nonfinite_steps"]:  # nonfinite="propagate": every rank sees it
             message = f"step {step}: non-finite gradients on some rank; loss here {float(loss):.4g}"
             raise NonFiniteStep(message)
+        if averaged and not all(
+            bool(torch.isfinite(p.grad).all()) for p in self.module.parameters() if p.grad is not None
+        ):  # the mean: the same on every rank
+            raise NonFiniteStep(f"step {step}: non-finite mean gradients; loss here {float(loss):.4g}")
         compress = after["compress_seconds"] - before["compress_seconds"]
         communicate = after["communicate_seconds"] - before["communicate_seconds"]
         compute = max(0.0, elapsed - compress - communicate)
