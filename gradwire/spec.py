@@ -135,6 +135,14 @@ ONEBIT_FIXED_PARAMS = ("start_iter", "nonfinite", "feedback")
 ONEBIT_FIELDS = ("freeze_step", "variance", "refresh_every", "space", "compressor", "compressor_params")
 
 
+def onebit_adam_label(optimizer: Mapping[str, Any]) -> str | None:
+    """The compressor a onebit_adam job's workers report, ``onebit_adam:<compressor>``, from its
+    stored (validated) optimizer section; ``None`` for another optimizer."""
+    if optimizer.get("name") != "onebit_adam":
+        return None
+    return f"onebit_adam:{optimizer.get('compressor') or 'sign'}"
+
+
 class OptimizerSpec(_Section):
     """The optimizer and its learning-rate schedule."""
 

@@ -27,7 +27,8 @@ batch before anything is stored, counted or de-duplicated:
     does not build the model, so it does not know its size: ``max_bytes_per_step`` is a fixed,
     generous ceiling (64 GiB by default: a 16-billion-parameter float32 gradient), configurable
     with ``GRADWIRE_TELEMETRY_MAX_BYTES_PER_STEP``;
-  - the ``compressor`` label is the job's own (its spec's ``compression.name``): the report's
+  - the ``compressor`` label is the job's own (its spec's ``compression.name``, or
+    ``onebit_adam:<compressor>`` when its optimizer compresses its own steps): the report's
     field is overwritten, so no report can invent a label value. A job whose spec says ``auto``
     reports its current choice as ``auto:<choice>``; that is kept when ``<choice>`` is a short
     lower-case token (:data:`AUTO_CHOICE`) and the job has used fewer than
@@ -57,6 +58,7 @@ from typing import Any, Protocol
 from gradwire.protos import telemetry_pb2 as pb
 from gradwire.server.records import JobPoint, JobRecord
 from gradwire.server.states import JobState
+from gradwire.spec import onebit_adam_label
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +168,8 @@ class TelemetryGate:
         steps = spec.get("steps")
         entry = _Job(
             digest=bytes.fromhex(digest),
-            compressor=str(compression.get("name") or "none"),
+            compressor=onebit_adam_label(spec.get("optimizer") or {})
+            or str(compression.get("name") or "none"),
             workers=max(1, int(workers.get("count") or 1)),
             max_step=int(steps) if isinstance(steps, int) and steps > 0 else self.bounds.max_step,
             not_before=job.created_at.timestamp() - self.bounds.max_clock_skew_s,
