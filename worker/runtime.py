@@ -22,7 +22,8 @@ resuming from a checkpoint continues the same trajectory.
 
 A step with non-finite gradients stops the job on every rank at once, before the optimizer
 applies them; the final report (and checkpoint: the last finite state) carries ``stopped``
-with the reason.
+with the reason. (``onebit_adam`` after its warm-up finds them in ``optimizer.step()``, when each
+rank's moments already took them in: its saved moments are then not finite, the parameters are.)
 """
 
 from __future__ import annotations
