@@ -260,6 +260,10 @@ def plan(
     spec, data, shapes, model = _load(spec_path, workers)
     n = spec.workers.count
     own = spec.compressor_config()
+    onebit = spec.optimizer.name == "onebit_adam"
+    if onebit:  # the optimizer compresses each step itself (compression is none): price its compressor
+        params = {**(spec.optimizer.compressor_params or {}), "feedback": "ef"}
+        own = parse_config(spec.optimizer.onebit_compressor(), params)
     choosing = own.registry_name() == "auto"  # chosen at run time: compare its candidates instead
     if choosing:
         # under Adam auto leaves some candidates out whatever their guard says
@@ -275,6 +279,9 @@ def plan(
                     spec.data.batch_size)
     link = Link(bytes_per_s * cal.efficiency, cal.latency_s if alpha is None else alpha, topology)
     notes: list[str] = []
+    if onebit:
+        notes.append(f"optimizer onebit_adam: plain all-reduce for its first freeze_step steps, then each "
+                     f"step's update through {config_label(own)} with error feedback (the spec's row)")
     if choosing:
         notes.append(f"compression: auto measures the link and the step at run time and runs the fastest of "
                      f"{', '.join(candidates)} whose quality guard holds (docs/compressors.md)")
@@ -285,8 +292,10 @@ def plan(
         from gradwire.worker.runtime import make_optimizer
 
         batch = spec.data.batch_size
+        # onebit_adam's compute is Adam's (its compression is priced as the spec's row, not measured here)
+        stand_in = spec.optimizer.model_copy(update={"name": "adam"}) if onebit else spec.optimizer
         compute_s, fractions = measure_compute(model, data.x_train[:batch], data.y_train[:batch],
-                                               make_optimizer(spec.optimizer, model.parameters()))
+                                               make_optimizer(stand_in, model.parameters()))
         windows: list[float] | None = [f * compute_s for f in fractions]
     else:
         compute_s = cal.compute_s(key)

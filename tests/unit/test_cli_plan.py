@@ -116,3 +116,16 @@ def test_measure_times_the_specs_model_here():
     rows = json.loads(result.output)["rows"]
     assert [r["compressor"] for r in rows] == ["none", "topk 1% ef"]
     assert all(r["compute_ms"] > 0 and r["compress_ms"] > 0 for r in rows)
+
+
+def test_plan_of_a_onebit_adam_spec_prices_the_optimizer_s_compressor():
+    # compression is none in such a spec: the optimizer sends each step through sign with EF
+    spec = str(next(s for s in SPECS if s.stem == "tiny-lm-onebit-adam"))
+    result = plan(spec, "--bandwidth", "100Mbit", "--measure", "--json")
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.output)
+    rows = {r["compressor"]: r for r in found["rows"]}
+    own = next(r for r in found["rows"] if r.get("spec"))
+    assert own["compressor"] == "sign ef", own
+    assert own["bytes_per_step"] * 10 < rows["none"]["bytes_per_step"]
+    assert any("optimizer onebit_adam" in note for note in found["notes"])
