@@ -45,6 +45,17 @@ class NonFiniteGradientError(FloatingPointError):
     """Some rank's gradient held NaN or Inf (raised on every rank at once)."""
 
 
+def all_finite(flat: torch.Tensor) -> bool:
+    """Whether every element of ``flat`` is finite. A sum in the tensor's own dtype is non-finite
+    whenever an element is (NaN and ±inf propagate through addition), so only a sum that overflowed
+    from finite values needs the exact float64 one: ten times cheaper than always summing in float64
+    (0.02 against 0.21 ms for 300 k floats on one core, the larger part of the hook's cost over
+    torch's own; docs/benchmarks.md, "Runtime overhead")."""
+    if torch.isfinite(flat.sum()).item():
+        return True
+    return bool(torch.isfinite(flat.sum(dtype=torch.float64)).item())
+
+
 class Reducer:
     def __init__(self, config: CompressorConfig, compressor: Compressor, process_group: Any = None):
         self.config = config
@@ -168,7 +179,7 @@ class Reducer:
         """Mean of the 1-D ``flat`` over ranks, in place, as a future (only when :attr:`passthrough`).
 
         What DDP's default hook does, plus the ledger and the non-finite check: the all-reduce runs
-        while backward goes on, and the check (a float64 sum, no collective) runs in the future's
+        while backward goes on, and the check (:func:`all_finite`, no collective) runs in the future's
         callback. ``communicate_seconds`` counts from launch to completion.
         """
         if not self.passthrough:
@@ -188,7 +199,7 @@ class Reducer:
         def finish(done: torch.futures.Future) -> torch.Tensor:
             done.value()  # re-raises a failed collective
             self.communicate_seconds += time.perf_counter() - launched
-            if not torch.isfinite(flat.sum(dtype=torch.float64)).item():
+            if not all_finite(flat):
                 self._nonfinite([flat], advance, [flat])  # raises with nonfinite="raise"
                 return flat
             if advance:

@@ -69,3 +69,19 @@ def test_nan_on_one_rank_is_counted_on_both():
 def test_nan_on_one_rank_raises_on_both():
     for got in run_ranks(_steps, 2, "raise", True, timeout=120):
         assert got["raised"] is not None and "NaN or Inf" in got["raised"], got["raised"]
+
+
+@pytest.mark.parametrize(
+    "values,dtype,finite",
+    [([1.0, -2.0, 3.0], torch.float32, True),
+     ([3e38, 3e38, 3e38], torch.float32, True),  # the float32 sum overflows; the values are finite
+     ([60000.0, 60000.0], torch.float16, True),
+     ([1.0, float("inf")], torch.float32, False),
+     ([float("inf"), float("-inf")], torch.float32, False),
+     ([3e38, 3e38, float("nan")], torch.float32, False),
+     ([1.0, float("nan")], torch.float16, False)],
+)  # fmt: skip
+def test_the_passthrough_check_tells_non_finite_from_an_overflowing_sum(values, dtype, finite):
+    from gradwire.compressors.reducer import all_finite
+
+    assert all_finite(torch.tensor(values, dtype=dtype)) is finite
