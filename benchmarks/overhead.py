@@ -122,7 +122,7 @@ def turns_loop(config: dict[str, Any]) -> None:
         to_device,
     )
     from gradwire.worker.sampler import PartitionSampler
-    from gradwire.worker.steps import DdpStep, loss_fn
+    from gradwire.worker.steps import DdpStep, loss_fn, optimizer_step
     from gradwire.worker.telemetry import make_telemetry
 
     spec = JobSpec.from_dict(config["spec"])
@@ -170,7 +170,7 @@ def turns_loop(config: dict[str, Any]) -> None:
         times = runtime(batches, step)
         stepped = time.perf_counter()
         learning_rate = runtime_opt.param_groups[0]["lr"]
-        runtime_opt.step()
+        optimizer_step(runtime_opt, runtime, times)
         scheduler.step()
         optimised = time.perf_counter()
         run.record(times)

@@ -102,6 +102,9 @@ def optimizer_step(optimizer: torch.optim.Optimizer, train_step: Any, times: Ste
     none). A non-finite value it detects raises :class:`NonFiniteStep` on every rank."""
     from gradwire.compressors.reducer import NonFiniteGradientError
 
+    if getattr(train_step, "optimizer_hook", None) is None:  # a torch optimizer: nothing to count
+        optimizer.step()
+        return
     before = train_step.stats()
     try:
         optimizer.step()
