@@ -58,6 +58,7 @@ WORKLOADS = {
     # name: (model params, batch size) on digits; the wider MLP has a more realistic step time
     "mlp-64x64": ({"hidden": [64, 64]}, 32),
     "mlp-512x512": ({"hidden": [512, 512]}, 128),
+    "mlp-2048x2048": ({"hidden": [2048, 2048]}, 128),  # 4.3 M parameters: a step of tens of ms
 }
 
 
@@ -208,12 +209,25 @@ def turns_loop(config: dict[str, Any]) -> None:
             for _ in range(turn):
                 one(arm)
             mine[arm].append((time.perf_counter() - started) / turn)
+    timed = rounds * turn
+    timed_pieces = {k: v / timed for k, v in pieces.items()}
+    profile: list[dict[str, Any]] = []
+    profile_steps = int(config.get("profile_steps", 0))
+    if profile_steps:  # where the runtime arm's time goes: cProfile over more of its steps, every rank
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(profile_steps):
+            one("runtime")
+        profiler.disable()
+        profile = profile_rows(pstats.Stats(profiler), profile_steps)
     telemetry.close(timeout=5.0)
     every: list[Any] = [None] * world_size
     dist.all_gather_object(every, mine)
     slowest = {arm: [max(r[arm][i] for r in every) for i in range(rounds)] for arm in ARMS}
-    timed = rounds * turn
-    metrics = {"turns": slowest, "pieces": {k: v / timed for k, v in pieces.items()},
+    metrics = {"turns": slowest, "pieces": timed_pieces, "profile": profile,
                "telemetry_sent": telemetry.sent, "hook_steps": hook_state.stats()["steps"]}  # fmt: skip
     # Ray Train (V2) hands back the metrics of the latest checkpointed report
     with tempfile.TemporaryDirectory() as folder:
@@ -221,13 +235,35 @@ def turns_loop(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def fit_turns(spec: JobSpec, rounds: int, turn: int) -> dict[str, Any]:
+def profile_rows(stats: Any, steps: int, top: int = 10, ours_ms: float = 0.01) -> list[dict[str, Any]]:
+    """From a cProfile run, by inclusive time: the ``top`` functions, and every function of this
+    repository that took at least ``ours_ms`` per step (calls, own and inclusive ms per step)."""
+    rows = []
+    for (filename, _line, name), (_, calls, own, inclusive, _) in stats.stats.items():
+        path, ours = filename.replace("\\", "/"), False
+        if "/site-packages/" in path:  # a library's (also from a virtual environment inside the repository)
+            path = path.split("/site-packages/", 1)[1]
+        elif path.startswith(str(ROOT) + "/"):
+            path, ours = path[len(str(ROOT)) + 1 :], True
+        rows.append({"function": f"{path}:{name}" if path != "~" else name, "calls": calls / steps,
+                     "own_ms": 1e3 * own / steps, "inclusive_ms": 1e3 * inclusive / steps,
+                     "ours": ours})  # fmt: skip
+    rows.sort(key=lambda r: -r["inclusive_ms"])
+    return [r for i, r in enumerate(rows) if i < top or (r["ours"] and r["inclusive_ms"] >= ours_ms)]
+
+
+def fit_turns(spec: JobSpec, rounds: int, turn: int, profile_steps: int = 0) -> dict[str, Any]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         turns_loop,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "rounds": rounds, "turn": turn},
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "rounds": rounds,
+            "turn": turn,
+            "profile_steps": profile_steps,
+        },
         scaling_config=ScalingConfig(num_workers=spec.workers.count, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=f"overhead-{time.time_ns()}", storage_path=spec.checkpoint.storage),
     )
@@ -235,11 +271,14 @@ def fit_turns(spec: JobSpec, rounds: int, turn: int) -> dict[str, Any]:
 
 
 def summarise(
-    name: str, turns: dict[str, list[float]], pieces: dict[str, float] | None = None
+    name: str,
+    turns: dict[str, list[float]],
+    pieces: dict[str, float] | None = None,
+    profile: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Per-step medians and each arm's paired ratio to plain with its interval; ``pieces``: the
     runtime step's parts (seconds per step)."""
-    row: dict[str, Any] = {"workload": name, "turns": turns, "pieces": pieces or {}}
+    row: dict[str, Any] = {"workload": name, "turns": turns, "pieces": pieces or {}, "profile": profile or []}
     for arm in ARMS:
         row[f"{arm}_ms"] = 1e3 * statistics.median(turns[arm])
     for arm in ARMS[1:]:
@@ -250,13 +289,13 @@ def summarise(
     return row
 
 
-def measure(rounds: int, turn: int) -> list[dict[str, Any]]:
+def measure(rounds: int, turn: int, profile_steps: int = 0) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="gw-overhead-") as storage:
         for name, (params, batch) in WORKLOADS.items():
-            spec = job(params, batch, 2 * rounds * turn, storage)
-            metrics = fit_turns(spec, rounds, turn)
-            row = summarise(name, metrics["turns"], metrics.get("pieces"))
+            spec = job(params, batch, 2 * rounds * turn + profile_steps, storage)
+            metrics = fit_turns(spec, rounds, turn, profile_steps)
+            row = summarise(name, metrics["turns"], metrics.get("pieces"), metrics.get("profile"))
             rows.append(row)
             print(f"{name:12s} " + "  ".join(f"{arm} {row[f'{arm}_ms']:.3f} ms" for arm in ARMS)
                   + f"  runtime {100 * row['runtime_overhead']:+.1f} %", flush=True)  # fmt: skip
@@ -318,6 +357,16 @@ def render(rows: list[dict[str, Any]], rounds: int, turn: int, command: str, loa
                 f"`RunState` and the telemetry report {1e3 * parts['report']:.2f}."
             )
         lines.append(line)
+    for row in rows:
+        if not row.get("profile"):
+            continue
+        lines += ["", f"Profile of the runtime arm, {row['workload']} (cProfile on rank 0 over the steps "
+                  "named in the command, after the timed rounds; cProfile's own cost inflates Python-heavy "
+                  "entries; ms per step):", "",
+                  "| function | calls/step | own ms | inclusive ms |", "|:--|--:|--:|--:|"]  # fmt: skip
+        for entry in row["profile"]:
+            lines.append(f"| `{entry['function']}` | {entry['calls']:.0f} | {entry['own_ms']:.3f} "
+                         f"| {entry['inclusive_ms']:.3f} |")  # fmt: skip
     lines += ["", f"Command: `{command}`", END, ""]
     return "\n".join(lines)
 
@@ -331,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=40, help="turns of each arm")
     parser.add_argument("--turn", type=int, default=10, help="steps per turn")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="then profile STEPS more runtime steps (cProfile, rank 0): where they go")
     args = parser.parse_args(argv)
     if args.rounds < 6 or args.turn < 1:
         parser.error(f"--rounds must be >= 6 (a 95 % interval needs 6) and --turn >= 1, not {args.rounds}")
@@ -339,10 +390,12 @@ def main(argv: list[str] | None = None) -> None:
 
     load = f"{os.getloadavg()[0]:.1f}"
     start_local_ray(num_cpus=2)
-    rows = measure(args.rounds, args.turn)
+    rows = measure(args.rounds, args.turn, args.profile)
     command = "python benchmarks/overhead.py"
     if (args.rounds, args.turn) != (40, 10):
         command += f" --rounds {args.rounds} --turn {args.turn}"
+    if args.profile:
+        command += f" --profile {args.profile}"
     section = render(rows, args.rounds, args.turn, command, load)
     print(section)
     write(args.out, section)
