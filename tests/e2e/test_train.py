@@ -118,8 +118,9 @@ def test_too_many_workers_fails_before_starting(local_ray, tmp_path):
 
 
 def test_auto_reports_its_choices_in_the_summary(local_ray, tmp_path):
-    """compression: auto under Ray Train: its first choice (after 3 plain steps) and the re-measure at
-    step 103 are listed by ``gradwire train``'s summary, each a candidate of its config."""
+    """compression: auto under Ray Train: its first choice (after ``probe_after`` plain steps) and the
+    re-measure 100 steps later are listed by ``gradwire train``'s summary, each a candidate of its
+    config."""
     spec_path = SPEC.with_name("digits-auto.yaml")
     result = CliRunner().invoke(
         app,
@@ -130,6 +131,7 @@ def test_auto_reports_its_choices_in_the_summary(local_ray, tmp_path):
     line = next((ln for ln in result.output.splitlines() if ln.startswith("compression auto chose:")), None)
     assert line, result.output
     choices = re.findall(r"step (\d+): (\S+) \(", line)
-    assert choices and choices[0][0] == "3", line
-    candidates = set(JobSpec.from_file(spec_path).compressor_config().candidates)
+    config = JobSpec.from_file(spec_path).compressor_config()
+    assert choices and choices[0][0] == str(config.probe_after), line
+    candidates = set(config.candidates)
     assert {choice for _, choice in choices} <= candidates, (line, candidates)
