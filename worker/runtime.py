@@ -101,8 +101,10 @@ def train_loop(config: dict[str, Any]) -> None:
         spec.model.name, data.num_features, data.num_classes,
         allow_import_paths=policy is None or policy.allow_import_paths, **spec.model.params,
     )  # fmt: skip
-    # built before the step: DDP and .to(device) keep these parameter objects; onebit_adam's
-    # optimizer brings the DDP hook that averages (and, after its warm-up, compresses) the steps
+    # the optimizer is built before the step (onebit_adam's brings the DDP hook that averages, and
+    # after its warm-up compresses, the steps), so the model moves to its device first: a move
+    # after it may give the module new parameter objects (torch's Module.cuda documents this)
+    model = model.to(device)
     optimizer = make_optimizer(spec.optimizer, model.parameters(), total_steps=total_steps)
     coded = spec.stragglers is not None and spec.stragglers.code in ("fractional", "cyclic")
     if coded:
@@ -119,6 +121,9 @@ def train_loop(config: dict[str, Any]) -> None:
             optimizer_hook=own_hook,
         )
     partitions = train_step.partitions or [rank]
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if optimised != {id(p) for p in train_step.module.parameters()}:  # would train nothing, silently
+        raise RuntimeError("the optimizer does not hold the trained module's parameters")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec.optimizer, total_steps))
 
     step, attempt = 0, 0
