@@ -202,10 +202,24 @@ class QSGDConfig(CompressorConfig):
 
 
 class SignConfig(CompressorConfig):
-    """Scaled sign, C(p) = (‖p‖₁/d)·sign(p), as in EF-SignSGD (Karimireddy et al. 2019)."""
+    """Scaled sign, C(p) = (‖p‖₁/d)·sign(p), as in EF-SignSGD (Karimireddy et al. 2019); with ``block``
+    one scale per ``block`` consecutive elements, as in the blockwise sign of Zheng et al. (2019); with
+    ``bits=2`` two magnitude classes per block, each sent at its own mean |x|."""
 
     name: ClassVar[str] = "sign"
     feedback: FeedbackName = Field("ef", description=_FEEDBACK)
+    block: int | None = Field(
+        None,
+        ge=8,
+        le=1 << 24,
+        description="elements that share one scale (their mean |x|); none: one scale per tensor",
+    )
+    bits: int = Field(
+        1,
+        ge=1,
+        le=2,
+        description="bits per element: 1 (sign) or 2 (sign, and whether |x| is above its block's mean)",
+    )
 
 
 #: what ``compression: auto`` may choose from: label → (registry name, parameters). The labels are the

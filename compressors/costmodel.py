@@ -152,7 +152,8 @@ def payload_nbytes(config: CompressorConfig, shape: Shape, itemsize: int = 4) ->
     if name == "qsgd":
         return d + itemsize * math.ceil(d / config.bucket_size)
     if name == "sign":
-        return math.ceil(d / 8) + itemsize
+        blocks = math.ceil(d / config.block) if config.block else 1
+        return config.bits * (math.ceil(d / 8) + itemsize * blocks)
     raise UnmodelledCompressorError(
         f"the cost model does not know compressor {name!r}; it models {', '.join(MODELLED)}"
     )
@@ -375,6 +376,9 @@ def config_label(config: CompressorConfig) -> str:
         text = f"{name} {ratio * 100:g}%" if k is None else f"{name} k={k}"
     elif name == "qsgd":
         text = f"qsgd s={config.levels}"
+    elif name == "sign":
+        text = "sign" + (f" {config.bits}-bit" if config.bits != 1 else "")
+        text += f" block={config.block}" if config.block else ""
     else:
         text = name
     default_feedback = type(config).model_fields["feedback"].default

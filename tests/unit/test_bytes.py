@@ -41,6 +41,10 @@ def powersgd_bytes(r):
     return rule
 
 
+def sign_block_bytes(block):
+    return lambda s: math.ceil(math.prod(s) / 8) + F32 * math.ceil(math.prod(s) / block)
+
+
 EXPECTED = {
     "none": ({}, lambda s: F32 * math.prod(s), 1.0),
     "fp16": ({}, lambda s: 2 * math.prod(s), 0.0),
@@ -52,6 +56,8 @@ EXPECTED = {
     "randk": ({"ratio": 0.05}, lambda s: F32 * math.ceil(0.05 * math.prod(s)), 1.0, FLAG),
     "qsgd": ({"bucket_size": 128}, lambda s: math.prod(s) + F32 * math.ceil(math.prod(s) / 128), 1.0),
     "sign": ({}, lambda s: math.ceil(math.prod(s) / 8) + F32, 1.0),
+    "sign-block": ({"block": 64}, sign_block_bytes(64), 1.0),
+    "sign-2bit": ({"block": 64, "bits": 2}, lambda s: 2 * sign_block_bytes(64)(s), 1.0),
 }
 
 

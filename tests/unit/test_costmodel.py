@@ -41,6 +41,8 @@ CONFIGS = [
     ("randk", {"k": 3, "feedback": "ef21-sgdm"}),
     ("qsgd", {"levels": 15, "bucket_size": 100}),
     ("sign", {}),
+    ("sign", {"block": 40}),
+    ("sign", {"block": 40, "bits": 2}),
 ]
 STEPS = 4
 
@@ -204,6 +206,8 @@ def test_labels_name_the_parameters_that_matter():
     assert config_label(parse_config("topk")) == "topk 1% ef"
     assert config_label(parse_config("topk", {"k": 5, "feedback": "ef21"})) == "topk k=5 ef21"
     assert config_label(parse_config("qsgd")) == "qsgd s=127"
+    assert config_label(parse_config("sign")) == "sign ef"
+    assert config_label(parse_config("sign", {"bits": 2, "block": 256})) == "sign 2-bit block=256 ef"
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ STEPS = 5
 CONFIGS: dict[str, tuple[str, dict]] = {
     "ef-topk": ("topk", {"ratio": 0.2, "feedback": "ef", "min_compression_rate": 0}),
     "ef-sign": ("sign", {"feedback": "ef", "min_compression_rate": 0}),
+    "ef-sign-2bit-block": ("sign", {"feedback": "ef", "bits": 2, "block": 16, "min_compression_rate": 0}),
     "ef-qsgd": ("qsgd", {"feedback": "ef", "levels": 3, "bucket_size": 16, "min_compression_rate": 0}),
     "ef-randk": ("randk", {"ratio": 0.3, "feedback": "ef", "min_compression_rate": 0}),
     "ef-powersgd-r1": ("powersgd", {"rank": 1, "min_compression_rate": 0}),

@@ -20,6 +20,7 @@ CONFIGS = {
     "qsgd-ef": ("qsgd", {"feedback": "ef", "levels": 4}),
     "randk-ef": ("randk", {"ratio": 0.1}),
     "sign-ef": ("sign", {}),
+    "sign-2bit-ef": ("sign", {"bits": 2, "block": 32}),
     "fp16-ef": ("fp16", {"feedback": "ef"}),
 }
 
