@@ -18,7 +18,9 @@ Methods (comma-separated ``--methods``):
   rate X);
 * ``topk:RULE:RATIO``: Top-k with feedback RULE (ef, ef21, ef21-sgdm, econtrol), Adam on the result;
 * ``onebit:COMP:wW``: ``OneBitAdam`` (compressors/onebit_adam.py): W Adam warm-up steps, then v frozen
-  and the momentum compressed by COMP (``sign``, ``powersgd4`` for rank 4, ``topk0.01``...) with EF;
+  and the momentum compressed by COMP (``sign``, ``sign256`` for one scale per 256 elements,
+  ``powersgd4`` for rank 4, ``topk0.01``...) with EF (``:bits2``: the 2-bit sign, ``:ef21``: EF21,
+  ``:bf16w``: the warm-up's gradients all-reduced in bfloat16);
   ``:doubling`` adds 0/1 Adam's full-precision variance refreshes at 2W, 4W, ...; ``:pK`` one every K
   steps after the freeze; ``:update`` compresses the momentum divided by the frozen √v̂ + ε (the
   update) instead of the momentum; ``:local`` keeps per-rank moments and compresses the ranks' Adam
@@ -49,7 +51,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.linkrun import ONE_BUCKET_MB, WORKLOADS, evaluate, loss_and_correct
+from benchmarks.linkrun import ONE_BUCKET_MB, WORKLOADS, evaluate, exit_now, loss_and_correct
 from benchmarks.sections import write_section
 from gradwire.compressors import make_hook
 from gradwire.compressors.onebit_adam import OneBitAdam
@@ -83,7 +85,7 @@ def parse_method(method: str) -> dict[str, Any]:
             return {"kind": "hook", "name": "topk", "params": {"feedback": rest[0], "ratio": float(rest[1])}}
         if head == "onebit" and len(rest) >= 2 and rest[1][0] == "w":
             comp, cparams = momentum_compressor(rest[0])
-            variance, space, every = "frozen", "momentum", None
+            variance, space, every, warmup = "frozen", "momentum", None, "float32"
             for opt in rest[2:]:
                 if opt == "doubling":
                     variance = "doubling"
@@ -93,18 +95,28 @@ def parse_method(method: str) -> dict[str, Any]:
                     variance, every = "periodic", int(opt[1:])
                 elif opt == "update":
                     space = "update"
+                elif opt == "bf16w":
+                    warmup = "bfloat16"
+                elif opt == "bits2":
+                    cparams = {**cparams, "bits": 2}
+                elif opt == "ef21":
+                    cparams = {**cparams, "feedback": "ef21"}
                 else:
                     raise ValueError(opt)
             return {"kind": "onebit", "compressor": comp, "compressor_params": cparams,
                     "freeze_step": int(rest[1][1:]), "variance": variance, "space": space,
-                    "refresh_every": every}  # fmt: skip
+                    "refresh_every": every, "warmup_dtype": warmup}  # fmt: skip
     except (ValueError, IndexError):
         pass
     raise ValueError(f"cannot read method {method!r}: see benchmarks/adam.py's docstring for the forms")
 
 
 def momentum_compressor(text: str) -> tuple[str, dict[str, Any]]:
-    for name, key, cast in (("powersgd", "rank", int), ("topk", "ratio", float), ("randk", "ratio", float)):
+    forms = (
+        ("powersgd", "rank", int), ("topk", "ratio", float), ("randk", "ratio", float),
+        ("sign", "block", int),
+    )  # fmt: skip
+    for name, key, cast in forms:
         if text.startswith(name):
             return name, {key: cast(text[len(name) :])} if text != name else {}
     return text, {}
@@ -126,7 +138,8 @@ class Run:
         lr = work["optimizer"][1]
         self.state: Any = None
         if self.kind == "onebit":
-            names = ("freeze_step", "variance", "refresh_every", "space", "compressor", "compressor_params")
+            names = ("freeze_step", "variance", "refresh_every", "space", "compressor", "compressor_params",
+                     "warmup_dtype")  # fmt: skip
             options = {k: spec[k] for k in names}
             self.opt = OneBitAdam(self.ddp.parameters(), lr=lr, **options)
             self.ddp.register_comm_hook(*self.opt.comm_hook())
@@ -191,6 +204,7 @@ def rank_main(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     dist.destroy_process_group()
     if rank == 0:
         Path(out).write_text(json.dumps(records))
+    exit_now()  # gloo may abort in the interpreter's teardown (pytorch/pytorch#190489)
 
 
 def free_port() -> int:
@@ -213,7 +227,10 @@ LEGEND = [
     "steps, then v frozen and the momentum sent through COMP with EF (`sign` 1 bit per element, "
     "`powersgd4` rank 4); `:doubling` refreshes v in full precision at steps 2W, 4W, …, `:pK` every K "
     "steps; `:update` compresses m/(√v̂+ε) instead of m; `:local` keeps each rank's own m and v (never "
-    "frozen) and compresses each rank's Adam step.",
+    "frozen) and compresses each rank's Adam step. `signB` gives each run of B elements its own scale; "
+    "`:bits2` is the 2-bit sign (a second bit per element says whether its |x| is above the mean, each class "
+    "sent at its own mean |x|); `:ef21` replaces EF with EF21 estimates of the steps; `:bf16w` all-reduces "
+    "the warm-up's gradients in bfloat16 (half its bytes); `fp16` sends the steps in fp16.",
 ]
 
 

@@ -31,12 +31,19 @@ schedule of 0/1 Adam (Lu et al., ICLR 2023, arXiv:2202.06009) as an option:
 Use it with DDP (the hook is required: without it DDP would all-reduce every gradient as well)::
 
     ddp = DistributedDataParallel(model)
-    opt = OneBitAdam(ddp.parameters(), lr=3e-3, freeze_step=10, variance="local", space="update")
-    ddp.register_comm_hook(*opt.comm_hook())   # sign + EF by default
+    opt = OneBitAdam(ddp.parameters(), lr=3e-3, freeze_step=10, variance="local", space="update",
+                     compressor_params={"bits": 2}, warmup_dtype="bfloat16")
+    ddp.register_comm_hook(*opt.comm_hook())   # sign + EF (1 bit unless bits=2)
+
+``warmup_dtype="bfloat16"`` all-reduces the gradients of the full-precision steps in bfloat16 (half
+the bytes, float32's range), as torch's ``bf16_compress_hook`` does.
 
 On the small LM of ``benchmarks/adam.py`` a v frozen after 5 % of the steps broke Adam whatever the
-compressor, while ``variance="local"`` with sign-compressed steps ended 0.6, 1.3 and 3.0 points below
-uncompressed Adam on three seeds at 12.5× fewer bytes (docs/benchmarks.md, "Compression with Adam").
+compressor, while ``variance="local"`` with 2-bit sign steps (``compressor_params={"bits": 2}``)
+after a 5 % bfloat16 warm-up ended −0.1 to +3.4 points against uncompressed Adam on five seeds at
+11.8× fewer bytes (the 1-bit sign: 0.6–3.0 points below at 12.5×; docs/benchmarks.md, "Compression
+with Adam"). ``variance="local"`` also takes EF21 estimates of the steps (``feedback: ef21``), which
+lost 15–20 points there.
 
 ``opt.stats()`` has the reducer's byte ledger (warm-up gradients and compressed momentum alike), and
 ``state_dict()`` this rank's state: the error-feedback residuals belong to the rank that made them,
@@ -61,6 +68,8 @@ MOMENTUM_COMPRESSORS = ("sign", "powersgd", "topk", "randk", "qsgd", "fp16", "bf
 VARIANCE_POLICIES = ("frozen", "doubling", "periodic", "local")
 #: what the compressor sees: the momentum (1-bit Adam), or the momentum divided by the frozen √v̂ + ε
 SPACES = ("momentum", "update")
+#: how the gradients travel on full-precision steps (the warm-up, variance refreshes)
+WARMUP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 STATE_VERSION = 1
 
 
@@ -72,7 +81,7 @@ class MissingHookError(RuntimeError):
     """A step ran in a multi-rank group without the optimizer's DDP hook having run in backward."""
 
 
-def _momentum_reducer(compressor: str, params: dict[str, Any], process_group: Any) -> Reducer:
+def _momentum_reducer(compressor: str, params: dict[str, Any], process_group: Any, variance: str) -> Reducer:
     if compressor not in MOMENTUM_COMPRESSORS:
         raise ValueError(
             f"compressor={compressor!r} cannot compress OneBitAdam's momentum; use one of "
@@ -85,12 +94,14 @@ def _momentum_reducer(compressor: str, params: dict[str, Any], process_group: An
                 "always raises), not a parameter to pass"
             )
     feedback = params.get("feedback", "ef")
-    if feedback != "ef":
+    allowed = ("ef", "ef21") if variance == "local" else ("ef",)
+    if feedback not in allowed:
         raise ValueError(
             f"feedback={feedback!r}: OneBitAdam compresses its momentum with error feedback 'ef' "
-            "(Tang et al. 2021); EF21-style estimates would replace the momentum itself"
+            "(Tang et al. 2021); EF21-style estimates would replace the momentum itself (they may "
+            "estimate the ranks' Adam steps with variance='local')"
         )
-    config = parse_config(compressor, {**params, "feedback": "ef", "nonfinite": "raise"})
+    config = parse_config(compressor, {**params, "feedback": feedback, "nonfinite": "raise"})
     return Reducer(config, plugin(compressor).factory()(config), process_group)
 
 
@@ -126,6 +137,7 @@ class OneBitAdam(torch.optim.Optimizer):
         space: str = "momentum",
         compressor: str = "sign",
         compressor_params: dict[str, Any] | None = None,
+        warmup_dtype: str = "float32",
         process_group: Any = None,
     ):
         checks = [
@@ -158,6 +170,11 @@ class OneBitAdam(torch.optim.Optimizer):
             raise ValueError(f"OneBitAdam: refresh_every={refresh_every!r} must be an int >= 2")
         if space not in SPACES:
             raise ValueError(f"OneBitAdam: space={space!r} must be one of {', '.join(SPACES)}")
+        if warmup_dtype not in WARMUP_DTYPES:
+            raise ValueError(
+                f"OneBitAdam: warmup_dtype={warmup_dtype!r} must be one of {', '.join(WARMUP_DTYPES)} "
+                "(bfloat16 keeps float32's range, so it cannot overflow where float32 did not)"
+            )
         if variance == "local" and space != "update":
             raise ValueError(
                 "OneBitAdam: variance='local' needs space='update' (each rank's v differs, so only the "
@@ -169,7 +186,8 @@ class OneBitAdam(torch.optim.Optimizer):
         self.variance = variance
         self.refresh_every = refresh_every
         self.space = space
-        self.reducer = _momentum_reducer(compressor, dict(compressor_params or {}), process_group)
+        self.warmup_dtype = warmup_dtype
+        self.reducer = _momentum_reducer(compressor, dict(compressor_params or {}), process_group, variance)
         #: steps taken (the next step's 0-based index)
         self.steps_taken = 0
         #: steps whose second moment was updated (its bias correction after the freeze)
@@ -225,12 +243,17 @@ class OneBitAdam(torch.optim.Optimizer):
             future: torch.futures.Future = torch.futures.Future()
             future.set_result(buffer)
             return future
-        nbytes = buffer.numel() * buffer.element_size()
-        comm.ledger.record_uncompressed(nbytes, comm.world_size)
-        comm.ledger.record_all_reduce(nbytes, comm.world_size)
-        buffer.div_(comm.world_size)
-        work = dist.all_reduce(buffer, group=comm.group, async_op=True)
-        return work.get_future().then(lambda done: done.value()[0])
+        comm.ledger.record_uncompressed(buffer.numel() * buffer.element_size(), comm.world_size)
+        dtype = WARMUP_DTYPES[self.warmup_dtype]
+        if buffer.dtype != torch.float32 or dtype == torch.float32:
+            comm.ledger.record_all_reduce(buffer.numel() * buffer.element_size(), comm.world_size)
+            buffer.div_(comm.world_size)
+            work = dist.all_reduce(buffer, group=comm.group, async_op=True)
+            return work.get_future().then(lambda done: done.value()[0])
+        wire = buffer.to(dtype).div_(comm.world_size)  # as torch's bf16_compress_hook
+        comm.ledger.record_all_reduce(wire.numel() * wire.element_size(), comm.world_size)
+        work = dist.all_reduce(wire, group=comm.group, async_op=True)
+        return work.get_future().then(lambda done: buffer.copy_(done.value()[0]))
 
     def _agree(self) -> None:
         """Check that every rank runs the same schedule: one all-reduce (MAX) of ``[step,
@@ -243,18 +266,19 @@ class OneBitAdam(torch.optim.Optimizer):
         policy = [
             VARIANCE_POLICIES.index(self.variance) + 10 * (self.refresh_every or 0),
             SPACES.index(self.space),
+            list(WARMUP_DTYPES).index(self.warmup_dtype),
         ]
         mine = [self.steps_taken, self.freeze_step, *policy, total]
         probe = torch.tensor(mine + [-x for x in mine], dtype=torch.float64)
         comm.ledger.record_all_reduce(probe.numel() * probe.element_size(), comm.world_size)
         dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=comm.group)
-        high, low = probe[: len(mine)].tolist(), [-x for x in probe[len(mine) :].tolist()]
+        high, low = probe[: len(mine)].tolist(), [0.0 - x for x in probe[len(mine) :].tolist()]  # not -0.0
         if high != low:
-            names = ("step", "freeze_step", "variance policy", "space", "sum of v")
+            names = ("step", "freeze_step", "variance policy", "space", "warmup_dtype", "sum of v")
             differ = ", ".join(f"{n} {lo!r}..{hi!r}" for n, lo, hi in zip(names, low, high) if lo != hi)
             raise FreezeMismatchError(
                 f"ranks disagree on OneBitAdam's schedule ({differ}). Every rank must build OneBitAdam "
-                "with the same freeze_step and variance, load its own state and take every step"
+                "with the same freeze_step, variance and warmup_dtype, load its own state and take every step"
             )
         self.agreed = True
         if self.compressing:

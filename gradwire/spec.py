@@ -129,10 +129,13 @@ class DataSpec(_Section):
 ONEBIT_MOMENTUM_COMPRESSORS = ("sign", "powersgd", "topk", "randk", "qsgd", "fp16", "bf16")
 ONEBIT_VARIANCE_POLICIES = ("frozen", "doubling", "periodic", "local")
 ONEBIT_SPACES = ("momentum", "update")
+ONEBIT_WARMUP_DTYPES = ("float32", "bfloat16")
 #: compressor parameters that OneBitAdam sets itself (its warm-up, non-finite policy and error feedback)
 ONEBIT_FIXED_PARAMS = ("start_iter", "nonfinite", "feedback")
 #: the fields that only onebit_adam takes
-ONEBIT_FIELDS = ("freeze_step", "variance", "refresh_every", "space", "compressor", "compressor_params")
+ONEBIT_FIELDS = (
+    "freeze_step", "variance", "refresh_every", "space", "compressor", "compressor_params", "warmup_dtype",
+)  # fmt: skip
 
 
 def onebit_adam_label(optimizer: Mapping[str, Any]) -> str | None:
@@ -185,7 +188,12 @@ class OptimizerSpec(_Section):
         None,
         max_length=16,
         description="onebit_adam: that compressor's parameters (gradwire compressors NAME), without "
-        "start_iter, nonfinite and feedback, which OneBitAdam sets",
+        "start_iter, nonfinite and feedback, which OneBitAdam sets (default for sign: {bits: 2})",
+    )
+    warmup_dtype: Literal["float32", "bfloat16"] | None = Field(
+        None,
+        description="onebit_adam: the dtype its warm-up's gradients are all-reduced in (default 'bfloat16', "
+        "half the bytes of 'float32')",
     )
 
     @model_validator(mode="after")
@@ -250,6 +258,16 @@ class OptimizerSpec(_Section):
     def onebit_compressor(self) -> str:
         """onebit_adam's momentum compressor, its default filled in."""
         return self.compressor or "sign"
+
+    def onebit_compressor_params(self) -> dict[str, Any]:
+        """onebit_adam's compressor parameters: as written, else the 2-bit sign for ``sign``."""
+        if self.compressor_params is not None:
+            return dict(self.compressor_params)
+        return {"bits": 2} if self.onebit_compressor() == "sign" else {}
+
+    def onebit_warmup_dtype(self) -> str:
+        """onebit_adam's ``warmup_dtype``, its default filled in."""
+        return self.warmup_dtype or "bfloat16"
 
     def onebit_freeze_step(self, total_steps: int) -> int:
         """onebit_adam's ``freeze_step``: as written, else 5 % of ``total_steps`` (at least 1)."""

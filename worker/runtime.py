@@ -401,7 +401,8 @@ def make_optimizer(
         refresh_every=spec.refresh_every,
         space=spec.onebit_space(),
         compressor=spec.onebit_compressor(),
-        compressor_params=spec.compressor_params,
+        compressor_params=spec.onebit_compressor_params(),
+        warmup_dtype=spec.onebit_warmup_dtype(),
     )
 
 

@@ -262,7 +262,7 @@ def plan(
     own = spec.compressor_config()
     onebit = spec.optimizer.name == "onebit_adam"
     if onebit:  # the optimizer compresses each step itself (compression is none): price its compressor
-        params = {**(spec.optimizer.compressor_params or {}), "feedback": "ef"}
+        params = {**spec.optimizer.onebit_compressor_params(), "feedback": "ef"}
         own = parse_config(spec.optimizer.onebit_compressor(), params)
     choosing = own.registry_name() == "auto"  # chosen at run time: compare its candidates instead
     if choosing:
@@ -280,8 +280,10 @@ def plan(
     link = Link(bytes_per_s * cal.efficiency, cal.latency_s if alpha is None else alpha, topology)
     notes: list[str] = []
     if onebit:
-        notes.append(f"optimizer onebit_adam: plain all-reduce for its first freeze_step steps, then each "
-                     f"step's update through {config_label(own)} with error feedback (the spec's row)")
+        dtype = spec.optimizer.onebit_warmup_dtype()
+        notes.append(f"optimizer onebit_adam: plain all-reduce ({dtype}) for its first freeze_step steps, "
+                     f"then each step's update through {config_label(own)} with error feedback "
+                     "(the spec's row)")
     if choosing:
         notes.append(f"compression: auto measures the link and the step at run time and runs the fastest of "
                      f"{', '.join(candidates)} whose quality guard holds (docs/compressors.md)")

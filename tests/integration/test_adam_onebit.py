@@ -68,9 +68,11 @@ def _refused(fn) -> str:
     return "not refused"
 
 
-def _disagree(rank: int) -> str:
+def _disagree(rank: int, **options) -> str:
     model = DDP(_model())
-    opt = OneBitAdam(model.parameters(), lr=1e-2, freeze_step=WARMUP + rank)  # rank 1 freezes later
+    if not options:
+        options = {"freeze_step": WARMUP + rank}  # rank 1 freezes later
+    opt = OneBitAdam(model.parameters(), lr=1e-2, **{"freeze_step": WARMUP, **options})
     model.register_comm_hook(*opt.comm_hook())
     x, y = _data(rank)[0]
     return _refused(lambda: nn.functional.cross_entropy(model(x), y).backward())
@@ -88,8 +90,13 @@ def _all_cases(rank: int, world: int) -> dict:
     return {
         "train": _train(rank),
         "local": _train(rank, variance="local", space="update"),
+        # the recommended form: a bfloat16 warm-up, then 2-bit steps
+        "local2": _train(
+            rank, variance="local", space="update", compressor_params={"bits": 2}, warmup_dtype="bfloat16"
+        ),
         "no_hook": _no_hook(rank),
         "disagree": _disagree(rank),
+        "disagree_dtype": _disagree(rank, warmup_dtype=("float32", "bfloat16")[rank]),
     }
 
 
@@ -98,7 +105,7 @@ def ranks() -> list[dict]:
     return run_ranks(_all_cases, 2, timeout=240)
 
 
-@pytest.mark.parametrize("run", ["train", "local"])  # frozen v and shared m; per-rank m and v
+@pytest.mark.parametrize("run", ["train", "local", "local2"])  # frozen v and shared m; per-rank m and v
 def test_ranks_stay_bit_identical_and_the_loss_falls(ranks: list[dict], run: str) -> None:
     first, second = ranks[0][run], ranks[1][run]
     assert first["digests"] == second["digests"]  # after every step, warm-up and compressed alike
@@ -108,16 +115,20 @@ def test_ranks_stay_bit_identical_and_the_loss_falls(ranks: list[dict], run: str
         assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
 
 
-@pytest.mark.parametrize("run", ["train", "local"])
-def test_ledger_holds_every_byte(ranks: list[dict], run: str) -> None:
+@pytest.mark.parametrize(
+    ("run", "bits", "warmup_bytes"), [("train", 1, 4), ("local", 1, 4), ("local2", 2, 2)]
+)
+def test_ledger_holds_every_byte(ranks: list[dict], run: str, bits: int, warmup_bytes: int) -> None:
     train = ranks[0][run]
     numel = [math.prod(s) for s in train["shapes"]]
     plain = 4 * sum(numel)
-    # compressed stage: sign bits and a 4-byte scale per tensor, all-gathered (1-D ones as rows)
-    momentum = sum(math.ceil(n / 8) + 4 for n in numel)
-    probes = 2 * 80  # the schedule check at step 0 and at the freeze: 10 float64 each
+    # compressed stage: sign bits and a 4-byte scale per tensor, all-gathered (1-D ones as rows); with
+    # 2 bits a second bit and a second scale
+    momentum = sum(bits * (math.ceil(n / 8) + 4) for n in numel)
+    probes = 2 * 96  # the schedule check at step 0 and at the freeze: 12 float64 each
     stats = train["stats"]
-    assert stats["bytes_sent"] == WARMUP * plain + probes + (STEPS - WARMUP) * momentum
+    warmup = WARMUP * warmup_bytes * sum(numel)
+    assert stats["bytes_sent"] == warmup + probes + (STEPS - WARMUP) * momentum
     assert stats["bytes_uncompressed"] == STEPS * plain
     assert stats["dense_steps"] == WARMUP
     assert 10 * momentum < plain  # a compressed step sends under a tenth of a plain one
@@ -126,6 +137,16 @@ def test_ledger_holds_every_byte(ranks: list[dict], run: str) -> None:
 def test_ranks_that_disagree_on_the_freeze_are_refused_on_every_rank(ranks: list[dict]) -> None:
     for result in ranks:
         assert "ranks disagree on OneBitAdam's schedule (freeze_step 4.0..5.0)" in result["disagree"]
+
+
+def test_a_bfloat16_warm_up_rounds_what_the_ranks_average(ranks: list[dict]) -> None:
+    # the same data and weights: only the warm-up's wire dtype differs, and the first step shows it
+    assert ranks[0]["local2"]["digests"][0] != ranks[0]["local"]["digests"][0]
+
+
+def test_ranks_that_disagree_on_the_warmup_dtype_are_refused_on_every_rank(ranks: list[dict]) -> None:
+    for result in ranks:
+        assert "ranks disagree on OneBitAdam's schedule (warmup_dtype 0.0..1.0)" in result["disagree_dtype"]
 
 
 def test_ddp_without_the_hook_is_refused(ranks: list[dict]) -> None:

@@ -167,6 +167,10 @@ def test_a_onebit_adam_spec_runs_compressed_identical_and_resumes_bit_exactly(tm
         # after the freeze (and its one-off schedule check), over 10x fewer bytes than a plain all-reduce
         late = [s["bytes"] for s in whole[FREEZE + 1 :]]
         assert max(late) * 10 <= r["plain"], (late, r["plain"])
+        # the spec's defaults: the 2-bit sign (more than 1/20 of plain, where one bit would be about
+        # 1/32), and a warm-up all-reduced in bfloat16 (half of plain; step 0 also checks the schedule)
+        assert min(late) * 20 > r["plain"], (late, r["plain"])
+        assert all(2 * s["bytes"] == r["plain"] for s in whole[1:FREEZE]), ([s["bytes"] for s in whole], r)
         # the LR schedule (linear warm-up, then cosine) is what each step used
         lrs = [s["lr"] for s in whole]
         assert lrs == pytest.approx([0.01 * f for f in r["lr_factors"]], rel=1e-12)

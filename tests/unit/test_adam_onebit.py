@@ -211,6 +211,7 @@ def test_load_refuses_a_plain_adam_state() -> None:
         ({"freeze_step": 2, "variance": "periodic", "refresh_every": 1}, "refresh_every=1 must be"),
         ({"freeze_step": 2, "compressor": "nope"}, "compressor='nope'"),
         ({"freeze_step": 2, "compressor_params": {"feedback": "ef21"}}, "feedback='ef21'"),
+        ({"freeze_step": 2, "warmup_dtype": "float16"}, "warmup_dtype='float16'"),
         ({"freeze_step": 2, "compressor_params": {"start_iter": 5}}, "start_iter is set by OneBitAdam"),
         ({"freeze_step": 2, "compressor": "powersgd", "compressor_params": {"rank": 0}}, "rank"),
     ],
@@ -218,6 +219,16 @@ def test_load_refuses_a_plain_adam_state() -> None:
 def test_construction_refuses_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         OneBitAdam(_model().parameters(), **kwargs)
+
+
+def test_local_steps_may_be_estimated_with_ef21() -> None:
+    model = _model()
+    params = {"feedback": "ef21", "bits": 2}
+    opt = OneBitAdam(model.parameters(), lr=3e-3, freeze_step=2, variance="local", space="update",
+                     compressor_params=params)  # fmt: skip
+    assert opt.reducer.feedback.name == "ef21"
+    losses = _train(model, opt, _batches(12))
+    assert math.isfinite(losses[-1]) and opt.dense_steps == 2
 
 
 def test_a_parameter_without_gradient_is_refused_by_name() -> None:

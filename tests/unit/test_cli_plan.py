@@ -119,13 +119,13 @@ def test_measure_times_the_specs_model_here():
 
 
 def test_plan_of_a_onebit_adam_spec_prices_the_optimizer_s_compressor():
-    # compression is none in such a spec: the optimizer sends each step through sign with EF
+    # compression is none in such a spec: the optimizer sends each step through the 2-bit sign with EF
     spec = str(next(s for s in SPECS if s.stem == "tiny-lm-onebit-adam"))
     result = plan(spec, "--bandwidth", "100Mbit", "--measure", "--json")
     assert result.exit_code == 0, result.output
     found = json.loads(result.output)
     rows = {r["compressor"]: r for r in found["rows"]}
     own = next(r for r in found["rows"] if r.get("spec"))
-    assert own["compressor"] == "sign ef", own
+    assert own["compressor"] == "sign 2-bit ef", own
     assert own["bytes_per_step"] * 10 < rows["none"]["bytes_per_step"]
-    assert any("optimizer onebit_adam" in note for note in found["notes"])
+    assert any("optimizer onebit_adam: plain all-reduce (bfloat16)" in note for note in found["notes"])

@@ -26,6 +26,11 @@ def _spec(optimizer: dict[str, Any] | None = None, **top: Any) -> JobSpec:
 def test_a_minimal_onebit_adam_spec_gets_the_benchmarked_defaults():
     opt = _spec().optimizer
     assert (opt.onebit_variance(), opt.onebit_space(), opt.onebit_compressor()) == ("local", "update", "sign")
+    assert (opt.onebit_compressor_params(), opt.onebit_warmup_dtype()) == ({"bits": 2}, "bfloat16")
+    # parameters as written replace the default; another compressor has none by default
+    assert _spec({"compressor_params": {"block": 64}}).optimizer.onebit_compressor_params() == {"block": 64}
+    assert _spec({"compressor": "powersgd"}).optimizer.onebit_compressor_params() == {}
+    assert _spec({"warmup_dtype": "float32"}).optimizer.onebit_warmup_dtype() == "float32"
     assert opt.onebit_freeze_step(400) == 20  # 5 % of the steps
     assert opt.onebit_freeze_step(10) == 1  # at least one full-precision step
     assert _spec({"freeze_step": 7}).optimizer.onebit_freeze_step(400) == 7
@@ -68,6 +73,8 @@ def test_every_option_is_accepted_where_onebit_adam_takes_it():
             "greater than or equal to 2",
         ),
         ({"compressor": "rle"}, {}, "optimizer.compressor", "sign"),
+        ({"warmup_dtype": "float16"}, {}, "optimizer.warmup_dtype", "bfloat16"),
+        ({"compressor_params": {"bits": 3}}, {}, "optimizer.compressor_params.bits", "less than or equal"),
         ({"compressor_params": {"bogus": 1}}, {}, "optimizer.compressor_params.bogus", "Extra inputs"),
         (
             {"compressor": "powersgd", "compressor_params": {"rank": 0}},
@@ -144,6 +151,7 @@ def test_an_epoch_budget_leaves_freeze_step_to_the_runtime():
         ("compressor", "sign"),
         ("refresh_every", 3),
         ("compressor_params", {}),
+        ("warmup_dtype", "bfloat16"),
     ],
 )
 def test_onebit_adam_fields_are_refused_for_other_optimizers(name: str, field: tuple[str, Any]):
@@ -168,10 +176,12 @@ def test_the_spec_literals_are_onebit_adams_own():
     assert spec_module.ONEBIT_MOMENTUM_COMPRESSORS == onebit_adam.MOMENTUM_COMPRESSORS
     assert spec_module.ONEBIT_VARIANCE_POLICIES == onebit_adam.VARIANCE_POLICIES
     assert spec_module.ONEBIT_SPACES == onebit_adam.SPACES
+    assert tuple(onebit_adam.WARMUP_DTYPES) == spec_module.ONEBIT_WARMUP_DTYPES
     fields = spec_module.OptimizerSpec.model_fields
     assert fields["compressor"].annotation.__args__[0].__args__ == onebit_adam.MOMENTUM_COMPRESSORS
     assert fields["variance"].annotation.__args__[0].__args__ == onebit_adam.VARIANCE_POLICIES
     assert fields["space"].annotation.__args__[0].__args__ == onebit_adam.SPACES
+    assert fields["warmup_dtype"].annotation.__args__[0].__args__ == spec_module.ONEBIT_WARMUP_DTYPES
 
 
 def test_make_optimizer_builds_the_specs_onebit_adam():
@@ -183,8 +193,10 @@ def test_make_optimizer_builds_the_specs_onebit_adam():
     spec = _spec({"weight_decay": 0.01, "compressor": "topk", "compressor_params": {"ratio": 0.1}})
     opt = make_optimizer(spec.optimizer, torch.nn.Linear(4, 2).parameters(), total_steps=400)
     assert isinstance(opt, OneBitAdam) and per_rank_optimizer(opt)
-    assert (opt.freeze_step, opt.variance, opt.space) == (20, "local", "update")
+    assert (opt.freeze_step, opt.variance, opt.space, opt.warmup_dtype) == (20, "local", "update", "bfloat16")
     assert opt.reducer.name == "topk" and opt.reducer.config.ratio == 0.1
+    default = make_optimizer(_spec().optimizer, torch.nn.Linear(4, 2).parameters(), total_steps=400)
+    assert default.reducer.name == "sign" and default.reducer.config.bits == 2
     assert opt.param_groups[0]["lr"] == 0.003 and opt.param_groups[0]["weight_decay"] == 0.01
     assert not per_rank_optimizer(
         make_optimizer(_spec({"name": "adam"}).optimizer, opt.param_groups[0]["params"])
