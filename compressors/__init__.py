@@ -60,11 +60,12 @@ def make_reducer(name: str, process_group: Any = None, **params: Any) -> Reducer
     """
     from gradwire.compressors.reducer import Reducer
 
-    config = parse_config(name, params)
     if name == "auto":  # a reducer of reducers: it runs the compressor it chooses
-        from gradwire.compressors.auto import AutoReducer
+        from gradwire.compressors.auto import AutoReducer, with_optimizer_kind
 
+        config = parse_config(name, with_optimizer_kind(params))  # optimizer may be the torch optimizer
         return AutoReducer(config, process_group)  # type: ignore[arg-type]
+    config = parse_config(name, params)
     from gradwire.compressors.registry import plugin
 
     compressor = plugin(name).factory()(config)

@@ -59,7 +59,9 @@ def attach(
     (``stats()``, ``state_dict()``).
 
     ``model`` is what ``accelerator.prepare`` returned; call this on every process, before the first
-    backward. ``params`` are the compressor's parameters; ``overlap`` is :func:`make_hook`'s.
+    backward. ``params`` are the compressor's parameters; ``overlap`` is :func:`make_hook`'s. For
+    ``"auto"``, pass ``optimizer=`` the optimizer ``prepare`` returned: under Adam auto leaves out the
+    candidates that cost Adam accuracy (not told, it assumes Adam).
     ``checkpoint=False`` leaves the compressor state out of ``save_state``/``load_state``.
     """
     if not isinstance(model, DistributedDataParallel):

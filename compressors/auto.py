@@ -58,6 +58,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,6 +107,35 @@ PRIOR_RATES: dict[str, tuple[float, float]] = {
 
 class AutoChoiceError(RuntimeError):
     """A choice that cannot be made (an unknown candidate, a switch outside a step boundary)."""
+
+
+def optimizer_kind(optimizer: Any) -> str:
+    """What auto's ``optimizer`` field needs to know of a torch optimizer: ``"sgd"`` for
+    ``torch.optim.SGD``, ``"adamw"`` for ``AdamW``, and ``"adam"`` (Adam's rules, the safe ones) for every
+    other optimizer, since most scale each coordinate by its own statistics as Adam does. Wrappers that
+    hold the optimizer as ``.optimizer`` (Lightning's ``LightningOptimizer``, Accelerate's
+    ``AcceleratedOptimizer``) are unwrapped."""
+    inner = optimizer
+    for _ in range(4):  # a wrapper of a wrapper at most, in practice
+        if not isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
+            break
+        inner = inner.optimizer
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(
+            "optimizer: expected 'sgd', 'adam', 'adamw' or a torch.optim.Optimizer, got "
+            f"{type(optimizer).__name__}"
+        )
+    if isinstance(inner, torch.optim.SGD):
+        return "sgd"
+    return "adamw" if isinstance(inner, torch.optim.AdamW) else "adam"
+
+
+def with_optimizer_kind(params: dict[str, Any]) -> dict[str, Any]:
+    """auto's ``params`` with a torch optimizer given as ``optimizer`` replaced by its kind."""
+    told = params.get("optimizer")
+    if told is None or isinstance(told, str):
+        return params
+    return {**params, "optimizer": optimizer_kind(told)}
 
 
 def not_a_compressor(config: CompressorConfig) -> Any:
@@ -194,6 +224,14 @@ class AutoReducer(Reducer):
         if not isinstance(config, AutoConfig):
             raise TypeError(f"AutoReducer needs an AutoConfig, not {type(config).__name__}")
         self.config = config
+        if config.optimizer is None:
+            warnings.warn(
+                "compression auto was not told the optimizer, so it follows Adam's rules: no Top-k and no "
+                f"PowerSGD below rank {config.adaptive_min_rank}. Pass optimizer='sgd' (or the torch "
+                "optimizer) to let it choose them under SGD",
+                UserWarning,
+                stacklevel=3,
+            )
         self.comm = Communicator(process_group)
         self.step = 0
         #: the running choice's label; None until the first choice (a plain all-reduce runs meanwhile)

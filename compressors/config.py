@@ -290,11 +290,12 @@ class AutoConfig(CompressorConfig):
         description="switch only if the best prediction is this fraction faster than the running choice's",
     )
     topk_ratio: float = Field(0.01, gt=0.0, le=0.5, description="fraction of each tensor topk-ef21 keeps")
-    optimizer: Literal["sgd", "adam", "adamw"] = Field(
-        "sgd",
-        description="the optimizer the reduced gradients feed (a job fills it in from optimizer.name): "
-        "under adam or adamw auto never runs Top-k nor PowerSGD below adaptive_min_rank, which cost Adam "
-        "accuracy however much energy they keep (docs/compressors.md)",
+    optimizer: Literal["sgd", "adam", "adamw"] | None = Field(
+        None,
+        description="the optimizer the reduced gradients feed (a job fills it in from optimizer.name, the "
+        "Lightning callback from the Trainer's optimizer): under adam or adamw auto never runs Top-k nor "
+        "PowerSGD below adaptive_min_rank, which cost Adam accuracy however much energy they keep; unset, "
+        "it follows Adam's rules, which are safe under SGD too (docs/compressors.md)",
     )
     adaptive_min_rank: Literal[1, 2, 4, 8] = Field(
         8, description="the lowest PowerSGD rank auto may run under adam or adamw"
@@ -305,8 +306,9 @@ class AutoConfig(CompressorConfig):
         if len(set(self.candidates)) != len(self.candidates):
             raise ValueError(f"candidates lists a compressor twice: {self.candidates}")
         if not any(self.optimizer_allows(c) for c in self.candidates):
+            under = self.optimizer or "an optimizer auto was not told (pass optimizer='sgd' if it is SGD)"
             raise ValueError(
-                f"candidates {self.candidates}: none of them may run under {self.optimizer} (Top-k and "
+                f"candidates {self.candidates}: none of them may run under {under} (Top-k and "
                 f"PowerSGD below adaptive_min_rank={self.adaptive_min_rank} are left out under Adam)"
             )
         if self.min_compression_rate != 1.0:
@@ -318,7 +320,8 @@ class AutoConfig(CompressorConfig):
     def optimizer_allows(self, label: str) -> bool:
         """Whether ``label`` may run under :attr:`optimizer`: with Adam or AdamW not Top-k, and PowerSGD
         only from :attr:`adaptive_min_rank` (Adam divides each coordinate by its own √v, so a compressor's
-        error on a small coordinate becomes a large step; docs/benchmarks.md, "compression: auto")."""
+        error on a small coordinate becomes a large step; docs/benchmarks.md, "compression: auto").
+        An optimizer auto was not told gets Adam's rules: they cost SGD some speed, never accuracy."""
         name, params = AUTO_CANDIDATES[label]
         if self.optimizer == "sgd":
             return True

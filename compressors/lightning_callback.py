@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
 from gradwire.compressors import make_hook, parse_config
+from gradwire.compressors.auto import optimizer_kind, with_optimizer_kind
 from gradwire.compressors.reducer import all_ranks_checkpoint, restore_all_ranks
 
 
@@ -44,6 +45,8 @@ class GradwireCompression(Callback):
 
     def __init__(self, name: str, *, overlap: bool = False, log_stats: bool = True, **params: Any):
         super().__init__()
+        if name == "auto":
+            params = with_optimizer_kind(params)  # optimizer may be the torch optimizer
         parse_config(name, params)  # unknown compressor or bad parameter: raise now, naming it
         self.name = name
         self.params = dict(params)
@@ -88,11 +91,29 @@ class GradwireCompression(Callback):
                 f"DistributedDataParallel by on_fit_start, found {type(model).__name__}"
             )
         if self.hook_state is None:  # a second fit() in the same process keeps its buffers
-            self.hook_state, self._hook = make_hook(self.name, overlap=self.overlap, **self.params)
+            params = self._auto_told(trainer) if self.name == "auto" else self.params
+            self.hook_state, self._hook = make_hook(self.name, overlap=self.overlap, **params)
         if self._pending is not None:
             restore_all_ranks(self.hook_state, self._pending)
             self._pending = None
         model.register_comm_hook(self.hook_state, self._hook)
+
+    def _auto_told(self, trainer: Trainer) -> dict[str, Any]:
+        """auto's parameters with ``optimizer`` from the Trainer's optimizers (under Adam auto leaves out
+        the candidates that cost Adam accuracy); an ``optimizer`` given that disagrees is refused."""
+        kinds = {optimizer_kind(o) for o in trainer.optimizers}
+        if not kinds:
+            return self.params
+        found = kinds.pop() if len(kinds) == 1 else "adam"  # several kinds: the rules safe for all
+        given = self.params.get("optimizer")
+        if given is not None and given != found:
+            names = ", ".join(sorted(type(getattr(o, "optimizer", o)).__name__ for o in trainer.optimizers))
+            raise RuntimeError(
+                f"GradwireCompression('auto', optimizer={given!r}) but the Trainer's optimizer is {names} "
+                f"({found!r}): auto picks its candidates by the optimizer, so leave optimizer out (the "
+                "callback reads it from the Trainer) or give the one that trains"
+            )
+        return {**self.params, "optimizer": found}
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

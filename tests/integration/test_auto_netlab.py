@@ -31,7 +31,9 @@ w = int(sys.argv[1])
 layers = [torch.nn.Linear(64, w), torch.nn.ReLU(), torch.nn.Linear(w, w), torch.nn.ReLU()]
 model = torch.nn.Sequential(*layers, torch.nn.Linear(w, 10))
 ddp = DistributedDataParallel(model)
-state, hook = make_hook("auto", probe_after=2, min_energy=0.0, candidates=["none", "powersgd-r2"])
+state, hook = make_hook(
+    "auto", probe_after=2, min_energy=0.0, candidates=["none", "powersgd-r2"], optimizer="sgd"
+)
 ddp.register_comm_hook(state, hook)
 gen = torch.Generator().manual_seed(dist.get_rank())
 for step in range(4):

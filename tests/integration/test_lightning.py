@@ -8,7 +8,9 @@ ranks from the script's process), and every rank writes what it saw to a folder 
   ``trainer.save_checkpoint``; a new Trainer that resumes from that checkpoint to FULL epochs.
   Ranks must end bit-identical, the resumed run must equal the uninterrupted one bit for bit, the
   checkpoint must hold both ranks' compressor states and each rank must get its own back. Last, a
-  Trainer whose DDPStrategy has a ``ddp_comm_hook`` must be refused on both ranks.
+  Trainer whose DDPStrategy has a ``ddp_comm_hook`` must be refused on both ranks. Then
+  ``GradwireCompression("auto")`` on an Adam module must read "adam" from the Trainer, and one told
+  ``optimizer="sgd"`` there must be refused.
 * ``ddp_spawn``: one fit; ranks identical, bytes sent below the uncompressed bytes, and the
   stats reach the launching process through ``trainer.callback_metrics``.
 
@@ -63,6 +65,11 @@ class Regressor(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
+class AdamRegressor(Regressor):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
 class Record(pl.Callback):
     """Writes this rank's compressor state at the start and end of training, its params and stats."""
 
@@ -91,16 +98,22 @@ class Record(pl.Callback):
 
 
 def _script(mode: str, out: Path) -> None:
-    def fit(tag: str, strategy: Any, epochs: int, ckpt_path: str | None = None) -> pl.Trainer:
+    def fit(
+        tag: str, strategy: Any, epochs: int, ckpt_path: str | None = None, auto: dict | None = None
+    ) -> pl.Trainer:
         pl.seed_everything(0, verbose=False)
-        model = Regressor()
+        model = Regressor() if auto is None else AdamRegressor()
         loader = torch.utils.data.DataLoader(_data(), batch_size=8, shuffle=False)
+        if auto is None:
+            gradwire = GradwireCompression(COMPRESSOR["name"], rank=COMPRESSOR["rank"])
+        else:
+            gradwire = GradwireCompression("auto", **auto)
         trainer = pl.Trainer(
             accelerator="cpu",
             devices=2,
             strategy=strategy,
             max_epochs=epochs,
-            callbacks=[GradwireCompression(COMPRESSOR["name"], rank=COMPRESSOR["rank"]), Record(tag, out)],
+            callbacks=[gradwire, Record(tag, out)],
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -123,6 +136,14 @@ def _script(mode: str, out: Path) -> None:
             fit("conflict", DDPStrategy(ddp_comm_hook=allreduce_hook), 1)
         except RuntimeError as err:
             (out / f"conflict-rank{int(os.environ['LOCAL_RANK'])}.txt").write_text(str(err))
+        # auto learns the optimizer from the Trainer, and refuses one it is told that disagrees
+        trainer = fit("auto", "ddp", 1, auto={"probe_after": 2})
+        told = Record._gradwire(trainer).hook_state.reducer.config.optimizer
+        (out / f"auto-rank{trainer.global_rank}.txt").write_text(str(told))
+        try:
+            fit("auto-conflict", "ddp", 1, auto={"optimizer": "sgd"})
+        except RuntimeError as err:
+            (out / f"auto-conflict-rank{int(os.environ['LOCAL_RANK'])}.txt").write_text(str(err))
     elif mode == "ddp_spawn":
         trainer = fit("spawn", "ddp_spawn", HALF)
         # the launching process trained nothing itself; rank 0's logged stats come back to it
@@ -224,6 +245,14 @@ def test_ddp_comm_hook_next_to_the_callback_is_refused(ddp_run: Path) -> None:
         message = (ddp_run / f"conflict-rank{r}.txt").read_text()
         assert "ddp_comm_hook" in message and "ignores it on CPU" in message, message
     assert not list(ddp_run.glob("conflict-rank*.pt")), "the conflicting run trained"
+
+
+def test_auto_reads_the_trainers_optimizer_and_refuses_another(ddp_run: Path) -> None:
+    for r in range(2):
+        assert (ddp_run / f"auto-rank{r}.txt").read_text() == "adam"
+        message = (ddp_run / f"auto-conflict-rank{r}.txt").read_text()
+        assert "optimizer='sgd'" in message and "Adam ('adam')" in message, message
+    assert not list(ddp_run.glob("auto-conflict-rank*.pt")), "the conflicting run trained"
 
 
 def test_ddp_spawn(tmp_path: Path) -> None:

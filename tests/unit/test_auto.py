@@ -87,7 +87,8 @@ def test_rank_energies_match_the_best_rank_r_approximation():
 def test_the_guard_raises_the_minimum_rank_when_the_energy_fraction_drops():
     config = parse_config(
         "auto",
-        {"min_energy": 0.8, "candidates": ["powersgd-r1", "powersgd-r2", "powersgd-r4", "powersgd-r8"]},
+        {"min_energy": 0.8, "candidates": ["powersgd-r1", "powersgd-r2", "powersgd-r4", "powersgd-r8"],
+         "optimizer": "sgd"},
     )
     reducer = AutoReducer(config)
 
@@ -118,8 +119,10 @@ def test_under_adam_the_guard_leaves_out_top_k_and_powersgd_below_rank_8():
         return [label for label in labels if reducer.guard_holds(label, measured, 2)]
 
     assert fractions[0] > 0.95  # one direction holds the energy: SGD may run rank 1 and Top-k
-    assert eligible() == labels
+    assert eligible(optimizer="sgd") == labels
     assert eligible(optimizer="adam") == ["none", "powersgd-r8"]
+    with pytest.warns(UserWarning, match="not told the optimizer, so it follows Adam's rules"):
+        assert eligible() == ["none", "powersgd-r8"]  # not told: Adam's rules, safe under either
     assert eligible(optimizer="adamw", adaptive_min_rank=4) == ["none", "powersgd-r4", "powersgd-r8"]
     with pytest.raises(ValidationError, match="none of them may run under adam"):
         parse_config("auto", {"optimizer": "adam", "candidates": ["powersgd-r1", "topk-ef21"]})
@@ -389,3 +392,24 @@ def test_auto_under_the_overlapping_hook_with_several_buckets():
     a, b = run_ranks(_ddp_auto_overlap, 2, timeout=120)
     assert a["overlap"] and a["history"] == b["history"] and len(a["history"]) >= 2
     assert torch.equal(a["params"], b["params"])
+
+
+def test_auto_is_told_the_optimizer_by_the_torch_optimizer_itself():
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    from gradwire.compressors.auto import optimizer_kind
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    sgd, adam, adamw = torch.optim.SGD(params, lr=0.1), torch.optim.Adam(params), torch.optim.AdamW(params)
+
+    class Wrapped(torch.optim.Optimizer):  # as Accelerate's AcceleratedOptimizer: an Optimizer holding one
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    assert [optimizer_kind(o) for o in (sgd, adam, adamw)] == ["sgd", "adam", "adamw"]
+    assert optimizer_kind(torch.optim.RMSprop(params)) == "adam"  # per-coordinate scaling: Adam's rules
+    assert optimizer_kind(Wrapped(sgd)) == "sgd" and optimizer_kind(LightningOptimizer(adamw)) == "adamw"
+    state, _ = make_hook("auto", optimizer=Wrapped(adam))
+    assert state.reducer.config.optimizer == "adam"
+    with pytest.raises(TypeError, match=r"optimizer: expected 'sgd', 'adam', 'adamw' or a torch\.optim"):
+        make_hook("auto", optimizer=3.0)
