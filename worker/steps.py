@@ -181,7 +181,7 @@ class DdpStep:
         self.hook_state.load_state_dict(state["compressor"])
 
     def __call__(self, batches: Mapping[int, Batch], step: int) -> StepTimes:
-        from gradwire.compressors.reducer import NonFiniteGradientError
+        from gradwire.compressors.reducer import NonFiniteGradientError, all_finite
 
         ((x, y),) = batches.values()
         before = self.stats()
@@ -204,9 +204,9 @@ class DdpStep:
         if after["nonfinite_steps"] > before["nonfinite_steps"]:  # nonfinite="propagate": every rank sees it
             message = f"step {step}: non-finite gradients on some rank; loss here {float(loss):.4g}"
             raise NonFiniteStep(message)
-        if averaged and not all(
-            bool(torch.isfinite(p.grad).all()) for p in self.module.parameters() if p.grad is not None
-        ):  # the mean: the same on every rank
+        if averaged and not all_finite(
+            [p.grad for p in self.module.parameters() if p.grad is not None]
+        ):  # the mean: the same on every rank; one sync for all parameters
             raise NonFiniteStep(f"step {step}: non-finite mean gradients; loss here {float(loss):.4g}")
         compress = after["compress_seconds"] - before["compress_seconds"]
         communicate = after["communicate_seconds"] - before["communicate_seconds"]

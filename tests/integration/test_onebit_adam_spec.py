@@ -116,6 +116,25 @@ def _plain_bytes_per_step(rank: int) -> int:
     return step.stats()["bytes_sent"] - first
 
 
+def _nan_in_the_warm_up(rank: int, spec: JobSpec) -> str:
+    """A NaN in rank 1's batch at step 0 (warm-up: the optimizer's hook averages the gradients, so the
+    step itself checks the mean, the same on every rank)."""
+    from gradwire.worker.steps import NonFiniteStep
+
+    run = _Run(rank, spec)
+    batch = _batch(rank, 0)
+    if rank == 1:
+        x, y = batch[rank]
+        x = x.clone()
+        x[0, 0] = float("nan")
+        batch = {rank: (x, y)}
+    try:
+        run.step(batch, 0)
+    except NonFiniteStep as err:
+        return str(err)
+    return "not refused"
+
+
 def _ranks(rank: int, world: int, folder: str) -> dict:
     from gradwire.worker.runtime import load_checkpoint, save_checkpoint
 
@@ -141,6 +160,7 @@ def _ranks(rank: int, world: int, folder: str) -> dict:
     )
     tail = resumed.run(step, STEPS)
     return {
+        "nan": _nan_in_the_warm_up(rank, spec),
         "whole": whole,
         "head": head,
         "tail": tail,
@@ -153,6 +173,8 @@ def _ranks(rank: int, world: int, folder: str) -> dict:
 
 def test_a_onebit_adam_spec_runs_compressed_identical_and_resumes_bit_exactly(tmp_path: Path):
     results = run_ranks(_ranks, 2, str(tmp_path), timeout=240)
+    for r in results:  # one rank's NaN in the warm-up stops the step on every rank
+        assert r["nan"].startswith("step 0: non-finite mean gradients"), r["nan"]
     for r in results:
         whole = r["whole"]
         # the optimizer's hook runs and the step reports what runs

@@ -85,3 +85,6 @@ def test_the_passthrough_check_tells_non_finite_from_an_overflowing_sum(values, 
     from gradwire.compressors.reducer import all_finite
 
     assert all_finite(torch.tensor(values, dtype=dtype)) is finite
+    # several tensors in one check (the mean gradients of a step): each value its own tensor
+    assert all_finite([torch.tensor([v], dtype=dtype) for v in values]) is finite
+    assert all_finite([torch.ones(3), torch.tensor(values, dtype=dtype)]) is finite
