@@ -58,7 +58,8 @@ def compressors(
         typer.echo(json.dumps(chosen, indent=2))
         return
     for cname, schema in chosen.items():
-        table = Table(title=f"{cname} — {schema.get('description', '').strip()}", title_justify="left")
+        about = " ".join(schema.get("description", "").split())  # the docstring's lines, joined
+        table = Table(title=f"{cname} — {about}", title_justify="left")
         for column in ("parameter", "default", "meaning"):
             table.add_column(column)
         for field, spec in schema["properties"].items():
