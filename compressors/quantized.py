@@ -132,7 +132,10 @@ class ScaledSign(ElementwiseCompressor):
     def encode(self, x, key, step):
         numel, size = x.numel(), self._block_size(x.numel())
         blocks = math.ceil(numel / size)
-        magnitude = torch.nn.functional.pad(x.abs(), (0, blocks * size - numel)).view(blocks, size)
+        magnitude, pad = x.abs(), blocks * size - numel
+        if pad:  # only a last short block needs it: no copy for the per-tensor scale
+            magnitude = torch.nn.functional.pad(magnitude, (0, pad))
+        magnitude = magnitude.view(blocks, size)
         counts = torch.full((blocks,), float(size), dtype=torch.float64, device=x.device)
         counts[-1] = numel - (blocks - 1) * size
         sums = magnitude.sum(dim=1, dtype=torch.float64)
