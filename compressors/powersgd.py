@@ -169,6 +169,8 @@ class PowerSGD(Compressor):
         self.epsilon = config.epsilon
         self.seed = config.seed
         self._q: dict[int, torch.Tensor] = {}
+        # keys whose kept Q needs no degeneracy check: made here from a P̂ that kept all r columns
+        self._sound: set[int] = set()
         # each tensor's seeded first Q (warm start only), which also replaces degenerate columns
         self._draws: dict[int, torch.Tensor] = {}
         # model-sized buffers reused across steps (allocating them each step costs as much
@@ -211,9 +213,16 @@ class PowerSGD(Compressor):
 
     def _start_q(self, keys: list[int], b: int, r: int, step: int, like: torch.Tensor) -> torch.Tensor:
         """The batch of Q's of ``keys``: each tensor's kept Q (warm start), its degenerate
-        columns redrawn, else the seeded random Q."""
-        drawn = torch.stack([self._draw(key, b, r, step, like) for key in keys])
+        columns redrawn, else the seeded random Q.
+
+        A Q this compressor made from a P̂ that kept all r columns is not degenerate: ``Q = Mᵀ P̂``
+        with P̂ orthonormal columns in the range of M has full column rank (a zero column comes only
+        from a dropped column of P̂, a NaN only from a step the reducer rolled back). Such Q's skip
+        the check, which costs a float64 QR per shape and step; a loaded one is checked."""
         kept = [self._q.get(key) for key in keys]
+        if all(key in self._sound and k is not None and k.shape == (b, r) for key, k in zip(keys, kept)):
+            return torch.stack([k.to(like.device, like.dtype) for k in kept])  # type: ignore[union-attr]
+        drawn = torch.stack([self._draw(key, b, r, step, like) for key in keys])
         if all(q is None or q.shape != (b, r) for q in kept):
             return drawn
         q = torch.stack([d if k is None or k.shape != (b, r) else k.to(like.device, like.dtype)
@@ -268,12 +277,15 @@ class PowerSGD(Compressor):
         def finish() -> Exchanged:
             p_sum = pending_p.wait()
             plain_mean = None if plain is None else p_sum[n_p:]
-            p_hats, offset = [], 0
-            for _, m, qt in plan:
+            p_hats, sound, offset = [], set(), 0
+            for members, m, qt in plan:
                 batch, r, a = m.shape[0], qt.shape[1], m.shape[1]
                 pt = p_sum[offset : offset + batch * r * a].view(batch, r, a)
-                p_hats.append(orthonormalise(pt.transpose(1, 2), self.epsilon)[0])
+                p_hat, kept = orthonormalise(pt.transpose(1, 2), self.epsilon)
+                p_hats.append(p_hat)
                 offset += batch * r * a
+                if kept.device.type == "cpu":  # (on a GPU reading the mask would cost a sync per step)
+                    sound.update(keys[i] for i, whole in zip(members, kept.all(dim=-1).tolist()) if whole)
             # Q'ᵀ = P̂ᵀ M, with P̂ᵀ made contiguous (a × r floats: cheap)
             q_all = torch.cat([torch.bmm(ph.transpose(1, 2).contiguous(), m).reshape(-1)
                                for (_, m, _), ph in zip(plan, p_hats)])
@@ -296,6 +308,8 @@ class PowerSGD(Compressor):
             def commit() -> None:
                 if self.warm_start:
                     self._q.update(new_q)
+                    self._sound.difference_update(new_q)
+                    self._sound.update(sound)
 
             probe = p_sum.sum(dtype=torch.float64) + q_mean.sum(dtype=torch.float64)
             return Exchanged(
@@ -310,3 +324,4 @@ class PowerSGD(Compressor):
     def load_state_dict(self, state, same_world):
         # Q is identical on every rank, so it carries over to any world size.
         self._q = {int(k): v.clone() for k, v in state.get("q", {}).items()}
+        self._sound = set()  # a loaded Q is checked before its first use

@@ -10,6 +10,8 @@ Top-k keeps exactly ⌈ratio·d⌉ elements.
 * An all-zero first gradient (warm start) followed by random ones gives, bit for bit, what
   a fresh reducer gives on the random ones, and that is not zero. A Q with a NaN or with two
   equal columns (loaded from a state) is redrawn too.
+* A Q made from a P̂ that kept every column skips that check, and the outputs are bit for bit
+  those of a reducer that checks every step.
 * Top-k's budget over a sweep of decimal ratios and sizes equals ``⌈ratio·d⌉`` in integer
   arithmetic, and the reducer keeps that many elements.
 """
@@ -126,6 +128,29 @@ def test_zero_gradient_of_one_tensor_does_not_stop_it_for_good() -> None:
     later = torch.randn(20, 30, generator=gen)
     out = reducer.reduce([torch.randn(20, 30, generator=gen), later])[1]
     assert out.norm() > 0.1 * later.norm()
+
+
+def test_skipping_the_check_of_a_sound_q_changes_no_output() -> None:
+    """Claim: outputs are torch.equal to a reducer forced to check its Q every step, over steps that
+    mix full-rank, rank-1 (P̂ drops a column) and all-zero gradients; and the skip does happen."""
+    params = {"rank": 2, "min_compression_rate": 0}
+    skipping, checking = make_reducer("powersgd", **params), make_reducer("powersgd", **params)
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(64, 32), (64, 32), (16, 4, 3, 3)]
+    kinds = ["full", "full", "rank1", "full", "zero", "full", "full"]
+    skipped = 0
+    for kind in kinds:
+        if kind == "full":
+            grads = [torch.randn(s, generator=gen) for s in shapes]
+        elif kind == "rank1":
+            grads = [low_rank(s, 1, gen) for s in shapes]
+        else:
+            grads = [torch.zeros(s) for s in shapes]
+        skipped += len(skipping.compressor._sound)
+        checking.compressor._sound.clear()
+        for x, y in zip(skipping.reduce(grads), checking.reduce(grads)):
+            assert torch.equal(x, y)
+    assert skipped > 0
 
 
 @pytest.mark.parametrize("bad", ["nan", "equal-columns", "zero"])
