@@ -65,6 +65,9 @@ class Compressor(ABC):
     #: ``exchange(..., plain=flat)`` all-reduces the reducer's uncompressed tensors inside its first
     #: all-reduce (one collective fewer per step) and returns their mean as ``Exchanged.plain``
     fuses_plain: ClassVar[bool] = False
+    #: ``exchange(..., into=tensors)`` may write each aggregate straight into ``into[i]`` (the
+    #: reducer's ``out``), once it has read ``inputs[i]`` for the last time: one copy fewer per step
+    writes_into: ClassVar[bool] = False
     #: this rank's place in the group (set by :meth:`setup`; a lone compressor is rank 0 of 1)
     rank: int = 0
     world_size: int = 1

@@ -162,6 +162,8 @@ class PowerSGD(Compressor):
     reveals_nonfinite = True
     # the uncompressed tensors ride along in the P all-reduce: two collectives per step, not three
     fuses_plain = True
+    # the output P̂ Q'ᵀ of a matrix alone in its shape group is written into the reducer's ``out``
+    writes_into = True
 
     def __init__(self, config: PowerSGDConfig):
         self.rank_r = config.rank
@@ -246,7 +248,7 @@ class PowerSGD(Compressor):
         finite = torch.isfinite(q).all(dim=-2).all(dim=-1, keepdim=True)
         return torch.where((independent & finite).unsqueeze(-2), q, drawn)
 
-    def exchange(self, inputs, keys, step, comm: Communicator, need_local, plain=None):
+    def exchange(self, inputs, keys, step, comm: Communicator, need_local, plain=None, into=None):
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, x in enumerate(inputs):
             groups[matrix_shape(x.shape)].append(i)
@@ -298,7 +300,12 @@ class PowerSGD(Compressor):
                 qmt = q_mean[offset : offset + n].view(qt.shape)
                 offset += n
                 group = tuple(keys[i] for i in members)
-                approx = self._buffer("approx", group, (len(members), m_rows(ph), qmt.shape[2]), ph, step)
+                shape = (len(members), m_rows(ph), qmt.shape[2])
+                target = None if into is None or len(members) > 1 else into[members[0]]  # may be None
+                if target is not None and target.is_contiguous():  # the M it aliases is read already
+                    approx = target.view(shape)
+                else:
+                    approx = self._buffer("approx", group, shape, ph, step)
                 low_rank_product(ph, qmt, approx)
                 for j, i in enumerate(members):
                     outputs[i] = approx[j].view(inputs[i].shape)

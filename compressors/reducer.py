@@ -134,9 +134,15 @@ class Reducer:
         inputs = [self.feedback.prepare(keys[i], tensors[i]) for i in compress]
         compressed_keys = [keys[i] for i in compress]
         args = (inputs, compressed_keys, self.step, self.comm, self.feedback.needs_local)
-        pending = (
-            self.compressor.exchange(*args, plain=plain_flat) if fused else self.compressor.exchange(*args)
-        )
+        extra: dict[str, Any] = {"plain": plain_flat} if fused else {}
+        if out is not None and self._may_write_into_out():
+            # not where the rule reads the input after the exchange and it is the caller's tensor
+            # (EF's first step sends g itself, and e = g - local needs it)
+            extra["into"] = [
+                None if self.feedback.needs_local and inputs[j] is tensors[i] else out[i]
+                for j, i in enumerate(compress)
+            ]
+        pending = self.compressor.exchange(*args, **extra)
         self.compress_seconds += time.perf_counter() - started
 
         waited = time.perf_counter()
@@ -175,6 +181,18 @@ class Reducer:
             self.step += 1
         self.compress_seconds += time.perf_counter() - done
         return outputs  # type: ignore[return-value]
+
+    def _may_write_into_out(self) -> bool:
+        """Whether the compressor may write its aggregates into ``out`` before the step is judged
+        finite (saving one copy of each): only when the feedback rule returns the aggregate itself
+        and reads, after the exchange, no tensor of the caller's (``none``; ``ef`` reads its own
+        ``g + e`` buffer, except on its first step: see :meth:`reduce`), and a non-finite step
+        would overwrite ``out`` anyway (``nonfinite: propagate``; ``raise`` leaves it untouched)."""
+        return (
+            self.compressor.writes_into
+            and not self.feedback.estimates
+            and self.config.nonfinite == "propagate"
+        )
 
     @property
     def passthrough(self) -> bool:
