@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gradwire.compressors.ledger import ByteLedger
+from gradwire.compressors.ledger import ByteLedger, pair_gathers
 
 # torch >= 2.11 names it all_gather_single; all_gather_into_tensor is the older name
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -55,6 +55,15 @@ class Pending:
             self._work.wait()
             self._work = None
         return self._result()
+
+    def future(self) -> torch.futures.Future:
+        """The collective as a torch future whose value is :meth:`wait`'s result (what a DDP hook
+        returns); a failed collective fails the future."""
+        if self._work is None:
+            done: torch.futures.Future = torch.futures.Future()
+            done.set_result(self._result())
+            return done
+        return self._work.get_future().then(lambda finished: (finished.value(), self._result())[1])
 
 
 class Communicator:
@@ -185,7 +194,9 @@ class Communicator:
     # --- collectives -----------------------------------------------------------------------
     def all_reduce_mean(self, flat: torch.Tensor) -> Pending:
         """Mean over ranks, in place. Divides first, as torch's allreduce_hook does, so
-        16-bit payloads do not overflow in the sum."""
+        16-bit payloads do not overflow in the sum. On gloo between 2 ranks a payload of at most
+        ``PAIR_GATHER_MAX_BYTES`` is all-gathered and summed here in rank order: the ring's bytes
+        in one exchange instead of two, the same result to the bit (ledger.py)."""
         world = self.world_size
         if flat.is_sparse:  # gloo all-reduces a sparse tensor by gathering every rank's indices and values
             values, indices = flat._values(), flat._indices()
@@ -197,6 +208,12 @@ class Communicator:
             flat.div_(world)
         if not self._distributed:
             return Pending(None, lambda: flat)
+        nbytes = flat.numel() * flat.element_size()
+        if not flat.is_sparse and pair_gathers(nbytes, world) and dist.get_backend(self.channel) == "gloo":
+            half = flat.numel()
+            both = flat.new_empty(2 * half)
+            work = _all_gather_flat(both, flat, group=self.channel, async_op=True)
+            return Pending(work, lambda: torch.add(both[:half], both[half:], out=flat))
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.channel, async_op=True)
         return Pending(work, lambda: flat)
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gradwire.compressors.config import ESTIMATE_RULES, CompressorConfig
+from gradwire.compressors.ledger import pair_gathers
 
 Shape = tuple[int, ...]
 TOPOLOGIES = ("switch", "shared")
@@ -271,6 +272,16 @@ def collective_terms(kind: str, nbytes: float, n: int, topology: str = "switch")
     return steps, per_rank * (n if topology == "shared" else 1)
 
 
+def reducer_terms(kind: str, nbytes: float, n: int, topology: str = "switch") -> tuple[int, float]:
+    """:func:`collective_terms` of a collective as the reducer's communicator runs it on gloo: an
+    all-reduce of at most ``PAIR_GATHER_MAX_BYTES`` between 2 ranks is one all-gather (ledger.py),
+    one message instead of two, the same bytes. The link probes of :func:`fit_link` are ring
+    all-reduces and keep :func:`collective_terms`."""
+    if kind == "all_reduce" and pair_gathers(nbytes, n):
+        return collective_terms("all_gather", nbytes, n, topology)
+    return collective_terms(kind, nbytes, n, topology)
+
+
 def all_reduce_seconds(nbytes: float, n: int, link: Link) -> float:
     steps, busiest = collective_terms("all_reduce", nbytes, n, link.topology)
     return steps * link.latency + busiest / link.bandwidth
@@ -330,7 +341,7 @@ def predict_step(
     for bucket in traffic.buckets:
         latency, volume = 0.0, 0.0
         for rnd in sorted({c.round for c in bucket}):
-            terms = [collective_terms(c.kind, c.nbytes, n, link.topology) for c in bucket if c.round == rnd]
+            terms = [reducer_terms(c.kind, c.nbytes, n, link.topology) for c in bucket if c.round == rnd]
             latency += max(steps for steps, _ in terms) * link.latency
             volume += sum(busiest for _, busiest in terms)
         latencies.append(latency)

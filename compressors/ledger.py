@@ -17,6 +17,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: an all-reduce of at most this many bytes between exactly 2 gloo ranks runs as one all-gather and a
+#: local sum (:meth:`Communicator.all_reduce_mean`): each rank sends its S bytes once and receives the
+#: other's, which are the ring's bytes, in one exchange instead of the ring's two (reduce-scatter,
+#: then all-gather), with the same result to the bit (a sum of two numbers does not depend on their
+#: order). Such payloads are latency-bound; above this size the ring's pipelining is as fast.
+PAIR_GATHER_MAX_BYTES = 1 << 20
+
+
+def pair_gathers(nbytes: float, world_size: int) -> bool:
+    """Whether an all-reduce of ``nbytes`` runs as the 2-rank all-gather above (on gloo)."""
+    return world_size == 2 and nbytes <= PAIR_GATHER_MAX_BYTES
+
 
 def ring_all_reduce_bytes(nbytes: int, world_size: int) -> float:
     return 2.0 * (world_size - 1) / world_size * nbytes

@@ -212,13 +212,7 @@ class Reducer:
         nbytes = flat.numel() * flat.element_size()
         self.comm.ledger.record_uncompressed(nbytes, self.comm.world_size)
         launched = time.perf_counter()
-        pending = self.comm.all_reduce_mean(flat)
-        work = pending._work
-        if work is None:  # not distributed: done already
-            future: torch.futures.Future = torch.futures.Future()
-            future.set_result([flat])
-        else:
-            future = work.get_future()
+        future = self.comm.all_reduce_mean(flat).future()
 
         def finish(done: torch.futures.Future) -> torch.Tensor:
             done.value()  # re-raises a failed collective
