@@ -77,3 +77,16 @@ def test_a_step_target_below_the_amdahl_limit_is_called_out_of_reach():
     assert powersgd_lead.step_verdict({"step_ratio": 0.7, "amdahl": 0.9}) == "met"
     assert powersgd_lead.step_verdict({"step_ratio": 0.95, "amdahl": 0.9}) == "out of reach"
     assert powersgd_lead.step_verdict({"step_ratio": 0.8, "amdahl": 0.5}) == "missed"
+
+
+def test_time_to_accuracy_takes_each_seed_seed_zero_under_the_old_key():
+    target = powersgd_lead.WORKLOADS["digits_cnn"]["target"]
+
+    def curve(step_at_target):
+        return [{"step": s, "test_accuracy": target if s >= step_at_target else 0.5} for s in (20, 40, 60)]
+
+    results = {"curves": {"2|digits_cnn|powersgd:2": curve(40), "2|digits_cnn|powersgd:2|s1": curve(20),
+                          "2|digits_cnn|powersgd:2|s2": curve(99), "2|digits_cnn|powersgd:2|s4": curve(20)}}
+    assert powersgd_lead.curve_key(2, "digits_cnn", "powersgd:2", 0) == "2|digits_cnn|powersgd:2"
+    # seeds 0..2 (seed 3 is missing, so seed 4 is not read); seed 2 never reaches the target
+    assert powersgd_lead.seed_times(results, "2", "digits_cnn", "powersgd:2", 10.0) == [0.4, 0.2, None]
