@@ -63,7 +63,12 @@ class Pending:
             done: torch.futures.Future = torch.futures.Future()
             done.set_result(self._result())
             return done
-        return self._work.get_future().then(lambda finished: (finished.value(), self._result())[1])
+
+        def result(finished: torch.futures.Future) -> Any:
+            finished.value()  # re-raises what failed the collective
+            return self._result()
+
+        return self._work.get_future().then(result)
 
 
 class Communicator:
