@@ -246,14 +246,9 @@ class OneBitAdam(torch.optim.Optimizer):
         comm.ledger.record_uncompressed(buffer.numel() * buffer.element_size(), comm.world_size)
         dtype = WARMUP_DTYPES[self.warmup_dtype]
         if buffer.dtype != torch.float32 or dtype == torch.float32:
-            comm.ledger.record_all_reduce(buffer.numel() * buffer.element_size(), comm.world_size)
-            buffer.div_(comm.world_size)
-            work = dist.all_reduce(buffer, group=comm.group, async_op=True)
-            return work.get_future().then(lambda done: done.value()[0])
-        wire = buffer.to(dtype).div_(comm.world_size)  # as torch's bf16_compress_hook
-        comm.ledger.record_all_reduce(wire.numel() * wire.element_size(), comm.world_size)
-        work = dist.all_reduce(wire, group=comm.group, async_op=True)
-        return work.get_future().then(lambda done: buffer.copy_(done.value()[0]))
+            return comm.all_reduce_mean(buffer).future()
+        wire = buffer.to(dtype)  # divided and summed in bfloat16, as torch's bf16_compress_hook
+        return comm.all_reduce_mean(wire).future().then(lambda done: buffer.copy_(done.value()))
 
     def _agree(self) -> None:
         """Check that every rank runs the same schedule: one all-reduce (MAX) of ``[step,
