@@ -58,6 +58,8 @@ __all__ = ["HEAD_PORTS", "RayCluster", "RayUnavailable", "free_port", "is_not_fo
 
 #: seconds to wait for an embedded head (its dashboard and agent) or a cluster's Jobs API
 START_WAIT_S = 90.0
+#: starts of the embedded head when one exits because a port chosen here was taken before it bound it
+HEAD_START_TRIES = 3
 #: seconds one HTTP call to the Jobs API may take
 REQUEST_TIMEOUT_S = 30.0
 #: seconds a stopping embedded head may drain before its process group is killed
@@ -88,6 +90,14 @@ def free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def lost_a_port_race(asked: dict[str, int | None], error: str) -> bool:
+    """Whether a head start failed because a port chosen for it (not one asked for) was taken first:
+    the head exited before it was ready and its log says a bind failed."""
+    chosen_here = any(port is None for port in asked.values())
+    failed_bind = any(sign in error.lower() for sign in ("failed to bind", "address already in use"))
+    return chosen_here and "exited with code" in error and failed_bind
 
 
 def port_is_free(port: int, host: str = LOOPBACK) -> bool:
@@ -197,8 +207,22 @@ class RayCluster:
         return self
 
     def _start_head(self) -> None:
+        """Start the embedded head on the ports asked for, choosing the others here. A port chosen here
+        can be taken between :func:`free_port` and the head binding it (Ray's own processes take
+        ephemeral ports as they start); a head that exits for that is started again on new ports."""
+        asked = dict(self.ports)
+        for attempt in range(1, HEAD_START_TRIES + 1):
+            try:
+                self._launch_head(asked)
+                return
+            except RayUnavailable as err:
+                if attempt == HEAD_START_TRIES or not lost_a_port_race(asked, str(err)):
+                    raise
+                log.warning("the embedded Ray head lost a port chosen for it; starting it on new ports")
+
+    def _launch_head(self, asked: dict[str, int | None]) -> None:
         ray = _ray_cli()
-        ports = {name: port for name, port in self.ports.items()}
+        ports = dict(asked)
         for name, port in ports.items():
             if port is not None and not port_is_free(port):
                 what, option, setting = HEAD_PORTS[name]
@@ -209,7 +233,7 @@ class RayCluster:
                 )
         taken: set[int] = {p for p in ports.values() if p is not None}
         for name, port in ports.items():
-            while port is None or (port in taken and self.ports[name] is None):
+            while port is None or (port in taken and asked[name] is None):
                 port = free_port()
             taken.add(port)
             ports[name] = port
