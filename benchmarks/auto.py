@@ -41,6 +41,7 @@ from benchmarks import linkrun
 from benchmarks.links import TARGETS, percentile
 from benchmarks.netlab import Lab, NetlabError, support_problem
 from benchmarks.sections import write_section
+from gradwire.compressors.costmodel import UNRESOLVED_BANDWIDTH
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- auto:begin -->", "<!-- auto:end -->"
@@ -274,7 +275,9 @@ def render(results: dict[str, Any], summary: dict[str, Any], args: argparse.Name
             fit = ""
             if decision:
                 gbit = decision["bandwidth"] * 8 / 1e9
-                fit = (f"; last fit α = {decision['alpha_s'] * 1e6:.0f} µs, B = {gbit:.3g} Gbit/s, compute "
+                b = ("beyond what the probes resolve" if decision["bandwidth"] >= UNRESOLVED_BANDWIDTH
+                     else f"{gbit:.3g} Gbit/s")  # fmt: skip
+                fit = (f"; last fit α = {decision['alpha_s'] * 1e6:.0f} µs, B = {b}, compute "
                        f"{decision['compute_s'] * 1e3:.1f} ms")  # fmt: skip
             timed = results["steps"][f"{model}|{rate}"].get("auto", {}).get("choices", [])
             lines.append(f"- {rate}: {steps}{fit}; probes {found.get('probe_seconds', 0.0):.2f} s in all; "

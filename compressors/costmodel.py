@@ -401,14 +401,19 @@ def config_label(config: CompressorConfig) -> str:
 # --- fitting α and B to timed collectives ------------------------------------------------------
 
 
+#: the bandwidth (bytes/s) :func:`fit_link` gives a link whose transfer time its probes could not resolve
+UNRESOLVED_BANDWIDTH = 1e15
+
+
 def fit_link(samples: Sequence[tuple[str, float, float]], n: int, topology: str = "switch") -> Link:
     """The :class:`Link` whose ring formulas best explain timed collectives on ``n`` ranks.
 
     ``samples``: ``(kind, nbytes, seconds)``, kind all_reduce or all_gather. Each collective costs
     ``steps·α + volume/B`` (:func:`collective_terms`), linear in α and 1/B, so this is least squares on
     those two unknowns (with two sizes, the exact solution). A fit that would make α or 1/B negative
-    (timing noise) pins that term at zero and fits the other one alone; bandwidth is capped at 1e15
-    bytes/s (a link whose transfer time the probes could not resolve). Without burst: a real link's.
+    (timing noise) pins that term at zero and fits the other one alone; bandwidth is capped at
+    ``UNRESOLVED_BANDWIDTH`` bytes/s (a link whose transfer time the probes could not resolve). Without
+    burst: a real link's.
     """
     if n < 2:
         raise ValueError(f"fitting a link needs at least 2 ranks, got n={n}")
@@ -431,4 +436,5 @@ def fit_link(samples: Sequence[tuple[str, float, float]], n: int, topology: str 
         alpha, inverse_b = max(0.0, st / ss), 0.0
     elif alpha < 0:  # latency below what the probes resolve: bandwidth alone
         alpha, inverse_b = 0.0, vt / vv
-    return Link(bandwidth=1e15 if inverse_b <= 1e-15 else 1.0 / inverse_b, latency=alpha, topology=topology)
+    bandwidth = UNRESOLVED_BANDWIDTH if inverse_b <= 1 / UNRESOLVED_BANDWIDTH else 1.0 / inverse_b
+    return Link(bandwidth=bandwidth, latency=alpha, topology=topology)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from gradwire.compressors import current_choice, gather_state_dicts, load_own_state, make_hook, make_reducer
 from gradwire.compressors.auto import GUARD_RANKS, AutoChoiceError, AutoReducer, GuardFigures, rank_energies
-from gradwire.compressors.costmodel import Link, collective_terms, fit_link
+from gradwire.compressors.costmodel import UNRESOLVED_BANDWIDTH, Link, collective_terms, fit_link
 from gradwire.compressors.registry import parse_config
 from gradwire.spec import JobSpec, SpecError
 from tests.ranks import run_ranks
@@ -47,7 +47,7 @@ def test_fit_link_is_least_squares_under_noise_and_pins_unresolvable_terms():
     assert got.bandwidth == pytest.approx(12.5e6, rel=0.05) and got.latency == pytest.approx(150e-6, rel=0.1)
     # the larger probe no slower than the small one: bandwidth not resolved, latency alone explains it
     flat = fit_link([("all_reduce", 4096, 1e-3), ("all_reduce", 1 << 20, 0.9e-3)], n)
-    assert flat.bandwidth == 1e15 and flat.latency > 0
+    assert flat.bandwidth == UNRESOLVED_BANDWIDTH and flat.latency > 0
     # both probes' time in proportion to their bytes: no latency to see
     prop = fit_link([("all_reduce", 4096, 4096 / 1e8), ("all_reduce", 1 << 20, (1 << 20) / 1e8)], n)
     assert prop.latency == pytest.approx(0.0, abs=1e-12) and prop.bandwidth == pytest.approx(1e8, rel=1e-6)
