@@ -97,11 +97,11 @@ GUARD_RANKS = (1, 2, 4, 8)
 #: step, as ``benchmarks/costmodel.py`` fitted them on this project's 2-core test machine
 #: (gradwire/cli/calibration.json, "rates"); once a candidate has run, its measured seconds replace these
 PRIOR_RATES: dict[str, tuple[float, float]] = {
-    "none": (0.017, 1.25),
-    "fp16": (0.012, 8.68),
-    "bf16": (0.215, 2.77),
-    "powersgd": (0.54, 5.96),
-    "topk": (0.43, 23.0),
+    "none": (0.0169, 0.073),
+    "fp16": (0.0, 6.14),
+    "bf16": (0.118, 0.905),
+    "powersgd": (0.509, 3.15),
+    "topk": (0.62, 6.45),
 }
 
 

@@ -1,6 +1,7 @@
 """compression: auto — the link fit, the quality guard, error feedback across a switch, the config, and
 the choice on real gloo ranks (every rank decides the same)."""
 
+import json
 import math
 import time
 from pathlib import Path
@@ -11,7 +12,14 @@ import yaml
 from pydantic import ValidationError
 
 from gradwire.compressors import current_choice, gather_state_dicts, load_own_state, make_hook, make_reducer
-from gradwire.compressors.auto import GUARD_RANKS, AutoChoiceError, AutoReducer, GuardFigures, rank_energies
+from gradwire.compressors.auto import (
+    GUARD_RANKS,
+    PRIOR_RATES,
+    AutoChoiceError,
+    AutoReducer,
+    GuardFigures,
+    rank_energies,
+)
 from gradwire.compressors.costmodel import UNRESOLVED_BANDWIDTH, Link, collective_terms, fit_link
 from gradwire.compressors.registry import parse_config
 from gradwire.spec import JobSpec, SpecError
@@ -128,6 +136,17 @@ def test_under_adam_the_guard_leaves_out_top_k_and_powersgd_below_rank_8():
         parse_config("auto", {"optimizer": "adam", "candidates": ["powersgd-r1", "topk-ef21"]})
     with pytest.raises(ValidationError, match="adaptive_min_rank"):
         parse_config("auto", {"adaptive_min_rank": 3})
+
+
+def test_the_compression_priors_are_the_calibration_s_rates():
+    """auto prices a candidate that has not run from PRIOR_RATES, copied from the calibration that
+    benchmarks/costmodel.py writes (the compressors may not read the CLI's files): a refit there must be
+    copied here, or auto chooses with another machine's costs."""
+    rates = json.loads((ROOT / "gradwire" / "cli" / "calibration.json").read_text())["rates"]
+    for name, (call_ms, ns_per_element) in PRIOR_RATES.items():
+        fitted = rates[name]
+        assert call_ms == pytest.approx(fitted["call_ms"], rel=0.01, abs=5e-4), name
+        assert ns_per_element == pytest.approx(fitted["ns_per_element"], rel=0.01), name
 
 
 @pytest.mark.parametrize(
