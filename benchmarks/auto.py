@@ -215,6 +215,24 @@ def summarise(results: dict[str, Any], models: list[str], rates: list[str]) -> d
     return out
 
 
+def gbit(bytes_per_s: float) -> str:
+    return ("beyond what the probes resolve" if bytes_per_s >= UNRESOLVED_BANDWIDTH
+            else f"{bytes_per_s * 8 / 1e9:.3g} Gbit/s")  # fmt: skip
+
+
+def describe_fit(decision: dict[str, Any]) -> str:
+    """auto's last decision's link and step, as the choices list prints them."""
+    b = gbit(decision["bandwidth"])
+    if decision.get("bandwidth_from") == "step":
+        probed = gbit(decision["probed_bandwidth"])
+        b += f" as the running {decision['running']}'s exchanges saw it (probes: {probed})"
+    text = (f"last fit α = {decision['alpha_s'] * 1e6:.0f} µs, B = {b}, "
+            f"compute {decision['compute_s'] * 1e3:.1f} ms")  # fmt: skip
+    if "communicate_s" in decision:
+        text += f", {decision['running']}'s exchanges {decision['communicate_s'] * 1e3:.1f} ms a step"
+    return text
+
+
 def render(results: dict[str, Any], summary: dict[str, Any], args: argparse.Namespace, command: str) -> str:
     def cell(value: float | None) -> str:
         return "not reached" if value is None or value == float("inf") else f"{value:.1f}"
@@ -272,13 +290,7 @@ def render(results: dict[str, Any], summary: dict[str, Any], args: argparse.Name
             found = results["auto"][f"{model}|{rate}"]
             steps = ", ".join(f"{h[0]}: {h[1]} ({h[2]})" for h in found["history"])
             decision = found.get("last_decision", {})
-            fit = ""
-            if decision:
-                gbit = decision["bandwidth"] * 8 / 1e9
-                b = ("beyond what the probes resolve" if decision["bandwidth"] >= UNRESOLVED_BANDWIDTH
-                     else f"{gbit:.3g} Gbit/s")  # fmt: skip
-                fit = (f"; last fit α = {decision['alpha_s'] * 1e6:.0f} µs, B = {b}, compute "
-                       f"{decision['compute_s'] * 1e3:.1f} ms")  # fmt: skip
+            fit = f"; {describe_fit(decision)}" if decision else ""
             timed = results["steps"][f"{model}|{rate}"].get("auto", {}).get("choices", [])
             lines.append(f"- {rate}: {steps}{fit}; probes {found.get('probe_seconds', 0.0):.2f} s in all; "
                          f"in the timed run: {' → '.join(timed) or '–'}")  # fmt: skip

@@ -12,11 +12,15 @@ has chosen (plain all-reduce until the first choice) and, every so often, measur
    large probe sized to take about 25 ms on this link (at most ``probe_bytes``; one 256 KiB all-reduce
    tells the size) on the reducer's own process group; the step's
    compute time (from one step start to the next, less the time spent in this reducer: the median of the
-   steps since the last measurement); the running candidate's compression seconds per step; and, from the
+   steps since the last measurement); the running candidate's compression seconds per step and its
+   communication seconds (median step; the job's first step left out); and, from the
    gradients of the step before, the quality figures of the guard (below). One all-reduce (MAX) of
-   these numbers gives every rank the same ones: the slowest rank's times and the lowest energy fraction.
+   these numbers gives every rank the same ones: the slowest rank's times, the least communication (the
+   rank that waited least for a peer) and the lowest energy fraction.
 2. **Fit** α and B to the probes with the cost model's ring formulas
-   (:func:`gradwire.compressors.costmodel.fit_link`).
+   (:func:`gradwire.compressors.costmodel.fit_link`); where the running choice moves at least the large
+   probe's bytes per step and its exchanges took longer in the step than that link explains, the lower
+   bandwidth they imply replaces the probes' (:meth:`AutoReducer.link_of_step`).
 3. **Predict** each candidate's step time: the cost model's traffic for the buckets DDP handed over
    (:func:`~gradwire.compressors.costmodel.step_traffic`), compute + compression + α–β communication
    (:func:`~gradwire.compressors.costmodel.predict_step`, nothing assumed hidden behind backward).
@@ -71,6 +75,9 @@ from gradwire.compressors.costmodel import (
     CompressTime,
     Link,
     Shape,
+    bandwidth_for,
+    bucket_terms,
+    collective_terms,
     fit_link,
     numel,
     predict_step,
@@ -258,6 +265,8 @@ class AutoReducer(Reducer):
         self._step_started: float | None = None
         self._hook_seconds = 0.0  # time inside reduce() since the step started
         self._compute: list[float] = []
+        self._step_communicate = 0.0  # the running reducer's communication seconds in the current step
+        self._communicate: list[float] = []  # ... in each step of the window since the last switch
         self._window_compress = self.inner.compress_seconds
         self._window_steps = 0
         self._guard: GuardFigures | None = None
@@ -349,10 +358,15 @@ class AutoReducer(Reducer):
             self._guard.add(tensors, self.config.topk_ratio, self._generator)
         if self.carry:
             tensors = [t + self.carry.pop(k).to(t) if k in self.carry else t for t, k in zip(tensors, keys)]
+        before = self.inner.communicate_seconds
         result = self.inner.reduce(tensors, keys=keys, advance=advance, out=out)
+        self._step_communicate += self.inner.communicate_seconds - before
         self._hook_seconds += time.perf_counter() - entered
         self._buckets += 1
         if advance:
+            if self.step > 0:  # the job's first exchange also pays one-time costs
+                self._communicate.append(self._step_communicate)
+            self._step_communicate = 0.0
             self.step += 1
             self._window_steps += 1
             self._step_started = None
@@ -404,9 +418,12 @@ class AutoReducer(Reducer):
         compute = statistics.median(self._compute) if self._compute else 0.0
         steps = max(1, self._window_steps)
         compress = (self.inner.compress_seconds - self._window_compress) / steps
+        communicate = statistics.median(self._communicate) if self._communicate else 0.0
         guard = (self._guard or GuardFigures()).fractions()
         mine = [small_s, large_s, compute, compress, self._guard.max_abs if self._guard else 0.0]
-        mine += [-f for f in guard]  # MAX of the negated: every rank gets the lowest fraction
+        # MAX of the negated: every rank gets the lowest fraction, and the least communication (the rank
+        # that arrived last at each exchange waited for no peer)
+        mine += [-f for f in guard] + [-communicate]
         agreed = torch.tensor(mine, dtype=torch.float64)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.comm.channel)
         values = agreed.tolist()
@@ -416,7 +433,7 @@ class AutoReducer(Reducer):
             "probes": [("all_reduce", small, values[0]), ("all_reduce", large, values[1])],
             "compute_s": values[2], "compress_s": values[3], "max_abs": values[4],
             "rank_energy": dict(zip(GUARD_RANKS, (-v for v in values[5 : 5 + n]))),
-            "topk_energy": -values[5 + n], "shapes": shapes,
+            "topk_energy": -values[5 + n], "communicate_s": -values[6 + n], "shapes": shapes,
         }  # fmt: skip
 
     def agreed_guard(self) -> dict[str, Any]:
@@ -457,7 +474,8 @@ class AutoReducer(Reducer):
         n = self.comm.world_size
         if self.choice is not None:
             self.measured_compress[self.choice] = m["compress_s"]
-        link = fit_link(m["probes"], n)
+        probed = fit_link(m["probes"], n)
+        link, seen_by = self.link_of_step(probed, m, n)
         predictions, eligible = self.predict(m["shapes"], n, link, m["compute_s"]), {}
         for label in self.config.candidates:
             eligible[label] = self.guard_holds(label, m, n)
@@ -479,7 +497,9 @@ class AutoReducer(Reducer):
             best, reason = current, ""
         self.last_decision = {
             "step": self.step, "alpha_s": link.latency, "bandwidth": link.bandwidth,
-            "compute_s": m["compute_s"], "predicted_s": predictions, "eligible": eligible,
+            "bandwidth_from": seen_by, "probed_bandwidth": probed.bandwidth, "running": current or "none",
+            "communicate_s": m["communicate_s"], "compute_s": m["compute_s"], "predicted_s": predictions,
+            "eligible": eligible,
             "rank_energy": m["rank_energy"], "topk_energy": m["topk_energy"], "choice": best,
             "shapes": m["shapes"],
         }  # fmt: skip
@@ -489,6 +509,33 @@ class AutoReducer(Reducer):
         self._reset_window()
         self._last_start = self._step_started = time.perf_counter()  # the probes are not compute
         return best
+
+    def link_of_step(self, probed: Link, m: dict[str, Any], n: int) -> tuple[Link, str]:
+        """The link the candidates are priced on, and where its bandwidth comes from: ``"probes"`` (the
+        fit of the probes, ``probed``) or ``"step"``.
+
+        The probes time the link alone, between two steps. In the step the same bytes share the rank's
+        core with the kernel's network work and DDP's copies: on this project's 2-core test machine a
+        plain all-reduce of the CNN's 4.3 MB took 8-14 ms of its step on a veth link where the probes
+        resolved no transfer time at all, and the cost model priced it as free (docs/benchmarks.md,
+        "compression: auto"). So when the running choice (plain all-reduce before the first choice)
+        moves at least as many bytes per step as the large probe, enough to resolve a bandwidth as well
+        as the probe does, the bandwidth its measured communication implies (least over the ranks,
+        median over the steps) replaces the probes' where it is lower. The running choice is then priced
+        by what it measured, and every other candidate on the same link. A choice that moves fewer
+        bytes (PowerSGD) says little about the bandwidth, and the probes' fit stands.
+        """
+        if m["communicate_s"] <= 0 or not m["probes"]:
+            return probed, "probes"
+        name, params = self.config.candidate_params(self.choice or "none")
+        traffic = step_traffic(m["shapes"], parse_config(name, params))
+        _, probe_volume = collective_terms("all_reduce", m["probes"][-1][1], n, probed.topology)
+        if sum(bucket_terms(traffic, n, probed)[1]) < probe_volume:
+            return probed, "probes"
+        seen = bandwidth_for(traffic, n, probed, m["communicate_s"])
+        if seen is None or seen >= probed.bandwidth:
+            return probed, "probes"
+        return Link(seen, probed.latency, probed.topology), "step"
 
     def predict(
         self,
@@ -546,6 +593,7 @@ class AutoReducer(Reducer):
             self._retired[key] += getattr(old, key)
         self.inner = self._build(label)
         self._window_compress = 0.0
+        self._communicate = []  # the old choice's exchanges say nothing of the new one's
         self.choice = label
         self.history.append((self.step, label, reason))
 

@@ -292,6 +292,33 @@ def all_gather_seconds(nbytes: float, n: int, link: Link) -> float:
     return steps * link.latency + busiest / link.bandwidth
 
 
+def bucket_terms(traffic: StepTraffic, n: int, link: Link) -> tuple[list[float], list[float]]:
+    """Per bucket of ``traffic``: its α seconds (per round, the longest chain of messages of the
+    collectives in flight together) and the bytes its collectives put across the busiest link."""
+    latencies, volumes = [], []
+    for bucket in traffic.buckets:
+        latency, volume = 0.0, 0.0
+        for rnd in sorted({c.round for c in bucket}):
+            terms = [reducer_terms(c.kind, c.nbytes, n, link.topology) for c in bucket if c.round == rnd]
+            latency += max(steps for steps, _ in terms) * link.latency
+            volume += sum(busiest for _, busiest in terms)
+        latencies.append(latency)
+        volumes.append(volume)
+    return latencies, volumes
+
+
+def bandwidth_for(traffic: StepTraffic, n: int, link: Link, seconds: float) -> float | None:
+    """The bandwidth at which ``traffic``'s collectives take ``seconds`` on ``link``'s α and topology
+    (no token bucket, nothing hidden): what a step's measured communication says about the link, the
+    inverse of :func:`predict_step`'s ``comm_s``. None when the traffic moves no bytes or ``seconds``
+    does not exceed its α terms (nothing left for the bandwidth to explain)."""
+    latencies, volumes = bucket_terms(traffic, n, link)
+    transfer = seconds - sum(latencies)
+    if sum(volumes) <= 0 or not transfer > 0:
+        return None
+    return sum(volumes) / transfer
+
+
 @dataclass(frozen=True)
 class StepPrediction:
     compute_s: float
@@ -337,15 +364,7 @@ def predict_step(
     """
     if n > 1 and windows is not None and len(windows) != len(traffic.buckets):
         raise ValueError(f"got {len(windows)} overlap windows for {len(traffic.buckets)} buckets")
-    latencies, volumes = [], []
-    for bucket in traffic.buckets:
-        latency, volume = 0.0, 0.0
-        for rnd in sorted({c.round for c in bucket}):
-            terms = [reducer_terms(c.kind, c.nbytes, n, link.topology) for c in bucket if c.round == rnd]
-            latency += max(steps for steps, _ in terms) * link.latency
-            volume += sum(busiest for _, busiest in terms)
-        latencies.append(latency)
-        volumes.append(volume)
+    latencies, volumes = bucket_terms(traffic, n, link)
     latency, volume = sum(latencies), sum(volumes)
     idle = compute_s + compress_s + latency
     transfer = max(0.0, volume - min(link.burst, link.bandwidth * idle)) / link.bandwidth

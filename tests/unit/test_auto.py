@@ -159,13 +159,72 @@ def test_the_first_choice_leaves_plain_all_reduce_only_for_a_margin(monkeypatch,
 
     config = {"candidates": ["none", "bf16", "powersgd-r8"], "min_energy": 0.0, "switch_margin": 0.1}
     reducer = AutoReducer(parse_config("auto", config))
-    measured = {"probes": [], "compute_s": 0.05, "compress_s": 0.0, "max_abs": 1.0, "shapes": [[(64, 32)]],
+    measured = {"probes": [], "compute_s": 0.05, "compress_s": 0.0, "communicate_s": 0.0, "max_abs": 1.0,
+                "shapes": [[(64, 32)]],
                 "rank_energy": dict.fromkeys(GUARD_RANKS, 1.0), "topk_energy": 1.0}  # fmt: skip
     monkeypatch.setattr(auto, "fit_link", lambda probes, n: Link(1e8, 1e-4))
     monkeypatch.setattr(reducer, "measure", lambda: measured)
     monkeypatch.setattr(reducer, "predict", lambda *args, **kwargs: dict(predicted))
     assert reducer.decide() == chosen
     assert reducer.history == [(reducer.step, chosen, "first choice")]
+
+
+#: digits_cnn's gradients (1.1 M elements, 4.3 MB in fp32)
+CNN_SHAPES = [[(256, 4096), (256,), (64, 32, 3, 3), (64,), (32, 1, 3, 3), (32,), (10, 256), (10,)]]
+
+
+def measured_step(communicate_s: float) -> dict:
+    """A decision's measurements: probes of 4 KiB and 4 MiB that took the same time (the fit resolves no
+    bandwidth, as on the unshaped lab link), and the running choice's exchanges at ``communicate_s``."""
+    return {"probes": [("all_reduce", 4096, 4e-4), ("all_reduce", 4 << 20, 4e-4)], "compute_s": 0.010,
+            "compress_s": 0.0, "communicate_s": communicate_s, "max_abs": 1.0, "shapes": CNN_SHAPES,
+            "rank_energy": dict.fromkeys(GUARD_RANKS, 1.0), "topk_energy": 1.0}  # fmt: skip
+
+
+def test_a_plain_all_reduce_the_probes_cannot_resolve_is_priced_by_what_the_step_measured():
+    reducer = AutoReducer(parse_config("auto", {"candidates": ["none", "powersgd-r8"], "optimizer": "sgd"}))
+    m = measured_step(0.014)
+    probed = fit_link(m["probes"], 2)
+    assert probed.bandwidth == UNRESOLVED_BANDWIDTH  # the probes alone: 4.3 MB would cross for free
+    blind = reducer.predict(m["shapes"], 2, probed, m["compute_s"])
+    assert blind["none"] < blind["powersgd-r8"]
+
+    link, source = reducer.link_of_step(probed, m, 2)
+    assert source == "step" and link.latency == probed.latency and link.bandwidth < 1e9
+    priced = reducer.predict(m["shapes"], 2, link, m["compute_s"])
+    call_ms, ns = PRIOR_RATES["none"]
+    elements = sum(math.prod(s) for s in CNN_SHAPES[0])
+    # plain all-reduce now costs what its exchanges measured in the step ...
+    assert priced["none"] == pytest.approx(0.010 + (call_ms * 1e6 + ns * elements) / 1e9 + 0.014)
+    # ... and PowerSGD's 160 kB on the same link are worth the switch
+    assert priced["powersgd-r8"] < 0.9 * priced["none"]
+
+
+def test_the_step_overrides_the_probes_only_when_it_moves_enough_bytes_and_saw_a_slower_link():
+    reducer = AutoReducer(parse_config("auto", {"candidates": ["none", "powersgd-r8"], "optimizer": "sgd"}))
+    probed = fit_link(measured_step(0.0)["probes"], 2)
+    # PowerSGD's 160 kB a step resolve a bandwidth worse than the 4 MiB probe: its 14 ms say nothing
+    reducer.switch_to("powersgd-r8")
+    assert reducer.link_of_step(probed, measured_step(0.014), 2) == (probed, "probes")
+    # a plain all-reduce faster in the step than the probes' link: the probes stand (the lower price wins)
+    reducer.switch_to("none")
+    slow = Link(1.25e8, 4e-4)  # 4.3 MB take 34 ms at 1 Gbit/s
+    assert reducer.link_of_step(slow, measured_step(0.014), 2) == (slow, "probes")
+    assert reducer.link_of_step(slow, measured_step(0.050), 2)[1] == "step"
+    assert reducer.link_of_step(probed, measured_step(0.0), 2) == (probed, "probes")  # nothing measured
+
+
+def test_the_first_choice_leaves_a_plain_all_reduce_that_the_step_shows_is_slow(monkeypatch):
+    config = parse_config("auto", {"candidates": ["none", "powersgd-r8"], "optimizer": "sgd"})
+    monkeypatch.setattr(type(AutoReducer(config).comm), "world_size", property(lambda self: 2))
+    chosen = {}
+    for communicate_s in (0.0, 0.014):
+        reducer = AutoReducer(config)
+        monkeypatch.setattr(reducer, "measure", lambda c=communicate_s: measured_step(c))
+        chosen[communicate_s] = reducer.decide()
+        assert reducer.last_decision["bandwidth_from"] == ("step" if communicate_s else "probes")
+        assert reducer.last_decision["communicate_s"] == communicate_s
+    assert chosen == {0.0: "none", 0.014: "powersgd-r8"}
 
 
 def test_a_job_tells_auto_its_optimizer_and_refuses_another():

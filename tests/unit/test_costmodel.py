@@ -193,6 +193,21 @@ def test_step_prediction_adds_compute_compression_and_rounds():
     assert bucket.transfer_s == 0.0
 
 
+@pytest.mark.parametrize("name,params,n", [("none", {}, 2), ("powersgd", {"rank": 2}, 4), ("fp16", {}, 8)])
+def test_bandwidth_for_inverts_the_predicted_communication(name, params, n):
+    from gradwire.compressors.costmodel import bandwidth_for
+
+    traffic = step_traffic([[(256, 4096), (64, 32, 3, 3), (256,)]], parse_config(name, params))
+    link = Link(bandwidth=3e7, latency=2e-4)
+    seconds = predict_step(traffic, n, link).comm_s
+    # from any bandwidth the probes gave, the same α: the bandwidth that explains the seconds
+    assert bandwidth_for(traffic, n, Link(1e15, 2e-4), seconds) == pytest.approx(3e7)
+    assert bandwidth_for(traffic, n, link, 2 * seconds) < 3e7  # slower exchanges, a slower link
+    # no time left over the α terms: nothing for a bandwidth to explain
+    assert bandwidth_for(traffic, n, link, predict_step(traffic, n, link).latency_s) is None
+    assert bandwidth_for(step_traffic([[]], parse_config(name, params)), n, link, seconds) is None
+
+
 def test_compress_time_grows_with_workers_for_gathering_compressors():
     assert CompressTime(0.002, 0.0005).seconds(5) == pytest.approx(0.004)
     rates = {"call_ms": 1.0, "ns_per_element": 10.0, "per_rank_ns_per_element": 2.0}
