@@ -515,15 +515,16 @@ class AutoReducer(Reducer):
         fit of the probes, ``probed``) or ``"step"``.
 
         The probes time the link alone, between two steps. In the step the same bytes share the rank's
-        core with the kernel's network work and DDP's copies: on this project's 2-core test machine a
-        plain all-reduce of the CNN's 4.3 MB took 8-14 ms of its step on a veth link where the probes
-        resolved no transfer time at all, and the cost model priced it as free (docs/benchmarks.md,
-        "compression: auto"). So when the running choice (plain all-reduce before the first choice)
-        moves at least as many bytes per step as the large probe, enough to resolve a bandwidth as well
-        as the probe does, the bandwidth its measured communication implies (least over the ranks,
-        median over the steps) replaces the probes' where it is lower. The running choice is then priced
-        by what it measured, and every other candidate on the same link. A choice that moves fewer
-        bytes (PowerSGD) says little about the bandwidth, and the probes' fit stands.
+        core with the kernel's network work and DDP's copies: on this project's 2-core test machine the
+        CNN's steps with a plain all-reduce of 4.3 MB ran 8-14 ms over its compute-only floor on a veth
+        link where the probes had resolved no transfer time at all, so the cost model priced that
+        all-reduce as free (docs/benchmarks.md, "compression: auto"). The step's own exchanges are the
+        hook's closest measure of that cost. So when the running choice (plain all-reduce before the
+        first choice) moves at least as many bytes per step as the large probe, enough to resolve a
+        bandwidth as well as the probe does, the bandwidth its measured communication implies (least
+        over the ranks, median over the steps) replaces the probes' where it is lower. The running
+        choice is then priced by what it measured, and every other candidate on the same link. A choice
+        that moves fewer bytes (PowerSGD) says little about the bandwidth, and the probes' fit stands.
         """
         if m["communicate_s"] <= 0 or not m["probes"]:
             return probed, "probes"
