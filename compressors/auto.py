@@ -36,8 +36,11 @@ has chosen (plain all-reduce until the first choice) and, every so often, measur
    never are: there they lose accuracy however much energy they keep (on our LM a rank 1 chosen at step
    3, where one direction held 90 % of the energy, cost 60 more steps to the target).
    docs/algorithms.md, "Choosing the compressor at run time", gives the sources.
-5. **Choose** the fastest eligible candidate; switch only if it is predicted ``switch_margin`` faster than
-   the running one (plain all-reduce before the first choice), or the running one lost its eligibility.
+5. **Choose** the fastest eligible candidate, each priced at its predicted step times
+   :meth:`~gradwire.compressors.config.AutoConfig.steps_factor` (unless the optimizer is SGD, PowerSGD and
+   Top-k pay ``adaptive_steps_penalty``, 10 %, for the extra steps they need to the same accuracy);
+   switch only if it is priced ``switch_margin`` below the running one (plain all-reduce before the first
+   choice), or the running one lost its eligibility.
    The cost model hides nothing behind backward, while DDP's plain all-reduce does overlap with it, so
    a prediction a few per cent faster than plain is no reason to compress. The inputs are the same on
    every rank, so is the choice: no rank ever runs another compressor than its peers.
@@ -460,9 +463,10 @@ class AutoReducer(Reducer):
         allowed = [c for c in self.config.candidates if eligible[c]] or ["none"]
         link = Link(last["bandwidth"], last["alpha_s"])
         predictions = self.predict(last["shapes"], n, link, last["compute_s"], sorted({*allowed, "none"}))
-        best = min(allowed, key=lambda c: predictions[c])
+        priced = self.priced(predictions)
+        best = min(allowed, key=lambda c: priced[c])
         self.last_decision = {
-            **last, "step": self.step, "predicted_s": predictions, "eligible": eligible,
+            **last, "step": self.step, "predicted_s": predictions, "priced_s": priced, "eligible": eligible,
             "rank_energy": m["rank_energy"], "topk_energy": m["topk_energy"], "choice": best,
         }  # fmt: skip
         self.switch_to(best, f"{current} failed the quality guard")
@@ -482,24 +486,25 @@ class AutoReducer(Reducer):
         allowed = [c for c in self.config.candidates if eligible[c]] or ["none"]
         if "none" not in predictions:
             predictions.update(self.predict(m["shapes"], n, link, m["compute_s"], ["none"]))
-        best = min(allowed, key=lambda c: predictions[c])  # ties: the first listed
+        priced = self.priced(predictions)
+        best = min(allowed, key=lambda c: priced[c])  # ties: the first listed
         current = self.choice
         if current is None:  # the first steps ran a plain all-reduce: the first choice is a switch from it
             reason = "first choice"
-            keep = predictions["none"] * (1.0 - self.config.switch_margin)
-            if "none" in allowed and predictions[best] >= keep:
+            keep = priced["none"] * (1.0 - self.config.switch_margin)
+            if "none" in allowed and priced[best] >= keep:
                 best = "none"  # not worth leaving plain all-reduce for
         elif current not in allowed:
             reason = f"{current} failed the quality guard"
-        elif predictions[best] < predictions[current] * (1.0 - self.config.switch_margin):
-            reason = f"predicted {predictions[best] * 1e3:.1f} ms/step vs {predictions[current] * 1e3:.1f}"
+        elif priced[best] < priced[current] * (1.0 - self.config.switch_margin):
+            reason = f"priced {priced[best] * 1e3:.1f} ms/step vs {priced[current] * 1e3:.1f}"
         else:
             best, reason = current, ""
         self.last_decision = {
             "step": self.step, "alpha_s": link.latency, "bandwidth": link.bandwidth,
             "bandwidth_from": seen_by, "probed_bandwidth": probed.bandwidth, "running": current or "none",
             "communicate_s": m["communicate_s"], "compute_s": m["compute_s"], "predicted_s": predictions,
-            "eligible": eligible,
+            "priced_s": priced, "eligible": eligible,
             "rank_energy": m["rank_energy"], "topk_energy": m["topk_energy"], "choice": best,
             "shapes": m["shapes"],
         }  # fmt: skip
@@ -509,6 +514,12 @@ class AutoReducer(Reducer):
         self._reset_window()
         self._last_start = self._step_started = time.perf_counter()  # the probes are not compute
         return best
+
+    def priced(self, predictions: dict[str, float]) -> dict[str, float]:
+        """What auto compares: each predicted step time times the candidate's
+        :meth:`~gradwire.compressors.config.AutoConfig.steps_factor` (under Adam, PowerSGD and Top-k pay
+        for the extra steps they need to the same accuracy)."""
+        return {label: seconds * self.config.steps_factor(label) for label, seconds in predictions.items()}
 
     def link_of_step(self, probed: Link, m: dict[str, Any], n: int) -> tuple[Link, str]:
         """The link the candidates are priced on, and where its bandwidth comes from: ``"probes"`` (the

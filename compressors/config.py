@@ -300,6 +300,15 @@ class AutoConfig(CompressorConfig):
     adaptive_min_rank: Literal[1, 2, 4, 8] = Field(
         8, description="the lowest PowerSGD rank auto may run under adam or adamw"
     )
+    adaptive_steps_penalty: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="unless the optimizer is sgd, PowerSGD and Top-k are priced at their predicted step "
+        "times 1 + this: the extra steps they need under Adam to reach the same accuracy (0.1: PowerSGD "
+        "r=8 took about 10 % more steps than uncompressed on the LM, docs/benchmarks.md); 0 ranks every "
+        "candidate by step time alone",
+    )
 
     @model_validator(mode="after")
     def _check_auto(self) -> AutoConfig:
@@ -316,6 +325,16 @@ class AutoConfig(CompressorConfig):
                 "min_compression_rate is not a parameter of auto: each candidate keeps its own default"
             )
         return self
+
+    def steps_factor(self, label: str) -> float:
+        """What ``label``'s predicted step time is multiplied by when auto compares candidates:
+        ``1 + adaptive_steps_penalty`` for the candidates that drop part of the gradient (PowerSGD, Top-k)
+        under any optimizer but SGD, else 1. fp16 and bf16 only round, and under SGD PowerSGD at the
+        ranks the guard allows reached the CNN's target in as many steps as plain all-reduce."""
+        name, _ = AUTO_CANDIDATES[label]
+        if self.optimizer == "sgd" or name not in ("powersgd", "topk"):
+            return 1.0
+        return 1.0 + self.adaptive_steps_penalty
 
     def optimizer_allows(self, label: str) -> bool:
         """Whether ``label`` may run under :attr:`optimizer`: with Adam or AdamW not Top-k, and PowerSGD

@@ -169,6 +169,28 @@ def test_the_first_choice_leaves_plain_all_reduce_only_for_a_margin(monkeypatch,
     assert reducer.history == [(reducer.step, chosen, "first choice")]
 
 
+@pytest.mark.parametrize(
+    "params,chosen",
+    [({"optimizer": "sgd"}, "powersgd-r8"),  # by step time alone
+     ({"optimizer": "adam"}, "bf16"),  # PowerSGD priced at 1.1 × 0.190 = 0.209 s
+     ({"optimizer": "adamw", "adaptive_steps_penalty": 0.0}, "powersgd-r8")],
+)  # fmt: skip
+def test_under_adam_powersgd_pays_for_the_extra_steps_it_needs(monkeypatch, params, chosen):
+    config = {"candidates": ["none", "bf16", "powersgd-r8"], "min_energy": 0.0, **params}
+    reducer = AutoReducer(parse_config("auto", config))
+    monkeypatch.setattr(type(reducer.comm), "world_size", property(lambda self: 2))
+    monkeypatch.setattr(reducer, "measure", lambda: measured_step(0.0))
+    monkeypatch.setattr(
+        reducer, "predict", lambda *args, **kwargs: {"none": 0.300, "bf16": 0.200, "powersgd-r8": 0.190}
+    )
+    assert reducer.decide() == chosen
+    factor = 1.0 + reducer.config.adaptive_steps_penalty if params["optimizer"] != "sgd" else 1.0
+    assert reducer.last_decision["priced_s"] == pytest.approx(
+        {"none": 0.300, "bf16": 0.200, "powersgd-r8": 0.190 * factor}
+    )
+    assert reducer.last_decision["predicted_s"]["powersgd-r8"] == 0.190  # the prediction itself is kept
+
+
 #: digits_cnn's gradients (1.1 M elements, 4.3 MB in fp32)
 CNN_SHAPES = [[(256, 4096), (256,), (64, 32, 3, 3), (64,), (32, 1, 3, 3), (32,), (10, 256), (10,)]]
 
@@ -345,6 +367,7 @@ def test_auto_config_bounds_every_field_and_names_it():
         ({"probe_reps": 100}, "probe_reps"), ({"probe_bytes": 1}, "probe_bytes"),
         ({"min_energy": 1.5}, "min_energy"), ({"switch_margin": 1.0}, "switch_margin"),
         ({"topk_ratio": 0.0}, "topk_ratio"), ({"rank": 4}, "rank"),
+        ({"adaptive_steps_penalty": -0.1}, "adaptive_steps_penalty"),
     ]:  # fmt: skip
         with pytest.raises(ValidationError) as info:
             parse_config("auto", params)
