@@ -287,6 +287,11 @@ def plan(
     if choosing:
         notes.append(f"compression: auto measures the link and the step at run time and runs the fastest of "
                      f"{', '.join(candidates)} whose quality guard holds (docs/compressors.md)")
+        penalised = [c for c in candidates if own.steps_factor(c) != 1.0]  # type: ignore[attr-defined]
+        if penalised:
+            factor = own.steps_factor(penalised[0])  # type: ignore[attr-defined]
+            notes.append(f"under {spec.optimizer.name} auto prices {', '.join(penalised)} at {factor:g}× the "
+                         "step time below, for the extra steps they need to the same accuracy")
 
     if compute_ms is not None:
         compute_s: float | None = compute_ms / 1e3
@@ -347,9 +352,13 @@ def plan(
     for row in rows:
         row["best"] = row is best
     if choosing:  # the spec's row: what auto would run on this link if the quality guard holds for it
-        own_rows = [r for r in rows if r["config"] in [c.model_dump(mode="json") for c in first]]
-        if own_rows:
-            min(own_rows, key=lambda r: r["step_ms"])["spec"] = True
+        priced = []  # auto compares step × steps_factor (under Adam PowerSGD pays for its extra steps)
+        for label, config in zip(candidates, first):
+            row = next((r for r in rows if r["config"] == config.model_dump(mode="json")), None)
+            if row is not None:
+                priced.append((row["step_ms"] * own.steps_factor(label), row))  # type: ignore[attr-defined]
+        if priced:
+            min(priced, key=lambda found: found[0])[1]["spec"] = True
     inputs = {
         "spec": str(spec_path), "workers": n, "bandwidth_bytes_per_s": bytes_per_s,
         "goodput_fraction": cal.efficiency, "latency_s": link.latency, "topology": topology,

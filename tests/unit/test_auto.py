@@ -463,6 +463,31 @@ def test_gradwire_plan_of_an_auto_spec_compares_auto_s_candidates():
     assert any("compression: auto measures the link" in note for note in found["notes"])
 
 
+@pytest.mark.parametrize("optimizer,marked", [({"name": "sgd", "lr": 0.1}, "powersgd r=8"),
+                                              ({"name": "adam", "lr": 0.003}, "fp16 or bf16")])
+def test_gradwire_plan_marks_what_auto_would_run_priced_as_auto_prices(tmp_path, optimizer, marked):
+    import json
+
+    from typer.testing import CliRunner
+
+    from gradwire.cli import app
+
+    spec = yaml.safe_load((ROOT / "examples" / "specs" / "digits-auto.yaml").read_text())
+    path = tmp_path / "auto.yaml"
+    candidates = ["none", "fp16", "bf16", "powersgd-r8"]
+    path.write_text(yaml.safe_dump({**spec, "optimizer": optimizer,
+                                    "compression": {"name": "auto", "candidates": candidates}}))  # fmt: skip
+    args = ["plan", str(path), "--bandwidth", "10Mbit", "--compute-ms", "50", "--json"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    rows = {r["compressor"]: r for r in json.loads(done.output)["rows"][:4]}
+    # on this link PowerSGD's step is the shortest, by less than the 10 % it pays under Adam
+    step = {name: row["step_ms"] for name, row in rows.items()}
+    assert step["powersgd r=8"] < min(step["fp16"], step["bf16"]) < 1.1 * step["powersgd r=8"]
+    spec_rows = [name for name, row in rows.items() if row.get("spec")]
+    assert len(spec_rows) == 1 and spec_rows[0] in marked.split(" or "), spec_rows
+
+
 def _ddp_auto_overlap(rank, world):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
