@@ -173,6 +173,8 @@ def summarise(results: dict[str, Any], models: list[str], rates: list[str]) -> d
         target = TARGETS[model]
         table: dict[str, dict[str, float | None]] = {m: {} for m in [*FIXED, "auto"]}
         wall: dict[str, float | None] = {}
+        hits = {m: first_at(results["curves"][f"{model}|{m}"], target) for m in FIXED}
+        at_target: dict[str, int | None] = {m: None if h is None else int(h["step"]) for m, h in hits.items()}
         for rate in rates:
             steps = results["steps"][f"{model}|{rate}"]
             plain_ms = steps["allreduce"]["median_ms"]
@@ -187,6 +189,7 @@ def summarise(results: dict[str, Any], models: list[str], rates: list[str]) -> d
             found = results["auto"][f"{model}|{rate}"]
             hit = first_at(found["evals"], target)
             wall[rate] = None if hit is None else hit["wall_seconds"]
+            at_target[f"auto {rate}"] = None if hit is None else int(hit["step"])
             table["auto"][rate] = (
                 None
                 if hit is None
@@ -211,6 +214,7 @@ def summarise(results: dict[str, Any], models: list[str], rates: list[str]) -> d
             "not_beaten": beaten,
             "wall": wall,
             "target": target,
+            "at_target": at_target,
         }
     return out
 
@@ -283,6 +287,9 @@ def render(results: dict[str, Any], summary: dict[str, Any], args: argparse.Name
         walls = [s["wall"].get(r) for r in args.rates]
         total = None if None in walls else sum(walls)  # type: ignore[arg-type]
         lines.append("| *auto wall* | " + " | ".join(cell(w) for w in walls) + f" | {cell(total)} |")
+        lines.append("")
+        steps_at = ", ".join(f"{m} {'not reached' if v is None else v}" for m, v in s["at_target"].items())
+        lines.append(f"Step at the target (first evaluation at it): {steps_at}.")
         lines.append("")
         lines.append("auto's choices (step, choice, why):")
         lines.append("")
