@@ -41,9 +41,12 @@ has chosen (plain all-reduce until the first choice) and, every so often, measur
    Top-k pay ``adaptive_steps_penalty``, 10 %, for the extra steps they need to the same accuracy);
    switch only if it is priced ``switch_margin`` below the running one (plain all-reduce before the first
    choice), or the running one lost its eligibility.
-   The cost model hides nothing behind backward, while DDP's plain all-reduce does overlap with it, so
-   a prediction a few per cent faster than plain is no reason to compress. The inputs are the same on
-   every rank, so is the choice: no rank ever runs another compressor than its peers.
+   The predictions rest on a few timed steps and probes, so one a few per cent faster than the running
+   choice is no reason to switch. (auto runs every candidate, plain all-reduce included, inside the hook
+   call: with several buckets its communication overlaps backward only with ``make_hook(...,
+   overlap=True)``, unlike ``make_hook("none")``, which returns the all-reduce's future as DDP's own hook
+   does.) The inputs are the same on every rank, so is the choice: no rank ever runs another compressor
+   than its peers.
 
 **Switching keeps error feedback sound by carrying the residual over.** With error feedback the sum of
 what was sent plus the ranks' mean residual equals the sum of the mean gradients (nothing is lost, only
