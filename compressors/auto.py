@@ -42,11 +42,14 @@ has chosen (plain all-reduce until the first choice) and, every so often, measur
    switch only if it is priced ``switch_margin`` below the running one (plain all-reduce before the first
    choice), or the running one lost its eligibility.
    The predictions rest on a few timed steps and probes, so one a few per cent faster than the running
-   choice is no reason to switch. (auto runs every candidate, plain all-reduce included, inside the hook
-   call: with several buckets its communication overlaps backward only with ``make_hook(...,
-   overlap=True)``, unlike ``make_hook("none")``, which returns the all-reduce's future as DDP's own hook
-   does.) The inputs are the same on every rank, so is the choice: no rank ever runs another compressor
-   than its peers.
+   choice is no reason to switch. The inputs are the same on every rank, so is the choice: no rank ever
+   runs another compressor than its peers.
+
+**In the DDP hook**, while auto runs plain all-reduce it hands DDP each bucket's all-reduce as a future
+(:meth:`AutoReducer.reduce_bucket`), as ``make_hook("none")`` and DDP's own hook do, so it runs while
+backward computes the next buckets; the time backward waits for it after the last bucket is that step's
+communication. A compressing candidate runs in the hook call (or on the hook's thread with
+``overlap=True``).
 
 **Switching keeps error feedback sound by carrying the residual over.** With error feedback the sum of
 what was sent plus the ranks' mean residual equals the sum of the mean gradients (nothing is lost, only
@@ -89,7 +92,7 @@ from gradwire.compressors.costmodel import (
     predict_step,
     step_traffic,
 )
-from gradwire.compressors.reducer import Reducer
+from gradwire.compressors.reducer import Reducer, resolved
 from gradwire.compressors.registry import parse_config, plugin
 
 STATE_VERSION = 1
@@ -273,6 +276,8 @@ class AutoReducer(Reducer):
         self._compute: list[float] = []
         self._step_communicate = 0.0  # the running reducer's communication seconds in the current step
         self._communicate: list[float] = []  # ... in each step of the window since the last switch
+        self._handed: float | None = None  # when a step's last bucket went off as a future
+        self._completions: list[float] = []  # when that step's bucket futures completed
         self._window_compress = self.inner.compress_seconds
         self._window_steps = 0
         self._guard: GuardFigures | None = None
@@ -336,10 +341,40 @@ class AutoReducer(Reducer):
         advance: bool = True,
         out: Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
-        self.bind()
-        entered = time.perf_counter()
         tensors = list(tensors)
         keys = list(range(len(tensors))) if keys is None else list(keys)
+        entered = self._enter(tensors, keys)
+        return self._reduce_here(tensors, keys, advance, out, entered)
+
+    def reduce_bucket(
+        self, tensors: list[torch.Tensor], keys: list[int], advance: bool, buffer: torch.Tensor
+    ) -> torch.futures.Future:
+        """One DDP bucket (the hook without ``overlap``). While auto runs plain all-reduce and owes no
+        residual to these keys, the bucket's all-reduce is returned as a future, as DDP's own hook does,
+        so it runs while backward computes the next buckets; the time backward then waits for it after
+        the last bucket counts as this step's communication, not as compute. Otherwise the bucket is
+        reduced in the call."""
+        entered = self._enter(tensors, keys)
+        if not self.inner.passthrough or any(k in self.carry for k in keys):
+            self._reduce_here(tensors, keys, advance, tensors, entered)
+            return resolved(buffer)
+        future = self.inner.reduce_flat_async(buffer, advance)
+        self._leave(entered, advance, 0.0)  # its communication is timed when it completes
+        if advance:
+            self._handed = time.perf_counter()
+
+        def completed(done: torch.futures.Future) -> torch.Tensor:
+            self._completions.append(time.perf_counter())
+            return done.value()  # re-raises a failed all-reduce, or a non-finite step under "raise"
+
+        return future.then(completed)
+
+    def _enter(self, tensors: list[torch.Tensor], keys: list[int]) -> float:
+        """Before a bucket is reduced: a step's first bucket closes the previous step's timing and may
+        decide or check the guard (collectives, every rank at the same bucket); the step before a decision
+        or a guard check gathers its guard figures. Returns when this bucket's hook time starts."""
+        self.bind()
+        entered = time.perf_counter()
         if self._step_started is None:  # the first bucket of a step
             self._begin_step(entered)
             if self.comm.world_size == 1 and self.choice is None:
@@ -362,30 +397,47 @@ class AutoReducer(Reducer):
             if self._guard is None:
                 self._guard = GuardFigures()
             self._guard.add(tensors, self.config.topk_ratio, self._generator)
+        return entered
+
+    def _reduce_here(
+        self,
+        tensors: list[torch.Tensor],
+        keys: list[int],
+        advance: bool,
+        out: Sequence[torch.Tensor] | None,
+        entered: float,
+    ) -> list[torch.Tensor]:
+        """The running reducer's ``reduce`` in the call, with any residual carried over a switch."""
         if self.carry:
             tensors = [t + self.carry.pop(k).to(t) if k in self.carry else t for t, k in zip(tensors, keys)]
         before = self.inner.communicate_seconds
         result = self.inner.reduce(tensors, keys=keys, advance=advance, out=out)
-        self._step_communicate += self.inner.communicate_seconds - before
+        self._leave(entered, advance, self.inner.communicate_seconds - before)
+        return result
+
+    def _leave(self, entered: float, advance: bool, communicate: float) -> None:
+        self._step_communicate += communicate
         self._hook_seconds += time.perf_counter() - entered
         self._buckets += 1
         if advance:
-            if self.step > 0:  # the job's first exchange also pays one-time costs
-                self._communicate.append(self._step_communicate)
-            self._step_communicate = 0.0
             self.step += 1
             self._window_steps += 1
             self._step_started = None
             self._buckets = 0
-        return result
 
     def _begin_step(self, now: float) -> None:
         """A step's first bucket: the previous step's compute is the time since its first bucket less
-        the time spent in this reducer meanwhile."""
+        the time spent in this reducer and, where its plain all-reduce ran as a future, the time backward
+        waited for it after the last bucket (which is also that step's communication)."""
+        waited = max([0.0, *(t - self._handed for t in self._completions)]) if self._handed else 0.0
         if self._last_start is not None:
-            self._compute.append(max(0.0, now - self._last_start - self._hook_seconds))
+            self._compute.append(max(0.0, now - self._last_start - self._hook_seconds - waited))
+            if self.step > 1:  # the job's first exchange also pays one-time costs
+                self._communicate.append(self._step_communicate + waited)
         self._last_start = self._step_started = now
         self._hook_seconds = 0.0
+        self._step_communicate = 0.0
+        self._handed, self._completions = None, []
 
     # --- measuring and choosing -------------------------------------------------------------
     def _probe(self, nbytes: int, reps: int, untimed: int = 0) -> float:

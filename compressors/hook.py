@@ -22,7 +22,9 @@ inside a future callback, which is what deadlocks torch's ``powerSGD_hook`` on g
 one bucket (gloo's worker threads block in the callbacks waiting for the nested all-reduce).
 
 By default (``overlap=False``) each bucket's collectives run to completion inside the hook call:
-simpler, no thread, but a bucket's communication does not overlap the rest of backward.
+simpler, no thread, but a bucket's communication does not overlap the rest of backward. The exception
+is ``auto`` while it runs plain all-reduce: it returns the all-reduce's own future, as ``none`` does
+(``Reducer.reduce_bucket``).
 
 Binding and pickling. The state binds to its process group when the hook first runs (or at
 ``make_hook`` if ``torch.distributed`` is initialised by then): the reducer reads rank and world
@@ -178,11 +180,9 @@ def reducer_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Fut
     views = _bucket_views(bucket, state.reducer.name)
     keys = [state.key_for(p) for p in bucket.parameters()]
     buffer, last = bucket.buffer(), bucket.is_last()
+    if not state.overlap:  # in the call (auto may hand back its plain all-reduce's own future)
+        return state.reducer.reduce_bucket(views, keys, last, buffer)
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    if not state.overlap:
-        state.reducer.reduce(views, keys=keys, advance=last, out=views)
-        future.set_result(buffer)
-        return future
     if last:
         state._last_handed = time.perf_counter()
 

@@ -62,6 +62,13 @@ def all_finite(tensors: torch.Tensor | Sequence[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t.sum(dtype=torch.float64)).item()) for t in group)
 
 
+def resolved(value: torch.Tensor) -> torch.futures.Future:
+    """A future that already holds ``value`` (what a comm hook returns for a bucket it reduced itself)."""
+    future: torch.futures.Future = torch.futures.Future()
+    future.set_result(value)
+    return future
+
+
 class Reducer:
     def __init__(self, config: CompressorConfig, compressor: Compressor, process_group: Any = None):
         self.config = config
@@ -193,6 +200,14 @@ class Reducer:
             and not self.feedback.estimates
             and self.config.nonfinite == "propagate"
         )
+
+    def reduce_bucket(
+        self, tensors: list[torch.Tensor], keys: list[int], advance: bool, buffer: torch.Tensor
+    ) -> torch.futures.Future:
+        """One DDP bucket, for the comm hook: ``tensors`` are views of ``buffer`` and receive the results
+        (:meth:`reduce` with ``out=tensors``), in the call; the future returned holds ``buffer``."""
+        self.reduce(tensors, keys=keys, advance=advance, out=tensors)
+        return resolved(buffer)
 
     @property
     def passthrough(self) -> bool:

@@ -488,6 +488,67 @@ def test_gradwire_plan_marks_what_auto_would_run_priced_as_auto_prices(tmp_path,
     assert len(spec_rows) == 1 and spec_rows[0] in marked.split(" or "), spec_rows
 
 
+def _ddp_auto_plain_as_futures(rank, world):
+    """The same model and batches through make_hook("none") and make_hook("auto") (which keeps plain
+    all-reduce: its only candidate), several buckets each; how auto's buckets were reduced is counted."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from gradwire.compressors.reducer import Reducer
+
+    calls = {"async": 0, "in_call": 0, "none": 0}
+    flat_async, in_call = Reducer.reduce_flat_async, Reducer.reduce
+
+    def counted_async(self, *args, **kwargs):
+        calls["async"] += self.comm is auto_state.reducer.comm
+        calls["none"] += self is states[0].reducer  # make_hook("none"): one call per bucket
+        return flat_async(self, *args, **kwargs)
+
+    def counted_in_call(self, *args, **kwargs):
+        calls["in_call"] += self.comm is auto_state.reducer.comm and type(self) is Reducer
+        return in_call(self, *args, **kwargs)
+
+    Reducer.reduce_flat_async, Reducer.reduce = counted_async, counted_in_call
+    models, states = [], []
+    for name, params in (("none", {}), ("auto", {"candidates": ["none"], "probe_after": 2,
+                                                 "remeasure_every": 10, "probe_bytes": 64 << 10})):
+        torch.manual_seed(0)
+        # DDP's first bucket takes up to 1 MiB whatever the cap: a 2 MiB layer makes a second one
+        model = torch.nn.Sequential(torch.nn.Linear(16, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 512),
+                                    torch.nn.ReLU(), torch.nn.Linear(512, 4))  # fmt: skip
+        ddp = DistributedDataParallel(model, bucket_cap_mb=0.01)
+        state, hook = make_hook(name, **params)
+        ddp.register_comm_hook(state, hook)
+        models.append((model, ddp, torch.optim.SGD(ddp.parameters(), lr=0.05)))
+        states.append(state)
+    auto_state = states[1]
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(14):
+        x = torch.randn(8, 16, generator=gen)
+        for _, ddp, opt in models:
+            opt.zero_grad()
+            ddp(x).square().mean().backward()
+            opt.step()
+    dist.barrier()
+    params = [torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m, _, _ in models]
+    decision = auto_state.reducer.last_decision
+    return {"params": params, "calls": calls,
+            "decision": {k: decision[k] for k in ("step", "compute_s", "communicate_s", "choice")}}
+
+
+def test_auto_running_plain_all_reduce_hands_ddp_the_all_reduce_s_future():
+    a, b = run_ranks(_ddp_auto_plain_as_futures, 2, timeout=180)
+    for found in (a, b):
+        assert torch.equal(found["params"][0], found["params"][1])  # bit for bit what make_hook("none") does
+        # every bucket of every step went off as a future; none was reduced inside the hook call
+        assert found["calls"]["in_call"] == 0, found["calls"]
+        assert found["calls"]["none"] > 14, found["calls"]  # more than one bucket a step
+        assert found["calls"]["async"] == found["calls"]["none"], found["calls"]
+    assert a["decision"] == b["decision"]  # the same agreed numbers on both ranks
+    assert a["decision"]["step"] == 12 and a["decision"]["choice"] == "none"
+    assert a["decision"]["compute_s"] > 0 and a["decision"]["communicate_s"] >= 0
+
+
 def _ddp_auto_overlap(rank, world):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
