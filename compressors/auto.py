@@ -23,7 +23,10 @@ has chosen (plain all-reduce until the first choice) and, every so often, measur
    bandwidth they imply replaces the probes' (:meth:`AutoReducer.link_of_step`).
 3. **Predict** each candidate's step time: the cost model's traffic for the buckets DDP handed over
    (:func:`~gradwire.compressors.costmodel.step_traffic`), compute + compression + α–β communication
-   (:func:`~gradwire.compressors.costmodel.predict_step`, nothing assumed hidden behind backward).
+   (:func:`~gradwire.compressors.costmodel.predict_step`, nothing assumed hidden behind backward). The
+   running choice is not predicted but priced by what it measured: compute + its compression + its
+   communication per step. That is what its steps cost, overlap with backward included (plain
+   all-reduce runs as futures in the DDP hook, below), where the model would count all of it.
    Compression seconds: measured for candidates that have run, else a per-element rate of this
    machine's calibration (``benchmarks/costmodel.py``).
 4. **Guard**: PowerSGD rank r is eligible only if the best rank-r approximation of the compressed
@@ -492,6 +495,7 @@ class AutoReducer(Reducer):
             "compute_s": values[2], "compress_s": values[3], "max_abs": values[4],
             "rank_energy": dict(zip(GUARD_RANKS, (-v for v in values[5 : 5 + n]))),
             "topk_energy": -values[5 + n], "communicate_s": -values[6 + n], "shapes": shapes,
+            "communicate_steps": len(self._communicate),  # the same on every rank: steps run in lockstep
         }  # fmt: skip
 
     def agreed_guard(self) -> dict[str, Any]:
@@ -541,9 +545,11 @@ class AutoReducer(Reducer):
         allowed = [c for c in self.config.candidates if eligible[c]] or ["none"]
         if "none" not in predictions:
             predictions.update(self.predict(m["shapes"], n, link, m["compute_s"], ["none"]))
+        current = self.choice
+        if m["communicate_steps"]:  # the running choice costs what it measured (module doc, step 3)
+            predictions[current or "none"] = m["compute_s"] + m["compress_s"] + m["communicate_s"]
         priced = self.priced(predictions)
         best = min(allowed, key=lambda c: priced[c])  # ties: the first listed
-        current = self.choice
         if current is None:  # the first steps ran a plain all-reduce: the first choice is a switch from it
             reason = "first choice"
             keep = priced["none"] * (1.0 - self.config.switch_margin)

@@ -160,7 +160,7 @@ def test_the_first_choice_leaves_plain_all_reduce_only_for_a_margin(monkeypatch,
     config = {"candidates": ["none", "bf16", "powersgd-r8"], "min_energy": 0.0, "switch_margin": 0.1}
     reducer = AutoReducer(parse_config("auto", config))
     measured = {"probes": [], "compute_s": 0.05, "compress_s": 0.0, "communicate_s": 0.0, "max_abs": 1.0,
-                "shapes": [[(64, 32)]],
+                "shapes": [[(64, 32)]], "communicate_steps": 0,
                 "rank_energy": dict.fromkeys(GUARD_RANKS, 1.0), "topk_energy": 1.0}  # fmt: skip
     monkeypatch.setattr(auto, "fit_link", lambda probes, n: Link(1e8, 1e-4))
     monkeypatch.setattr(reducer, "measure", lambda: measured)
@@ -195,12 +195,14 @@ def test_under_adam_powersgd_pays_for_the_extra_steps_it_needs(monkeypatch, para
 CNN_SHAPES = [[(256, 4096), (256,), (64, 32, 3, 3), (64,), (32, 1, 3, 3), (32,), (10, 256), (10,)]]
 
 
-def measured_step(communicate_s: float) -> dict:
-    """A decision's measurements: probes of 4 KiB and 4 MiB that took the same time (the fit resolves no
-    bandwidth, as on the unshaped lab link), and the running choice's exchanges at ``communicate_s``."""
-    return {"probes": [("all_reduce", 4096, 4e-4), ("all_reduce", 4 << 20, 4e-4)], "compute_s": 0.010,
+def measured_step(communicate_s: float, large_s: float = 4e-4) -> dict:
+    """A decision's measurements: probes of 4 KiB and of 4 MiB (by default the same time: the fit resolves
+    no bandwidth, as on the unshaped lab link), and the running choice's exchanges at ``communicate_s``
+    a step (measured in one step unless that is 0)."""
+    return {"probes": [("all_reduce", 4096, 4e-4), ("all_reduce", 4 << 20, large_s)], "compute_s": 0.010,
             "compress_s": 0.0, "communicate_s": communicate_s, "max_abs": 1.0, "shapes": CNN_SHAPES,
-            "rank_energy": dict.fromkeys(GUARD_RANKS, 1.0), "topk_energy": 1.0}  # fmt: skip
+            "rank_energy": dict.fromkeys(GUARD_RANKS, 1.0), "topk_energy": 1.0,
+            "communicate_steps": 1 if communicate_s else 0}  # fmt: skip
 
 
 def test_a_plain_all_reduce_the_probes_cannot_resolve_is_priced_by_what_the_step_measured():
@@ -247,6 +249,24 @@ def test_the_first_choice_leaves_a_plain_all_reduce_that_the_step_shows_is_slow(
         assert reducer.last_decision["bandwidth_from"] == ("step" if communicate_s else "probes")
         assert reducer.last_decision["communicate_s"] == communicate_s
     assert chosen == {0.0: "none", 0.014: "powersgd-r8"}
+
+
+def test_the_running_choice_is_priced_by_what_it_measured_overlap_included(monkeypatch):
+    # probes of a slow link (4 MiB in 0.35 s): the model counts all of a 4.3 MB all-reduce against plain,
+    # but its buckets went off as futures and backward waited only 2 ms for them after the last one
+    config = parse_config("auto", {"candidates": ["none", "powersgd-r8"], "optimizer": "sgd"})
+    monkeypatch.setattr(type(AutoReducer(config).comm), "world_size", property(lambda self: 2))
+    chosen = {}
+    for communicate_s in (0.0, 0.002):
+        reducer = AutoReducer(config)
+        m = measured_step(communicate_s, large_s=0.35)
+        monkeypatch.setattr(reducer, "measure", lambda m=m: m)
+        chosen[communicate_s] = reducer.decide()
+        if communicate_s:
+            assert reducer.last_decision["predicted_s"]["none"] == pytest.approx(0.010 + 0.002)
+        else:  # nothing measured yet: the model's price
+            assert reducer.last_decision["predicted_s"]["none"] > 0.3
+    assert chosen == {0.0: "powersgd-r8", 0.002: "none"}
 
 
 def test_a_job_tells_auto_its_optimizer_and_refuses_another():
