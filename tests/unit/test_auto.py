@@ -574,11 +574,19 @@ def _ddp_auto_overlap(rank, world):
     from torch.nn.parallel import DistributedDataParallel
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 512), torch.nn.ReLU(), torch.nn.Linear(512, 4))
-    ddp = DistributedDataParallel(model, bucket_cap_mb=0.01)  # several buckets, reduced on the hook's thread
+    # DDP's first bucket takes up to 1 MiB whatever the cap: the 2 MiB layer makes a second one
+    model = torch.nn.Sequential(torch.nn.Linear(16, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 512),
+                                torch.nn.ReLU(), torch.nn.Linear(512, 4))  # fmt: skip
+    ddp = DistributedDataParallel(model, bucket_cap_mb=0.01)  # buckets reduced on the hook's thread
     state, hook = make_hook("auto", overlap=True, probe_after=2, remeasure_every=10, guard_every=3,
                             probe_bytes=64 << 10)  # fmt: skip
-    ddp.register_comm_hook(state, hook)
+    buckets = []
+
+    def counted(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        buckets[-1] += 1
+        return hook(state, bucket)
+
+    ddp.register_comm_hook(state, counted)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
     before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     gen = torch.Generator().manual_seed(rank)
@@ -587,16 +595,18 @@ def _ddp_auto_overlap(rank, world):
             state.reducer.switch_to("powersgd-r2")
         x = torch.randn(8, 16, generator=gen)
         opt.zero_grad()
+        buckets.append(0)
         ddp(x).square().mean().backward()
         opt.step()
     assert not torch.equal(before, torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     dist.barrier()
     return {"params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
-            "history": state.reducer.history, "overlap": state.overlap}  # fmt: skip
+            "history": state.reducer.history, "overlap": state.overlap, "buckets": buckets}  # fmt: skip
 
 
 def test_auto_under_the_overlapping_hook_with_several_buckets():
     a, b = run_ranks(_ddp_auto_overlap, 2, timeout=120)
+    assert min(a["buckets"][1:]) >= 2, a["buckets"]  # several buckets a step once DDP rebuilt them
     assert a["overlap"] and a["history"] == b["history"] and len(a["history"]) >= 2
     assert torch.equal(a["params"], b["params"])
 
