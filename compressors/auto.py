@@ -665,8 +665,9 @@ class AutoReducer(Reducer):
         for key in ("compress_seconds", "communicate_seconds", "nonfinite_steps"):
             self._retired[key] += getattr(old, key)
         self.inner = self._build(label)
-        self._window_compress = 0.0
-        self._communicate = []  # the old choice's exchanges say nothing of the new one's
+        # the window's compression and communication per step are the new choice's from here on
+        self._window_compress, self._window_steps = 0.0, 0
+        self._communicate = []
         self.choice = label
         self.history.append((self.step, label, reason))
 

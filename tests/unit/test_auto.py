@@ -169,6 +169,14 @@ def test_the_first_choice_leaves_plain_all_reduce_only_for_a_margin(monkeypatch,
     assert reducer.history == [(reducer.step, chosen, "first choice")]
 
 
+def deciding(monkeypatch, config, measured: dict) -> AutoReducer:
+    """An auto reducer of 2 ranks (none bound) whose next decision sees ``measured``."""
+    reducer = AutoReducer(config)
+    monkeypatch.setattr(type(reducer.comm), "world_size", property(lambda self: 2))
+    monkeypatch.setattr(reducer, "measure", lambda: measured)
+    return reducer
+
+
 @pytest.mark.parametrize(
     "params,chosen",
     [({"optimizer": "sgd"}, "powersgd-r8"),  # by step time alone
@@ -177,9 +185,7 @@ def test_the_first_choice_leaves_plain_all_reduce_only_for_a_margin(monkeypatch,
 )  # fmt: skip
 def test_under_adam_powersgd_pays_for_the_extra_steps_it_needs(monkeypatch, params, chosen):
     config = {"candidates": ["none", "bf16", "powersgd-r8"], "min_energy": 0.0, **params}
-    reducer = AutoReducer(parse_config("auto", config))
-    monkeypatch.setattr(type(reducer.comm), "world_size", property(lambda self: 2))
-    monkeypatch.setattr(reducer, "measure", lambda: measured_step(0.0))
+    reducer = deciding(monkeypatch, parse_config("auto", config), measured_step(0.0))
     monkeypatch.setattr(
         reducer, "predict", lambda *args, **kwargs: {"none": 0.300, "bf16": 0.200, "powersgd-r8": 0.190}
     )
@@ -240,11 +246,9 @@ def test_the_step_overrides_the_probes_only_when_it_moves_enough_bytes_and_saw_a
 
 def test_the_first_choice_leaves_a_plain_all_reduce_that_the_step_shows_is_slow(monkeypatch):
     config = parse_config("auto", {"candidates": ["none", "powersgd-r8"], "optimizer": "sgd"})
-    monkeypatch.setattr(type(AutoReducer(config).comm), "world_size", property(lambda self: 2))
     chosen = {}
     for communicate_s in (0.0, 0.014):
-        reducer = AutoReducer(config)
-        monkeypatch.setattr(reducer, "measure", lambda c=communicate_s: measured_step(c))
+        reducer = deciding(monkeypatch, config, measured_step(communicate_s))
         chosen[communicate_s] = reducer.decide()
         assert reducer.last_decision["bandwidth_from"] == ("step" if communicate_s else "probes")
         assert reducer.last_decision["communicate_s"] == communicate_s
@@ -255,12 +259,9 @@ def test_the_running_choice_is_priced_by_what_it_measured_overlap_included(monke
     # probes of a slow link (4 MiB in 0.35 s): the model counts all of a 4.3 MB all-reduce against plain,
     # but its buckets went off as futures and backward waited only 2 ms for them after the last one
     config = parse_config("auto", {"candidates": ["none", "powersgd-r8"], "optimizer": "sgd"})
-    monkeypatch.setattr(type(AutoReducer(config).comm), "world_size", property(lambda self: 2))
     chosen = {}
     for communicate_s in (0.0, 0.002):
-        reducer = AutoReducer(config)
-        m = measured_step(communicate_s, large_s=0.35)
-        monkeypatch.setattr(reducer, "measure", lambda m=m: m)
+        reducer = deciding(monkeypatch, config, measured_step(communicate_s, large_s=0.35))
         chosen[communicate_s] = reducer.decide()
         if communicate_s:
             assert reducer.last_decision["predicted_s"]["none"] == pytest.approx(0.010 + 0.002)
@@ -351,6 +352,30 @@ def test_dropping_the_residual_would_break_the_invariant():
     torch.testing.assert_close(reducer.carry[0], lost)
     g2 = [torch.randn(32, 24, generator=gen)]
     torch.testing.assert_close(reducer.reduce(g2)[0], g2[0] + lost)  # sent with the next step
+
+
+def _compress_per_step_after_a_switch(rank, world):
+    """Plain all-reduce for steps 0-4, PowerSGD asked for from step 5; decisions at steps 2 and 12."""
+    import torch.distributed as dist
+
+    reducer = make_reducer("auto", candidates=["none", "powersgd-r2"], probe_after=2, remeasure_every=10,
+                           min_energy=0.0, optimizer="sgd", probe_bytes=64 << 10)  # fmt: skip
+    gen = torch.Generator().manual_seed(rank)
+    for step in range(13):
+        if step == 5:
+            reducer.switch_to("powersgd-r2")
+        if step == 12:
+            before = reducer.inner.compress_seconds  # PowerSGD's, over its steps 5-11
+        reducer.reduce([torch.randn(64, 32, generator=gen)])
+    dist.barrier()
+    return {"before": before, "measured": reducer.measured_compress["powersgd-r2"]}
+
+
+def test_a_switch_starts_the_new_choice_s_compression_time_afresh():
+    a, b = run_ranks(_compress_per_step_after_a_switch, 2, timeout=120)
+    assert a["measured"] == b["measured"]  # agreed: the slower rank's
+    # seven steps of PowerSGD, not the ten steps since the last decision
+    assert a["measured"] == pytest.approx(max(a["before"], b["before"]) / 7, rel=1e-9)
 
 
 def test_switching_inside_a_step_is_refused():
