@@ -10,7 +10,9 @@ has chosen (plain all-reduce until the first choice) and, every so often, measur
 1. **Measure** (at the first bucket of step ``probe_after``, then every ``remeasure_every`` steps, on
    every rank at the same point of the same step): ``probe_reps`` timed all-reduces of 4 KiB and of a
    large probe sized to take about 25 ms on this link (at most ``probe_bytes``; one 256 KiB all-reduce
-   tells the size) on the reducer's own process group; the step's
+   tells the size) on the reducer's own process group, unless the plain all-reduces of the step before,
+   timed in the call, moved enough bytes to take the large probe's place (:meth:`AutoReducer.measure`);
+   the step's
    compute time (from one step start to the next, less the time spent in this reducer: the median of the
    steps since the last measurement); the running candidate's compression seconds per step and its
    communication seconds (median step; the job's first step left out); and, from the
@@ -51,8 +53,9 @@ has chosen (plain all-reduce until the first choice) and, every so often, measur
 **In the DDP hook**, while auto runs plain all-reduce it hands DDP each bucket's all-reduce as a future
 (:meth:`AutoReducer.reduce_bucket`), as ``make_hook("none")`` and DDP's own hook do, so it runs while
 backward computes the next buckets; the time backward waits for it after the last bucket is that step's
-communication. A compressing candidate runs in the hook call (or on the hook's thread with
-``overlap=True``).
+communication. The step before each measurement is the exception: its buckets are reduced in the call
+and timed, as probes of the link (:meth:`AutoReducer.timing_exchanges`). A compressing candidate runs in
+the hook call (or on the hook's thread with ``overlap=True``).
 
 **Switching keeps error feedback sound by carrying the residual over.** With error feedback the sum of
 what was sent plus the ranks' mean residual equals the sum of the mean gradients (nothing is lost, only
@@ -283,6 +286,7 @@ class AutoReducer(Reducer):
         self._completions: list[float] = []  # when that step's bucket futures completed
         self._window_compress = self.inner.compress_seconds
         self._window_steps = 0
+        self._exchanges: list[tuple[int, float]] = []  # (bytes, seconds) of plain buckets timed in the call
         self._guard: GuardFigures | None = None
         self._shapes: list[list[Shape]] = []
 
@@ -353,12 +357,13 @@ class AutoReducer(Reducer):
         self, tensors: list[torch.Tensor], keys: list[int], advance: bool, buffer: torch.Tensor
     ) -> torch.futures.Future:
         """One DDP bucket (the hook without ``overlap``). While auto runs plain all-reduce and owes no
-        residual to these keys, the bucket's all-reduce is returned as a future, as DDP's own hook does,
+        residual to these keys, the bucket's all-reduce is returned as a future (except in the step before
+        a measurement, :meth:`timing_exchanges`), as DDP's own hook does,
         so it runs while backward computes the next buckets; the time backward then waits for it after
         the last bucket counts as this step's communication, not as compute. Otherwise the bucket is
         reduced in the call."""
         entered = self._enter(tensors, keys)
-        if not self.inner.passthrough or any(k in self.carry for k in keys):
+        if not self.inner.passthrough or any(k in self.carry for k in keys) or self.timing_exchanges():
             self._reduce_here(tensors, keys, advance, tensors, entered)
             return resolved(buffer)
         future = self.inner.reduce_flat_async(buffer, advance)
@@ -413,10 +418,20 @@ class AutoReducer(Reducer):
         """The running reducer's ``reduce`` in the call, with any residual carried over a switch."""
         if self.carry:
             tensors = [t + self.carry.pop(k).to(t) if k in self.carry else t for t, k in zip(tensors, keys)]
-        before = self.inner.communicate_seconds
+        before, timing = self.inner.communicate_seconds, self.timing_exchanges()
         result = self.inner.reduce(tensors, keys=keys, advance=advance, out=out)
-        self._leave(entered, advance, self.inner.communicate_seconds - before)
+        communicated = self.inner.communicate_seconds - before
+        if timing:  # one all-reduce of the bucket's bytes: a probe of the link at the gradient's size
+            self._exchanges.append((sum(t.numel() * t.element_size() for t in tensors), communicated))
+        self._leave(entered, advance, communicated)
         return result
+
+    def timing_exchanges(self) -> bool:
+        """Whether this step's buckets are timed as probes of the link: the step before a decision, while
+        auto runs plain all-reduce (each bucket one all-reduce, reduced in the call so that nothing else
+        runs during it). :meth:`measure` fits the link to them in place of the large probe where they
+        move enough bytes."""
+        return self.step + 1 == self.next_decision and self.inner.passthrough and self.comm.world_size > 1
 
     def _leave(self, entered: float, advance: bool, communicate: float) -> None:
         self._step_communicate += communicate
@@ -444,7 +459,9 @@ class AutoReducer(Reducer):
 
     # --- measuring and choosing -------------------------------------------------------------
     def _probe(self, nbytes: int, reps: int, untimed: int = 0) -> float:
-        """Median seconds of ``reps`` all-reduces of ``nbytes`` (after ``untimed`` more)."""
+        """Least seconds of ``reps`` all-reduces of ``nbytes`` (after ``untimed`` more): the machine's
+        noise (a descheduled rank, the kernel's network work) only ever adds time, so the least is the
+        link's (a median of 3 still let two slow 4 KiB probes of 3 inflate α, and with it B, 2×)."""
         x = torch.zeros(max(1, nbytes // 4))
         group = self.comm.channel
         times = []
@@ -454,47 +471,70 @@ class AutoReducer(Reducer):
             if i >= untimed:
                 times.append(time.perf_counter() - started)
         self.probe_bytes += (reps + untimed) * x.numel() * 4
-        return statistics.median(times)
+        return min(times)
 
-    def _probes(self) -> list[tuple[str, int, float]]:
-        """The link's probes, each ``(collective, bytes, median seconds)`` on this rank: 4 KiB (after one
-        untimed, which warms the connections), one sizing probe, then the large one, sized from the
-        sizing probe's slowest-rank time (every rank must run the same all-reduces) to take about
-        ``PROBE_TARGET_S``, at most ``probe_bytes``."""
-        reps = self.config.probe_reps
-        small_s = self._probe(SMALL_PROBE_BYTES, reps, untimed=1)
+    def _large_probe(self) -> tuple[str, int, float]:
+        """The large probe, ``(collective, bytes, least seconds)`` on this rank: one sizing probe, then
+        the large one, sized from the sizing probe's slowest-rank time (every rank must run the same
+        all-reduces) to take about ``PROBE_TARGET_S``, at most ``probe_bytes``."""
         sizing = min(SIZING_PROBE_BYTES, self.config.probe_bytes)
         sizing_s = torch.tensor([self._probe(sizing, 1)], dtype=torch.float64)
         dist.all_reduce(sizing_s, op=dist.ReduceOp.MAX, group=self.comm.channel)
         wanted = sizing * PROBE_TARGET_S / max(float(sizing_s), 1e-6)
         large = 4 * (int(min(max(wanted, sizing), self.config.probe_bytes)) // 4)
-        large_s = self._probe(large, reps)
-        return [("all_reduce", SMALL_PROBE_BYTES, small_s), ("all_reduce", large, large_s)]
+        return ("all_reduce", large, self._probe(large, self.config.probe_reps))
+
+    def exchanges_resolve(self, exchanges: list[tuple[str, int, float]], small_s: float) -> bool:
+        """Whether the plain buckets timed the step before resolve the link's bandwidth as well as the
+        large probe would: together they moved at least ``probe_bytes`` (the large probe's most), or
+        their time beyond one small probe's each is at least the large probe's ``PROBE_TARGET_S``."""
+        moved = sum(nbytes for _, nbytes, _ in exchanges)
+        beyond = sum(seconds for _, _, seconds in exchanges) - len(exchanges) * small_s
+        return bool(exchanges) and (moved >= self.config.probe_bytes or beyond >= PROBE_TARGET_S)
 
     def measure(self) -> dict[str, Any]:
-        """This step's rank-agreed measurements (a collective: every rank calls it at the same point)."""
+        """This step's rank-agreed measurements (a collective: every rank calls it at the same point).
+
+        The link's samples: the 4 KiB probe (after one untimed, which warms the connections), and either
+        the plain buckets the step before timed in the call (:meth:`timing_exchanges`), where they
+        resolve the bandwidth (:meth:`exchanges_resolve`), or the large probe. The buckets are probes
+        the training ran anyway: on a slow link they spare the sizing and large probes' seconds."""
         started = time.perf_counter()
         shapes = self._shapes or [[]]
-        (_, small, small_s), (_, large, large_s) = self._probes()
+        small_s = self._probe(SMALL_PROBE_BYTES, self.config.probe_reps, untimed=1)
+        # MAX: the slowest rank's small probe; of the negated: each bucket's least time over the ranks
+        # (the rank that arrived last at it waited for no peer). Every rank timed the same buckets.
+        first = torch.tensor([small_s] + [-seconds for _, seconds in self._exchanges], dtype=torch.float64)
+        dist.all_reduce(first, op=dist.ReduceOp.MAX, group=self.comm.channel)
+        small_s, *negated = first.tolist()
+        exchanges = [("all_reduce", nbytes, -t) for (nbytes, _), t in zip(self._exchanges, negated)]
+        large = [] if self.exchanges_resolve(exchanges, small_s) else [self._large_probe()]
         compute = statistics.median(self._compute) if self._compute else 0.0
         steps = max(1, self._window_steps)
         compress = (self.inner.compress_seconds - self._window_compress) / steps
         communicate = statistics.median(self._communicate) if self._communicate else 0.0
         guard = (self._guard or GuardFigures()).fractions()
-        mine = [small_s, large_s, compute, compress, self._guard.max_abs if self._guard else 0.0]
+        mine = [seconds for _, _, seconds in large] + [compute, compress]
+        mine += [self._guard.max_abs if self._guard else 0.0]
         # MAX of the negated: every rank gets the lowest fraction, and the least communication (the rank
         # that arrived last at each exchange waited for no peer)
         mine += [-f for f in guard] + [-communicate]
         agreed = torch.tensor(mine, dtype=torch.float64)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.comm.channel)
         values = agreed.tolist()
+        if large:
+            (kind, nbytes, _), large_s = large[0], values.pop(0)
+            samples = [(kind, nbytes, large_s)]
+        else:
+            samples = exchanges
         self.probe_seconds += time.perf_counter() - started
         n = len(GUARD_RANKS)
         return {
-            "probes": [("all_reduce", small, values[0]), ("all_reduce", large, values[1])],
-            "compute_s": values[2], "compress_s": values[3], "max_abs": values[4],
-            "rank_energy": dict(zip(GUARD_RANKS, (-v for v in values[5 : 5 + n]))),
-            "topk_energy": -values[5 + n], "communicate_s": -values[6 + n], "shapes": shapes,
+            "probes": [("all_reduce", SMALL_PROBE_BYTES, small_s), *samples],
+            "link_from": "probes" if large else "exchanges",
+            "compute_s": values[0], "compress_s": values[1], "max_abs": values[2],
+            "rank_energy": dict(zip(GUARD_RANKS, (-v for v in values[3 : 3 + n]))),
+            "topk_energy": -values[3 + n], "communicate_s": -values[4 + n], "shapes": shapes,
             "communicate_steps": len(self._communicate),  # the same on every rank: steps run in lockstep
         }  # fmt: skip
 
@@ -563,7 +603,8 @@ class AutoReducer(Reducer):
             best, reason = current, ""
         self.last_decision = {
             "step": self.step, "alpha_s": link.latency, "bandwidth": link.bandwidth,
-            "bandwidth_from": seen_by, "probed_bandwidth": probed.bandwidth, "running": current or "none",
+            "bandwidth_from": seen_by, "probed_bandwidth": probed.bandwidth, "link_from": m["link_from"],
+            "link_samples": [list(sample) for sample in m["probes"]], "running": current or "none",
             "communicate_s": m["communicate_s"], "compute_s": m["compute_s"], "predicted_s": predictions,
             "priced_s": priced, "eligible": eligible,
             "rank_energy": m["rank_energy"], "topk_energy": m["topk_energy"], "choice": best,
@@ -586,7 +627,9 @@ class AutoReducer(Reducer):
         """The link the candidates are priced on, and where its bandwidth comes from: ``"probes"`` (the
         fit of the probes, ``probed``) or ``"step"``.
 
-        The probes time the link alone, between two steps. In the step the same bytes share the rank's
+        The probes time the link alone, between two steps (so do the step before's buckets, reduced in
+        the hook call while backward waits, where they stand in for the large probe). In the step the
+        same bytes share the rank's
         core with the kernel's network work and DDP's copies: on this project's 2-core test machine the
         CNN's steps with a plain all-reduce of 4.3 MB ran 8-14 ms over its compute-only floor on a veth
         link where the probes had resolved no transfer time at all, so the cost model priced that
@@ -602,7 +645,8 @@ class AutoReducer(Reducer):
             return probed, "probes"
         name, params = self.config.candidate_params(self.choice or "none")
         traffic = step_traffic(m["shapes"], parse_config(name, params))
-        _, probe_volume = collective_terms("all_reduce", m["probes"][-1][1], n, probed.topology)
+        largest = max(nbytes for _, nbytes, _ in m["probes"])
+        _, probe_volume = collective_terms("all_reduce", largest, n, probed.topology)
         if sum(bucket_terms(traffic, n, probed)[1]) < probe_volume:
             return probed, "probes"
         seen = bandwidth_for(traffic, n, probed, m["communicate_s"])

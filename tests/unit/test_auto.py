@@ -159,8 +159,8 @@ def test_the_first_choice_leaves_plain_all_reduce_only_for_a_margin(monkeypatch,
 
     config = {"candidates": ["none", "bf16", "powersgd-r8"], "min_energy": 0.0, "switch_margin": 0.1}
     reducer = AutoReducer(parse_config("auto", config))
-    measured = {"probes": [], "compute_s": 0.05, "compress_s": 0.0, "communicate_s": 0.0, "max_abs": 1.0,
-                "shapes": [[(64, 32)]], "communicate_steps": 0,
+    measured = {"probes": [], "link_from": "probes", "compute_s": 0.05, "compress_s": 0.0,
+                "communicate_s": 0.0, "max_abs": 1.0, "shapes": [[(64, 32)]], "communicate_steps": 0,
                 "rank_energy": dict.fromkeys(GUARD_RANKS, 1.0), "topk_energy": 1.0}  # fmt: skip
     monkeypatch.setattr(auto, "fit_link", lambda probes, n: Link(1e8, 1e-4))
     monkeypatch.setattr(reducer, "measure", lambda: measured)
@@ -205,7 +205,8 @@ def measured_step(communicate_s: float, large_s: float = 4e-4) -> dict:
     """A decision's measurements: probes of 4 KiB and of 4 MiB (by default the same time: the fit resolves
     no bandwidth, as on the unshaped lab link), and the running choice's exchanges at ``communicate_s``
     a step (measured in one step unless that is 0)."""
-    return {"probes": [("all_reduce", 4096, 4e-4), ("all_reduce", 4 << 20, large_s)], "compute_s": 0.010,
+    return {"probes": [("all_reduce", 4096, 4e-4), ("all_reduce", 4 << 20, large_s)], "link_from": "probes",
+            "compute_s": 0.010,
             "compress_s": 0.0, "communicate_s": communicate_s, "max_abs": 1.0, "shapes": CNN_SHAPES,
             "rank_energy": dict.fromkeys(GUARD_RANKS, 1.0), "topk_energy": 1.0,
             "communicate_steps": 1 if communicate_s else 0}  # fmt: skip
@@ -541,7 +542,7 @@ def _ddp_auto_plain_as_futures(rank, world):
 
     from gradwire.compressors.reducer import Reducer
 
-    calls = {"async": 0, "in_call": 0, "none": 0}
+    calls = {"async": 0, "in_call": 0, "none": 0, "in_call_steps": set()}
     flat_async, in_call = Reducer.reduce_flat_async, Reducer.reduce
 
     def counted_async(self, *args, **kwargs):
@@ -550,7 +551,9 @@ def _ddp_auto_plain_as_futures(rank, world):
         return flat_async(self, *args, **kwargs)
 
     def counted_in_call(self, *args, **kwargs):
-        calls["in_call"] += self.comm is auto_state.reducer.comm and type(self) is Reducer
+        if self.comm is auto_state.reducer.comm and type(self) is Reducer:
+            calls["in_call"] += 1
+            calls["in_call_steps"].add(auto_state.reducer.step)
         return in_call(self, *args, **kwargs)
 
     Reducer.reduce_flat_async, Reducer.reduce = counted_async, counted_in_call
@@ -577,21 +580,54 @@ def _ddp_auto_plain_as_futures(rank, world):
     dist.barrier()
     params = [torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m, _, _ in models]
     decision = auto_state.reducer.last_decision
-    return {"params": params, "calls": calls,
-            "decision": {k: decision[k] for k in ("step", "compute_s", "communicate_s", "choice")}}
+    keys = ("step", "compute_s", "communicate_s", "choice", "link_from", "link_samples", "probed_bandwidth")
+    return {"params": params, "calls": calls, "decision": {k: decision[k] for k in keys},
+            "model_bytes": sum(p.numel() * 4 for p in models[1][0].parameters()),
+            "probe_bytes": auto_state.stats()["probe_bytes"]}  # fmt: skip
 
 
-def test_auto_running_plain_all_reduce_hands_ddp_the_all_reduce_s_future():
-    a, b = run_ranks(_ddp_auto_plain_as_futures, 2, timeout=180)
+@pytest.fixture(scope="module")
+def plain_as_futures():
+    return run_ranks(_ddp_auto_plain_as_futures, 2, timeout=180)
+
+
+def test_auto_running_plain_all_reduce_hands_ddp_the_all_reduce_s_future(plain_as_futures):
+    a, b = plain_as_futures
     for found in (a, b):
         assert torch.equal(found["params"][0], found["params"][1])  # bit for bit what make_hook("none") does
-        # every bucket of every step went off as a future; none was reduced inside the hook call
-        assert found["calls"]["in_call"] == 0, found["calls"]
+        # every bucket went off as a future, except in the steps before the decisions (at steps 2 and 12):
+        # there each was reduced in the call and timed, a probe of the link at the gradient's size
+        assert found["calls"]["in_call_steps"] == {1, 11}, found["calls"]
         assert found["calls"]["none"] > 14, found["calls"]  # more than one bucket a step
-        assert found["calls"]["async"] == found["calls"]["none"], found["calls"]
+        assert found["calls"]["async"] + found["calls"]["in_call"] == found["calls"]["none"], found["calls"]
     assert a["decision"] == b["decision"]  # the same agreed numbers on both ranks
     assert a["decision"]["step"] == 12 and a["decision"]["choice"] == "none"
     assert a["decision"]["compute_s"] > 0 and a["decision"]["communicate_s"] >= 0
+
+
+def test_the_step_before_a_decision_times_its_buckets_in_place_of_the_large_probe(plain_as_futures):
+    a, _ = plain_as_futures
+    decision, buckets = a["decision"], a["calls"]["in_call"] // 2
+    # the model's 2.2 MB of buckets outweigh probe_bytes (64 KiB): the link is fitted to the 4 KiB probe
+    # and to each bucket of step 11, with its bytes as DDP handed them over
+    assert decision["link_from"] == "exchanges"
+    small, *exchanges = decision["link_samples"]
+    assert small[:2] == ["all_reduce", 4096] and len(exchanges) == buckets > 1
+    assert sum(nbytes for _, nbytes, _ in exchanges) == a["model_bytes"]
+    assert fit_link([tuple(s) for s in decision["link_samples"]], 2).bandwidth == decision["probed_bandwidth"]
+    # so the sizing and large probes never ran: two decisions of 4 all-reduces of 4 KiB each
+    assert a["probe_bytes"] == 2 * 4 * 4096
+
+
+def test_buckets_resolve_the_link_when_they_move_probe_bytes_or_take_the_large_probe_s_time():
+    reducer = AutoReducer(parse_config("auto", {"optimizer": "sgd", "probe_bytes": 4 << 20}))
+    small_s = 1e-3
+    assert reducer.exchanges_resolve([("all_reduce", 4 << 20, 2e-3)], small_s)  # probe_bytes moved
+    # 1 MiB in 30 ms: 29 ms beyond α, longer than the large probe's 25 ms
+    assert reducer.exchanges_resolve([("all_reduce", 1 << 20, 0.030)], small_s)
+    # ten buckets of 100 kB in 3.4 ms each: 34 ms, of which 10 ms is their ten small probes' time
+    assert not reducer.exchanges_resolve([("all_reduce", 100_000, 3.4e-3)] * 10, small_s)
+    assert not reducer.exchanges_resolve([], small_s)  # none timed: a decision while compressing
 
 
 def _ddp_auto_overlap(rank, world):
@@ -655,3 +691,15 @@ def test_auto_is_told_the_optimizer_by_the_torch_optimizer_itself():
     assert state.reducer.config.optimizer == "adam"
     with pytest.raises(TypeError, match=r"optimizer: expected 'sgd', 'adam', 'adamw' or a torch\.optim"):
         make_hook("auto", optimizer=3.0)
+
+
+def test_a_probe_counts_its_least_time_as_noise_only_adds(monkeypatch):
+    import gradwire.compressors.auto as auto
+
+    reducer = AutoReducer(parse_config("auto", {"optimizer": "sgd"}))
+    # an untimed warm-up, then three timed all-reduces, two of them slowed by the machine: the link's
+    # time is the fast one (a median would take a slowed one, and inflate α)
+    delays = iter([0.05, 0.03, 0.002, 0.03])
+    monkeypatch.setattr(auto.dist, "all_reduce", lambda x, group=None: time.sleep(next(delays)))
+    assert 0.002 <= reducer._probe(4096, 3, untimed=1) < 0.02
+    assert reducer.probe_bytes == 4 * 4096
