@@ -227,9 +227,12 @@ def gbit(bytes_per_s: float) -> str:
 def describe_fit(decision: dict[str, Any]) -> str:
     """auto's last decision's link and step, as the choices list prints them."""
     b = gbit(decision["bandwidth"])
+    probes = "the step before's buckets" if decision.get("link_from") == "exchanges" else "probes"
     if decision.get("bandwidth_from") == "step":
         probed = gbit(decision["probed_bandwidth"])
-        b += f" as the running {decision['running']}'s exchanges saw it (probes: {probed})"
+        b += f" as the running {decision['running']}'s exchanges saw it ({probes}: {probed})"
+    elif probes != "probes":
+        b += f" (fitted to {probes} and the 4 KiB probe)"
     text = (f"last fit α = {decision['alpha_s'] * 1e6:.0f} µs, B = {b}, "
             f"compute {decision['compute_s'] * 1e3:.1f} ms")  # fmt: skip
     if "communicate_s" in decision:
