@@ -53,9 +53,9 @@ has chosen (plain all-reduce until the first choice) and, every so often, measur
 **In the DDP hook**, while auto runs plain all-reduce it hands DDP each bucket's all-reduce as a future
 (:meth:`AutoReducer.reduce_bucket`), as ``make_hook("none")`` and DDP's own hook do, so it runs while
 backward computes the next buckets; the time backward waits for it after the last bucket is that step's
-communication. The step before each measurement is the exception: its buckets are reduced in the call
-and timed, as probes of the link (:meth:`AutoReducer.timing_exchanges`). A compressing candidate runs in
-the hook call (or on the hook's thread with ``overlap=True``).
+communication. The step before each measurement is the exception: each bucket's all-reduce is waited for
+in the call and timed, a probe of the link (:meth:`AutoReducer.timing_exchanges`). A compressing
+candidate runs in the hook call (or on the hook's thread with ``overlap=True``).
 
 **Switching keeps error feedback sound by carrying the residual over.** With error feedback the sum of
 what was sent plus the ranks' mean residual equals the sum of the mean gradients (nothing is lost, only
@@ -357,14 +357,21 @@ class AutoReducer(Reducer):
         self, tensors: list[torch.Tensor], keys: list[int], advance: bool, buffer: torch.Tensor
     ) -> torch.futures.Future:
         """One DDP bucket (the hook without ``overlap``). While auto runs plain all-reduce and owes no
-        residual to these keys, the bucket's all-reduce is returned as a future (except in the step before
-        a measurement, :meth:`timing_exchanges`), as DDP's own hook does,
+        residual to these keys, the bucket's all-reduce is returned as a future (in the step before a
+        measurement, :meth:`timing_exchanges`, once it has completed), as DDP's own hook does,
         so it runs while backward computes the next buckets; the time backward then waits for it after
         the last bucket counts as this step's communication, not as compute. Otherwise the bucket is
         reduced in the call."""
         entered = self._enter(tensors, keys)
-        if not self.inner.passthrough or any(k in self.carry for k in keys) or self.timing_exchanges():
+        if not self.inner.passthrough or any(k in self.carry for k in keys):
             self._reduce_here(tensors, keys, advance, tensors, entered)
+            return resolved(buffer)
+        if self.timing_exchanges():  # DDP's own bucket all-reduced as ever, but waited for here and timed
+            launched = time.perf_counter()
+            self.inner.reduce_flat_async(buffer, advance).wait()
+            seconds = time.perf_counter() - launched
+            self._exchanges.append((buffer.numel() * buffer.element_size(), seconds))
+            self._leave(entered, advance, seconds)
             return resolved(buffer)
         future = self.inner.reduce_flat_async(buffer, advance)
         self._leave(entered, advance, 0.0)  # its communication is timed when it completes
@@ -428,9 +435,10 @@ class AutoReducer(Reducer):
 
     def timing_exchanges(self) -> bool:
         """Whether this step's buckets are timed as probes of the link: the step before a decision, while
-        auto runs plain all-reduce (each bucket one all-reduce, reduced in the call so that nothing else
-        runs during it). :meth:`measure` fits the link to them in place of the large probe where they
-        move enough bytes."""
+        auto runs plain all-reduce (each bucket one all-reduce, waited for in the call so that backward
+        does not run during it; in the DDP hook on DDP's own bucket, no copy made, so the step costs what
+        a plain step does but for the overlap). :meth:`measure` fits the link to them in place of the
+        large probe where they move enough bytes."""
         return self.step + 1 == self.next_decision and self.inner.passthrough and self.comm.world_size > 1
 
     def _leave(self, entered: float, advance: bool, communicate: float) -> None:

@@ -542,7 +542,8 @@ def _ddp_auto_plain_as_futures(rank, world):
 
     from gradwire.compressors.reducer import Reducer
 
-    calls = {"async": 0, "in_call": 0, "none": 0, "in_call_steps": set()}
+    calls = {"async": 0, "in_call": 0, "none": 0, "waited_steps": set(), "open_steps": set(),
+             "buckets_of_step_11": 0}
     flat_async, in_call = Reducer.reduce_flat_async, Reducer.reduce
 
     def counted_async(self, *args, **kwargs):
@@ -551,12 +552,19 @@ def _ddp_auto_plain_as_futures(rank, world):
         return flat_async(self, *args, **kwargs)
 
     def counted_in_call(self, *args, **kwargs):
-        if self.comm is auto_state.reducer.comm and type(self) is Reducer:
-            calls["in_call"] += 1
-            calls["in_call_steps"].add(auto_state.reducer.step)
+        calls["in_call"] += self.comm is auto_state.reducer.comm and type(self) is Reducer
         return in_call(self, *args, **kwargs)
 
+    bucket = AutoReducer.reduce_bucket
+
+    def seen_bucket(self, *args, **kwargs):  # which steps returned their buckets' all-reduce still open
+        step, future = self.step, bucket(self, *args, **kwargs)
+        calls["waited_steps" if future.done() else "open_steps"].add(step)
+        calls["buckets_of_step_11"] += step == 11
+        return future
+
     Reducer.reduce_flat_async, Reducer.reduce = counted_async, counted_in_call
+    AutoReducer.reduce_bucket = seen_bucket
     models, states = [], []
     for name, params in (("none", {}), ("auto", {"candidates": ["none"], "probe_after": 2,
                                                  "remeasure_every": 10, "probe_bytes": 64 << 10})):
@@ -583,6 +591,7 @@ def _ddp_auto_plain_as_futures(rank, world):
     keys = ("step", "compute_s", "communicate_s", "choice", "link_from", "link_samples", "probed_bandwidth")
     return {"params": params, "calls": calls, "decision": {k: decision[k] for k in keys},
             "model_bytes": sum(p.numel() * 4 for p in models[1][0].parameters()),
+            "buckets": calls["buckets_of_step_11"],
             "probe_bytes": auto_state.stats()["probe_bytes"]}  # fmt: skip
 
 
@@ -595,11 +604,14 @@ def test_auto_running_plain_all_reduce_hands_ddp_the_all_reduce_s_future(plain_a
     a, b = plain_as_futures
     for found in (a, b):
         assert torch.equal(found["params"][0], found["params"][1])  # bit for bit what make_hook("none") does
-        # every bucket went off as a future, except in the steps before the decisions (at steps 2 and 12):
-        # there each was reduced in the call and timed, a probe of the link at the gradient's size
-        assert found["calls"]["in_call_steps"] == {1, 11}, found["calls"]
+        # every bucket of every step went off as DDP's own all-reduce; none was copied and reduced in the call
+        assert found["calls"]["in_call"] == 0, found["calls"]
         assert found["calls"]["none"] > 14, found["calls"]  # more than one bucket a step
-        assert found["calls"]["async"] + found["calls"]["in_call"] == found["calls"]["none"], found["calls"]
+        assert found["calls"]["async"] == found["calls"]["none"], found["calls"]
+        # and returned to DDP open, so that backward went on, except in the steps before the decisions (at
+        # steps 2 and 12): there each was waited for and timed, a probe of the link at the gradient's size
+        assert {1, 11} <= found["calls"]["waited_steps"] and not {1, 11} & found["calls"]["open_steps"]
+        assert len(found["calls"]["open_steps"]) > 5, found["calls"]
     assert a["decision"] == b["decision"]  # the same agreed numbers on both ranks
     assert a["decision"]["step"] == 12 and a["decision"]["choice"] == "none"
     assert a["decision"]["compute_s"] > 0 and a["decision"]["communicate_s"] >= 0
@@ -607,7 +619,7 @@ def test_auto_running_plain_all_reduce_hands_ddp_the_all_reduce_s_future(plain_a
 
 def test_the_step_before_a_decision_times_its_buckets_in_place_of_the_large_probe(plain_as_futures):
     a, _ = plain_as_futures
-    decision, buckets = a["decision"], a["calls"]["in_call"] // 2
+    decision, buckets = a["decision"], a["buckets"]
     # the model's 2.2 MB of buckets outweigh probe_bytes (64 KiB): the link is fitted to the 4 KiB probe
     # and to each bucket of step 11, with its bytes as DDP handed them over
     assert decision["link_from"] == "exchanges"
