@@ -274,7 +274,8 @@ class AutoConfig(CompressorConfig):
         ge=64 << 10,
         le=64 << 20,
         description="the largest probe all-reduce's bytes: the large probe is sized to take about 25 ms on "
-        "the link, up to this (keep it well above a shaped link's token bucket)",
+        "the link, up to this (keep it well above a shaped link's token bucket); plain all-reduces of this "
+        "many bytes in the step before a measurement take the large probe's place",
     )
     min_energy: float = Field(
         0.9,
